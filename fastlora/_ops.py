@@ -1,0 +1,70 @@
+"""The kernels as ``torch.library`` custom ops, with fake implementations, so torch.compile traces through.
+
+Dense and grouped calls share the ops: lora_A is [R, K] or a stack [G, R, K]; grouped calls also pass the
+``AdapterBatch`` tensors (perm, sorted ids, segment offsets) and per-adapter scaling.
+"""
+
+import torch
+from torch import Tensor
+
+from fastlora import _launch
+
+
+@torch.library.custom_op("fastlora::lora_forward", mutates_args=())
+def lora_forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
+    scale_vec: Tensor | None, perm: Tensor | None, ids: Tensor | None, dropout_p: float, seed: int,
+) -> tuple[Tensor, Tensor]:
+    """(y [M, N], T [M, R] fp32): T = drop(x) A^T, y = x W^T + b + s T B^T."""
+    t = _launch.gemm(x, lora_A, out_dtype=torch.float32, shrink=True, perm=perm, ids=ids,
+                     x_dropout=dropout_p > 0, dropout_p=dropout_p, seed=seed)
+    y = _launch.gemm(x, weight, out_dtype=x.dtype, bias=bias, t=t, b=lora_B, scaling=scaling,
+                     scale_vec=scale_vec, perm=perm, ids=ids)
+    return y, t
+
+
+@lora_forward.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, dropout_p, seed):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[-2], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlora::lora_backward", mutates_args=())
+def lora_backward(
+    dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor, scaling: float,
+    scale_vec: Tensor | None, perm: Tensor | None, ids: Tensor | None, seg: Tensor | None,
+    dropout_p: float, seed: int, need_dx: bool, need_dA: bool, need_dB: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dA, dB); a gradient that is not needed comes back as an empty tensor.
+
+    U = dy B; dx = dy W + s D*(U A); dA = s U^T drop(x); dB = s dy^T T (D: the forward's dropout mask).
+    """
+    grouped = lora_A.dim() == 3
+    G = lora_A.shape[0] if grouped else 1
+    p = dropout_p
+    none = dy.new_empty(0)
+    dx = dA = dB = none
+    if need_dx or need_dA:
+        u = _launch.gemm(dy, lora_B.transpose(-1, -2), out_dtype=torch.float32, shrink=True, perm=perm, ids=ids)
+    if need_dx:
+        dx = _launch.gemm(dy, weight.t(), out_dtype=x.dtype, t=u, b=lora_A.transpose(-1, -2), scaling=scaling,
+                          scale_vec=scale_vec, perm=perm, ids=ids, out_dropout=p > 0, dropout_p=p, seed=seed)
+    if need_dA:
+        g = _launch.grad(x, u, num_adapters=G, scaling=scaling, scale_vec=scale_vec, perm=perm, seg=seg,
+                         z_dropout=p > 0, dropout_p=p, seed=seed)  # [G, K, R]
+        dA = g.transpose(-1, -2).to(lora_A.dtype).contiguous()
+        dA = dA if grouped else dA[0]
+    if need_dB:
+        g = _launch.grad(dy, t, num_adapters=G, scaling=scaling, scale_vec=scale_vec, perm=perm, seg=seg)
+        dB = g.to(lora_B.dtype)
+        dB = dB if grouped else dB[0]
+    return dx, dA, dB
+
+
+@lora_backward.register_fake
+def _(dy, x, weight, lora_A, lora_B, t, scaling, scale_vec, perm, ids, seg, dropout_p, seed,
+      need_dx, need_dA, need_dB):
+    none = dy.new_empty(0)
+    dx = x.new_empty(x.shape) if need_dx else none
+    dA = lora_A.new_empty(lora_A.shape) if need_dA else none
+    dB = lora_B.new_empty(lora_B.shape) if need_dB else none
+    return dx, dA, dB

@@ -1,0 +1,181 @@
+"""Public functions: validate once, then run the fused kernels through ``LoRAFunction``.
+
+CPU tensors take the PyTorch reference unless ``TRITON_INTERPRET=1`` (then the real kernels run in the
+interpreter). Under ``torch.autocast`` x, weight and bias are cast to the autocast dtype, as ``nn.Linear``
+would; the adapters keep their dtype and their gradients come back in it.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from fastlora import _launch, reference
+from fastlora._autograd import LoRAFunction
+from fastlora.grouping import AdapterBatch
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, training=False, seed=None):
+    """y = x W^T + b + scaling * (dropout(x) A^T) B^T, fused.
+
+    x [..., K]; weight [N, K]; bias [N] or None; lora_A [r, K]; lora_B [N, r]; scaling a number. Dropout
+    (on x, in the LoRA branch only) is active when ``training`` and ``dropout_p > 0``; its mask comes from
+    ``seed`` (drawn from torch's CPU generator when None) and is regenerated in backward.
+    """
+    _check_x_weight_bias(x, weight, bias)
+    N, K = weight.shape
+    _check_shape("lora_A", lora_A, (None, K), "(r, in_features)")
+    r = lora_A.shape[0]
+    _check_shape("lora_B", lora_B, (N, r), "(out_features, r)")
+    _check_adapters(x, lora_A, lora_B, r)
+    s = _check_scaling(scaling)
+    p = _check_dropout(dropout_p) if training else 0.0
+    if not _use_kernels(x):
+        return reference.lora_linear(x, weight, bias, lora_A, lora_B, s, dropout_p=p, training=training)
+    x, weight, bias = _autocast(x, weight, bias)
+    seed = _seed(seed) if p > 0 else 0
+    with torch.autocast(x.device.type, enabled=False):
+        y = LoRAFunction.apply(x.reshape(-1, K), weight, bias, lora_A, lora_B, s, None, None, None, None, p, seed)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *, dropout_p=0.0, training=False,
+                        seed=None, check_ids=True, batch=None):
+    """Each token adds its own adapter: y_i = x_i W^T + b + scaling[g] (dropout(x_i) A[g]^T) B[g]^T, g = ids[i].
+
+    lora_A [n, r, K]; lora_B [n, N, r]; scaling a number or an (n,) tensor; adapter_ids integer, shape
+    x.shape[:-1], values in [-1, n) (-1: base only), any order. ``check_ids=False`` skips the range check
+    (the one host synchronisation) for hot loops and CUDA graphs: out-of-range ids are then undefined
+    behaviour. ``batch``: a prebuilt ``AdapterBatch`` for these ids, reused across layers.
+    """
+    _check_x_weight_bias(x, weight, bias)
+    N, K = weight.shape
+    if lora_A.dim() != 3:
+        raise ValueError(f"lora_A must have shape (num_adapters, r, in_features); got {tuple(lora_A.shape)}")
+    n, r = lora_A.shape[:2]
+    _check_shape("lora_A", lora_A, (n, r, K), "(num_adapters, r, in_features)")
+    _check_shape("lora_B", lora_B, (n, N, r), "(num_adapters, out_features, r)")
+    _check_adapters(x, lora_A, lora_B, r)
+    if not isinstance(adapter_ids, torch.Tensor):
+        raise TypeError(f"adapter_ids must be a tensor; got {type(adapter_ids).__name__}")
+    if adapter_ids.shape != x.shape[:-1]:
+        raise ValueError(f"adapter_ids must have shape x.shape[:-1] = {tuple(x.shape[:-1])}; "
+                         f"got {tuple(adapter_ids.shape)}")
+    if adapter_ids.device != x.device:
+        raise ValueError(f"adapter_ids is on {adapter_ids.device}, x on {x.device}")
+    if isinstance(scaling, torch.Tensor) and scaling.dim() > 0:
+        if scaling.shape != (n,):
+            raise ValueError(f"scaling must be a number or have shape (num_adapters,) = ({n},); "
+                             f"got {tuple(scaling.shape)}")
+        scale_vec = scaling.to(device=x.device, dtype=torch.float32)
+    else:
+        scale_vec = torch.full((n,), _check_scaling(scaling), dtype=torch.float32, device=x.device)
+    p = _check_dropout(dropout_p) if training else 0.0
+    if batch is None:
+        batch = AdapterBatch.build(adapter_ids, n, check_ids=check_ids)
+    elif adapter_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"adapter_ids must be int32 or int64; got {adapter_ids.dtype}")
+    if not _use_kernels(x):
+        return reference.grouped_lora_linear(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids,
+                                             dropout_p=p, training=training)
+    x, weight, bias = _autocast(x, weight, bias)
+    seed = _seed(seed) if p > 0 else 0
+    with torch.autocast(x.device.type, enabled=False):
+        y = LoRAFunction.apply(x.reshape(-1, K), weight, bias, lora_A, lora_B, 1.0, scale_vec, batch.perm,
+                               batch.sorted_ids, batch.seg_offsets, p, seed)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def dropout_mask(shape, dropout_p: float, seed: int, device=None) -> torch.Tensor:
+    """The boolean keep-mask (shape [..., K]) that the kernels draw for ``dropout_p`` and ``seed``.
+
+    Needs CUDA or ``TRITON_INTERPRET=1``; lets the reference reproduce a fused forward bit for bit.
+    """
+    shape = torch.Size(shape)
+    K = shape[-1] if len(shape) else 1
+    M = shape.numel() // K if K else 0
+    return _launch.dropout_mask(M, K, dropout_p, seed, device or "cpu").reshape(shape)
+
+
+def _use_kernels(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda" or (_launch.INTERPRET and x.device.type == "cpu")
+
+
+def _autocast(x, weight, bias):
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x, weight, bias
+    dt = torch.get_autocast_dtype(dev)
+    return x.to(dt), weight.to(dt), (bias.to(dt) if bias is not None else None)
+
+
+def _seed(seed):
+    if seed is None:
+        return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    if not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be an int in [0, 2**31); got {seed!r}")
+    return int(seed)
+
+
+def _check_x_weight_bias(x, weight, bias):
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor; got {type(t).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features); got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (out_features, in_features); got {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"x's last dimension must equal in_features = {weight.shape[1]} (weight "
+                         f"{tuple(weight.shape)}); got x of shape {tuple(x.shape)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a tensor or None; got {type(bias).__name__}")
+        _check_shape("bias", bias, (weight.shape[0],), "(out_features,)")
+        _check_device("bias", bias, x)
+    _check_device("weight", weight, x)
+    if not torch.is_autocast_enabled(x.device.type):
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"x must be float16, bfloat16 or float32; got {x.dtype}")
+        if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+            raise TypeError(f"x, weight and bias must share a dtype (or run under torch.autocast); got x "
+                            f"{x.dtype}, weight {weight.dtype}, bias {None if bias is None else bias.dtype}")
+
+
+def _check_adapters(x, lora_A, lora_B, r):
+    if not 1 <= r <= _launch.MAX_RANK:
+        raise ValueError(f"r must be in [1, {_launch.MAX_RANK}]; got lora_A of shape {tuple(lora_A.shape)}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        _check_device(name, t, x)
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32; got {t.dtype}")
+
+
+def _check_shape(name, t, expected, meaning):
+    if t.dim() != len(expected) or any(e is not None and e != s for e, s in zip(expected, t.shape, strict=True)):
+        want = tuple("r" if e is None else e for e in expected)
+        raise ValueError(f"{name} must have shape {meaning} = {want}; got {tuple(t.shape)}")
+
+
+def _check_device(name, t, x):
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _check_scaling(scaling) -> float:
+    if isinstance(scaling, torch.Tensor):
+        if scaling.numel() != 1:
+            raise ValueError(f"scaling must be a number; got a tensor of shape {tuple(scaling.shape)}")
+        return float(scaling)
+    if not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling must be a number; got {type(scaling).__name__}")
+    return float(scaling)
+
+
+def _check_dropout(p) -> float:
+    if not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {p!r}")
+    return float(p)

@@ -1,0 +1,183 @@
+"""nn.Modules: ``Linear`` (one adapter, PEFT layout) and ``GroupedLinear`` (a stack of adapters, per-token ids)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastlora.functional import grouped_lora_linear, lora_linear
+from fastlora.grouping import AdapterBatch
+
+
+def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    if not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be a positive int; got {r!r}")
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class Linear(nn.Module):
+    """``nn.Linear`` plus a LoRA adapter: y = x W^T + b + (alpha/r) (dropout(x) A^T) B^T.
+
+    W and b are frozen; ``lora_A`` (r, in) is kaiming-uniform, ``lora_B`` (out, r) zeros, so a fresh layer
+    equals its base. The state dict keys and layouts match PEFT's (``lora_A``/``lora_B`` weights).
+    """
+
+    def __init__(self, in_features, out_features, bias=True, *, r=8, alpha=8, dropout=0.0, use_rslora=False,
+                 device=None, dtype=None):
+        super().__init__()
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(base.weight, base.bias, r, alpha, dropout, use_rslora)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, r=8, alpha=8, dropout=0.0, use_rslora=False) -> Linear:
+        """Wrap ``linear``: the new layer shares (and freezes) its weight and bias parameters."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear; got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora)
+        return self
+
+    def _setup(self, weight, bias, r, alpha, dropout, use_rslora):
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = _scaling(r, alpha, use_rslora)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+        self.dropout = float(dropout)
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.weight.requires_grad_(False)
+        self.bias = bias
+        if bias is not None:
+            bias.requires_grad_(False)
+        kw = dict(device=weight.device, dtype=weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B A in the base weight's dtype (computed in fp32)."""
+        return (self.scaling * (self.lora_B.float() @ self.lora_A.float())).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the weight (inference); forward then runs the plain linear."""
+        if not self.merged:
+            self.weight.add_(self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.sub_(self.delta_weight())
+            self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                           dropout_p=self.dropout, training=self.training)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, merged={self.merged}")
+
+
+class GroupedLinear(nn.Module):
+    """A frozen base linear with a stack of ``num_adapters`` LoRA adapters; each token picks one (or -1).
+
+    ``lora_A`` (n, r, in), ``lora_B`` (n, out, r); ``scaling`` an (n,) buffer (alpha/r each, adapters loaded
+    with other alphas set their own entry). Lower-rank adapters are zero-padded to r.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, *, num_adapters, r=8, alpha=8, dropout=0.0,
+                 device=None, dtype=None):
+        super().__init__()
+        if not isinstance(num_adapters, int) or num_adapters < 1:
+            raise ValueError(f"num_adapters must be a positive int; got {num_adapters!r}")
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.num_adapters, self.r, self.alpha = num_adapters, r, alpha
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+        self.dropout = float(dropout)
+        self.weight = base.weight.requires_grad_(False)
+        self.bias = base.bias.requires_grad_(False) if bias else None
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(num_adapters, r, in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(num_adapters, out_features, r, **kw))
+        for a in self.lora_A.data:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        scale = _scaling(r, alpha, False)
+        self.register_buffer("scaling", torch.full((num_adapters,), scale, device=base.weight.device))
+        self._context: _AdapterContext | None = None
+
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        batch = None
+        check = True
+        if adapter_ids is None:
+            if self._context is None:
+                raise ValueError("GroupedLinear needs adapter_ids: pass them to forward or run the model "
+                                 "inside `with fastlora.use_adapters(model, adapter_ids)`")
+            adapter_ids, batch = self._context.ids_for(x.shape[:-1], self.num_adapters, x.device)
+            check = False
+        return grouped_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, adapter_ids,
+                                   dropout_p=self.dropout, training=self.training, check_ids=check, batch=batch)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"num_adapters={self.num_adapters}, r={self.r}, dropout={self.dropout}")
+
+
+class _AdapterContext:
+    """The ids of one ``use_adapters`` block, with one ``AdapterBatch`` per token shape shared by all layers."""
+
+    def __init__(self, adapter_ids: torch.Tensor, check_ids: bool):
+        if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dim() not in (1, 2):
+            raise ValueError("adapter_ids must be a tensor of shape (batch,) or (batch, seq); got "
+                             f"{getattr(adapter_ids, 'shape', type(adapter_ids).__name__)}")
+        if adapter_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"adapter_ids must be int32 or int64; got {adapter_ids.dtype}")
+        self.ids = adapter_ids
+        self.check_ids = check_ids
+        self._batches: dict = {}
+
+    def ids_for(self, token_shape: torch.Size, num_adapters: int, device: torch.device):
+        key = (tuple(token_shape), num_adapters, device)
+        if key not in self._batches:
+            ids = self.ids
+            if ids.dim() == 1 and len(token_shape) >= 1 and token_shape[0] == ids.shape[0]:
+                ids = ids.reshape(ids.shape[0], *([1] * (len(token_shape) - 1))).expand(token_shape)
+            if tuple(ids.shape) != tuple(token_shape):
+                raise ValueError(f"use_adapters got adapter_ids of shape {tuple(self.ids.shape)}, which matches "
+                                 f"neither the batch nor the tokens of an input with token shape "
+                                 f"{tuple(token_shape)}")
+            ids = ids.to(device)
+            self._batches[key] = (ids, AdapterBatch.build(ids, num_adapters, check_ids=self.check_ids))
+        return self._batches[key]
+
+
+@contextlib.contextmanager
+def use_adapters(model: nn.Module, adapter_ids: torch.Tensor, *, check_ids: bool = True):
+    """Run every ``GroupedLinear`` in ``model`` with these ids: (batch,) per sample or (batch, seq) per token.
+
+    The token grouping is built once per token shape and shared by all layers; the forward signature of the
+    model does not change, so a Hugging Face model can serve a mixed batch.
+    """
+    layers = [m for m in model.modules() if isinstance(m, GroupedLinear)]
+    if not layers:
+        raise ValueError("use_adapters found no fastlora.GroupedLinear in the model")
+    ctx = _AdapterContext(adapter_ids, check_ids)
+    previous = [m._context for m in layers]
+    for m in layers:
+        m._context = ctx
+    try:
+        yield ctx
+    finally:
+        for m, prev in zip(layers, previous, strict=True):
+            m._context = prev

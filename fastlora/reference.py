@@ -1,0 +1,45 @@
+"""The PyTorch oracle: the LoRA equations written out, nothing clever. Imports only torch.
+
+Used by the tests (in float64) and as the CPU path when the Triton interpreter is off.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _dropped(x, dropout_p, training, dropout_mask):
+    if not training or dropout_p == 0.0:
+        return x
+    if dropout_mask is None:
+        return F.dropout(x, dropout_p, training=True)
+    return x * dropout_mask.to(x.dtype) / (1.0 - dropout_p)
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, training=False, dropout_mask=None):
+    """y = x W^T + b + scaling * (dropout(x) A^T) B^T, the low-rank branch in the adapters' dtype (as PEFT).
+
+    ``dropout_mask`` (bool, x's shape) replaces torch's random dropout, so a test can use the kernels' mask.
+    """
+    base = F.linear(x, weight, bias)
+    xd = _dropped(x, dropout_p, training, dropout_mask).to(lora_A.dtype)
+    low = F.linear(F.linear(xd, lora_A), lora_B)
+    return base + (scaling * low).to(base.dtype)
+
+
+def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *, dropout_p=0.0, training=False,
+                        dropout_mask=None):
+    """Per-token adapters: token i adds scaling[g] * (dropout(x_i) A[g]^T) B[g]^T with g = adapter_ids[i] (-1: none).
+
+    lora_A [n, r, in], lora_B [n, out, r]; scaling a float or an (n,) tensor. A loop over adapters.
+    """
+    base = F.linear(x, weight, bias)
+    xd = _dropped(x, dropout_p, training, dropout_mask).to(lora_A.dtype).reshape(-1, x.shape[-1])
+    ids = adapter_ids.reshape(-1)
+    low = torch.zeros(xd.shape[0], weight.shape[0], dtype=lora_B.dtype, device=x.device)
+    for g in range(lora_A.shape[0]):
+        rows = (ids == g).nonzero().squeeze(1)
+        s = scaling[g] if isinstance(scaling, torch.Tensor) else scaling
+        low = low.index_put((rows,), s * F.linear(F.linear(xd[rows], lora_A[g]), lora_B[g]))
+    return base + low.reshape(base.shape).to(base.dtype)

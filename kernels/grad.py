@@ -1,0 +1,84 @@
+"""Adapter gradients: reductions over tokens, split over M, summed deterministically by the launcher.
+
+    dA^T = s * drop(x)^T U     Z = x,  V = U = dy B,  Z_DROPOUT    -> [G, K, R]
+    dB   = s * dy^T T          Z = dy, V = T = drop(x) A^T         -> [G, N, R]
+"""
+
+import triton
+import triton.language as tl
+
+from .tiles import dropout_keep
+
+
+@triton.jit
+def _lora_grad_kernel(
+    z_ptr, v_ptr, out_ptr, perm_ptr, seg_ptr, scale_ptr,
+    M, P, R, M_BUCKET,
+    stride_zm, stride_zp,
+    stride_vm, stride_vr,
+    stride_os, stride_og, stride_op, stride_or,
+    scaling, dropout_p, seed,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_PERM: tl.constexpr, GROUPED: tl.constexpr, HAS_SCALE_VEC: tl.constexpr,
+    Z_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """out[split, g, p, r] = scale_g * sum over this split's rows m of adapter g: Z[m, p] * V[m, r].
+
+    Z [M, P], V [M, R] (fp32), out fp32 [SPLIT, G, P, R]. Grid: (cdiv(P, BLOCK_P), G, SPLIT). With
+    GROUPED, adapter g owns sorted rows [seg[g], seg[g+1]) and token perm[row]; else one segment [0, M).
+    Unused adapters and empty splits write zeros, so the sum over splits is exact and deterministic.
+    M_BUCKET only keys the autotuner.
+    """
+    pid_p = tl.program_id(0)
+    g = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    if GROUPED:
+        start = tl.load(seg_ptr + g)
+        end = tl.load(seg_ptr + g + 1)
+    else:
+        start = 0
+        end = M
+    rows_per_split = tl.cdiv(tl.cdiv(end - start, num_splits), BLOCK_M) * BLOCK_M
+    lo = start + split * rows_per_split
+    hi = min(lo + rows_per_split, end)
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_p = offs_p < P
+    mask_r = offs_r < R
+    acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+    for m0 in range(lo, hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < hi
+        if HAS_PERM:
+            rows = tl.load(perm_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        else:
+            rows = offs_m.to(tl.int64)
+        z = tl.load(z_ptr + rows[:, None] * stride_zm + offs_p[None, :] * stride_zp,
+                    mask=mask_m[:, None] & mask_p[None, :], other=0.0)  # [BLOCK_M, BLOCK_P]
+        if Z_DROPOUT:
+            keep = dropout_keep(seed, rows, offs_p, P, dropout_p)
+            z = tl.where(keep, z, tl.zeros_like(z))
+        v = tl.load(v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_M, BLOCK_R]
+        acc = tl.dot(tl.trans(z), v.to(z.dtype), acc, input_precision=INPUT_PRECISION)
+
+    if HAS_SCALE_VEC:
+        s = tl.load(scale_ptr + g).to(tl.float32)
+    else:
+        s = scaling
+    if Z_DROPOUT:
+        s = s / (1.0 - dropout_p)
+    out_ptrs = (out_ptr + split.to(tl.int64) * stride_os + g.to(tl.int64) * stride_og
+                + offs_p[:, None] * stride_op + offs_r[None, :] * stride_or)
+    tl.store(out_ptrs, acc * s, mask=mask_p[:, None] & mask_r[None, :])
+
+
+def grad_configs():
+    """Autotune candidates for the token reduction (BLOCK_R is fixed by R)."""
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_P": bp}, num_warps=w, num_stages=s)
+        for bm, bp, w, s in [(64, 64, 4, 4), (128, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3),
+                             (32, 128, 4, 4), (256, 64, 8, 3)]
+    ]
