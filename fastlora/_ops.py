@@ -41,8 +41,7 @@ def lora_backward(
     grouped = lora_A.dim() == 3
     G = lora_A.shape[0] if grouped else 1
     p = dropout_p
-    none = dy.new_empty(0)
-    dx = dA = dB = none
+    dx, dA, dB = (dy.new_empty(0) for _ in range(3))  # distinct: custom-op outputs may not alias
     if need_dx or need_dA:
         u = _launch.gemm(dy, lora_B.transpose(-1, -2), out_dtype=torch.float32, shrink=True, perm=perm, ids=ids)
     if need_dx:
@@ -63,8 +62,7 @@ def lora_backward(
 @lora_backward.register_fake
 def _(dy, x, weight, lora_A, lora_B, t, scaling, scale_vec, perm, ids, seg, dropout_p, seed,
       need_dx, need_dA, need_dB):
-    none = dy.new_empty(0)
-    dx = x.new_empty(x.shape) if need_dx else none
-    dA = lora_A.new_empty(lora_A.shape) if need_dA else none
-    dB = lora_B.new_empty(lora_B.shape) if need_dB else none
+    dx = x.new_empty(x.shape) if need_dx else dy.new_empty(0)
+    dA = lora_A.new_empty(lora_A.shape) if need_dA else dy.new_empty(0)
+    dB = lora_B.new_empty(lora_B.shape) if need_dB else dy.new_empty(0)
     return dx, dA, dB

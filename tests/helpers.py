@@ -1,0 +1,65 @@
+"""Random problem builders and the float64 oracle runs shared by the kernel tests."""
+
+import torch
+
+import fastlora
+from fastlora import reference
+
+
+def case_id(**kw) -> str:
+    return "-".join(f"{k}{v}" for k, v in kw.items())
+
+
+def make_dense(M, K, N, R, dtype, device, *, bias=True, adapter_dtype=None, lead=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lead = (M,) if lead is None else lead
+    x = torch.randn(*lead, K, generator=g).to(dtype).to(device)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype).to(device)
+    b = torch.randn(N, generator=g).to(dtype).to(device) if bias else None
+    ad = adapter_dtype or dtype
+    a = (torch.randn(R, K, generator=g) / K**0.5).to(ad).to(device)
+    bb = torch.randn(N, R, generator=g).to(ad).to(device)
+    return x, w, b, a, bb
+
+
+def make_grouped(M, K, N, R, n, dtype, device, *, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype).to(device)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype).to(device)
+    b = torch.randn(N, generator=g).to(dtype).to(device) if bias else None
+    a = (torch.randn(n, R, K, generator=g) / K**0.5).to(dtype).to(device)
+    bb = torch.randn(n, N, R, generator=g).to(dtype).to(device)
+    return x, w, b, a, bb
+
+
+def f64(*ts):
+    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in ts]
+
+
+def run_dense(x, w, b, a, bb, s, *, p=0.0, seed=0, grads=True):
+    """(fastlora outputs, float64 reference outputs): y and, with grads, dx, dA, dB for one random dy."""
+    x, a, bb = (t.detach().requires_grad_(grads) for t in (x, a, bb))
+    y = fastlora.lora_linear(x, w, b, a, bb, s, dropout_p=p, training=p > 0, seed=seed)
+    mask = fastlora.dropout_mask(x.shape, p, seed, x.device) if p > 0 else None
+    xr, wr, br, ar, bbr = f64(x, w, b, a, bb)
+    yr = reference.lora_linear(xr, wr, br, ar, bbr, s, dropout_p=p, training=p > 0, dropout_mask=mask)
+    if not grads:
+        return [y], [yr]
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    yr.backward(dy.double())
+    return [y, x.grad, a.grad, bb.grad], [yr, xr.grad, ar.grad, bbr.grad]
+
+
+def run_grouped(x, w, b, a, bb, s, ids, *, p=0.0, seed=0):
+    x, a, bb = (t.detach().requires_grad_() for t in (x, a, bb))
+    y = fastlora.grouped_lora_linear(x, w, b, a, bb, s, ids, dropout_p=p, training=p > 0, seed=seed)
+    mask = fastlora.dropout_mask(x.shape, p, seed, x.device) if p > 0 else None
+    xr, wr, br, ar, bbr = f64(x, w, b, a, bb)
+    sr = s.double() if isinstance(s, torch.Tensor) else s
+    yr = reference.grouped_lora_linear(xr, wr, br, ar, bbr, sr, ids, dropout_p=p, training=p > 0,
+                                       dropout_mask=mask)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    yr.backward(dy.double())
+    return [y, x.grad, a.grad, bb.grad], [yr, xr.grad, ar.grad, bbr.grad]
