@@ -71,7 +71,8 @@ def test_training_step_updates_only_adapters(device):
     [
         (lambda a: {**a, "x": a["x"][:, :-1]}, ValueError, r"x's last dimension must equal in_features = 16"),
         (lambda a: {**a, "lora_A": a["lora_A"][:, :-1]}, ValueError, r"lora_A must have shape \(r, in_features\)"),
-        (lambda a: {**a, "lora_B": a["lora_B"][:, :2]}, ValueError, r"lora_B must have shape .* = \(8, 4\); got \(8, 2\)"),
+        (lambda a: {**a, "lora_B": a["lora_B"][:, :2]}, ValueError,
+         r"lora_B must have shape .* = \(8, 4\); got \(8, 2\)"),
         (lambda a: {**a, "bias": a["bias"][:3]}, ValueError, r"bias must have shape"),
         (lambda a: {**a, "weight": a["weight"].double()}, TypeError, "share a dtype"),
         (lambda a: {**a, "lora_A": a["lora_A"].int()}, TypeError, "lora_A must be float16"),
