@@ -11,8 +11,9 @@ import numbers
 
 import torch
 
-from fastlora import _launch, reference
+from fastlora import _launch, dispatch, reference
 from fastlora._autograd import LoRAFunction
+from fastlora._compose import ComposedLoRAFunction
 from fastlora.grouping import AdapterBatch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -37,8 +38,18 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, trai
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, s, dropout_p=p, training=training)
     x, weight, bias = _autocast(x, weight, bias)
     seed = _seed(seed) if p > 0 else 0
+    x2 = x.reshape(-1, K)
+
+    def fused(x2, a, b):
+        return LoRAFunction.apply(x2, weight, bias, a, b, s, None, None, None, None, p, seed)
+
+    def composed(x2, a, b):
+        return ComposedLoRAFunction.apply(x2, weight, bias, a, b, s, p, seed)
+
     with torch.autocast(x.device.type, enabled=False):
-        y = LoRAFunction.apply(x.reshape(-1, K), weight, bias, lora_A, lora_B, s, None, None, None, None, p, seed)
+        training_step = torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_A, lora_B))
+        path = dispatch.choose(x2, weight, bias, lora_A, lora_B, p, training_step, fused, composed)
+        y = (fused if path == "fused" else composed)(x2, lora_A, lora_B)
     return y.reshape(*x.shape[:-1], N)
 
 

@@ -180,3 +180,36 @@ def test_gpu_64bit_offsets():
     rows = torch.tensor([0, M // 2, M - 1], device="cuda")
     ref = fastlora.reference.lora_linear(x[rows].double(), w.double(), None, a.double(), bb.double(), 1.0)
     assert_close(y[rows], ref, torch.bfloat16, "y")
+
+
+@pytest.mark.parametrize("policy", ["fused", "torch"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_dispatch_paths_agree_with_reference(policy, p, device):
+    from fastlora import dispatch
+
+    old = dispatch.get_policy()
+    dispatch.set_policy(policy)
+    try:
+        x, w, b, a, bb = make_dense(21, 50, 30, 6, torch.float32, device)
+        w.requires_grad_()
+        outs, refs = run_dense(x, w, b, a, bb, 1.5, p=p, seed=11)
+    finally:
+        dispatch.set_policy(old)
+    for name, o, r in zip(NAMES, outs, refs, strict=True):
+        assert_close(o, r, torch.float32, f"{policy} {name}")
+    with pytest.raises(ValueError, match="policy must be one of"):
+        dispatch.set_policy("fastest")
+
+
+def test_dispatch_decisions_round_trip(tmp_path):
+    from fastlora import dispatch
+
+    path = tmp_path / "decisions.json"
+    path.write_text('{"k": "torch"}')
+    dispatch.load_decisions(str(path))
+    assert dispatch.decisions()["k"] == "torch"
+    dispatch.save_decisions(str(tmp_path / "out.json"))
+    assert '"k": "torch"' in (tmp_path / "out.json").read_text()
+    path.write_text('{"k": "cublas"}')
+    with pytest.raises(ValueError, match="must be 'fused' or 'torch'"):
+        dispatch.load_decisions(str(path))
