@@ -171,7 +171,7 @@ def test_gpu_autocast_matches_nn_linear_dtype():
 
 @pytest.mark.gpu
 def test_gpu_64bit_offsets():
-    M, K = 1 << 17, 1 << 14 + 1  # M * K = 2**32 elements of x
+    M, K = 1 << 17, 1 << 15  # M * K = 2**32 elements of x (8 GiB in bf16)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(16, K, device="cuda", dtype=torch.bfloat16) / K**0.5
     a = torch.randn(8, K, device="cuda", dtype=torch.bfloat16) / K**0.5
