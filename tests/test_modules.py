@@ -98,15 +98,18 @@ def test_bad_dropout_and_seed():
         fastlora.Linear(4, 4, dropout=1.5)
 
 
-def test_cpu_autocast_computes_like_nn_linear():
+@pytest.mark.parametrize("dev,dtype", [("cpu", torch.float16),
+                                       pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)],
+                         ids=["cpu-fp16", "cuda-bf16"])
+def test_autocast_computes_like_nn_linear(dev, dtype):
     torch.manual_seed(3)
-    layer = fastlora.Linear(32, 16, r=4)
+    layer = fastlora.Linear(32, 16, r=4, device=dev)
     torch.nn.init.normal_(layer.lora_B)
-    x = torch.randn(5, 32)
-    with torch.autocast("cpu", dtype=torch.float16):
+    x = torch.randn(5, 32, device=dev)
+    with torch.autocast(dev, dtype=dtype):
         y = layer(x)
         base = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    assert y.dtype == base.dtype == torch.float16
+    assert y.dtype == base.dtype == dtype
     ref = fastlora.reference.lora_linear(x.double(), layer.weight.double(), layer.bias.double(),
                                          layer.lora_A.double(), layer.lora_B.double(), layer.scaling)
-    assert_close(y, ref, torch.float16, "y")
+    assert_close(y, ref, dtype, "y")
