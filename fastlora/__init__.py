@@ -1,8 +1,11 @@
 """fastlora: fused Triton kernels for LoRA layers, single-adapter and grouped multi-adapter."""
 
 from fastlora import reference
+from fastlora.adapters import load_adapter, load_adapters_grouped, save_adapter
+from fastlora.convert import from_peft
 from fastlora.functional import dropout_mask, grouped_lora_linear, lora_linear
 from fastlora.grouping import AdapterBatch
+from fastlora.model import inject, merge, unmerge
 from fastlora.modules import GroupedLinear, Linear, use_adapters
 
 __version__ = "0.1.0"
@@ -12,8 +15,15 @@ __all__ = [
     "GroupedLinear",
     "Linear",
     "dropout_mask",
+    "from_peft",
     "grouped_lora_linear",
+    "inject",
+    "load_adapter",
+    "load_adapters_grouped",
     "lora_linear",
+    "merge",
     "reference",
+    "save_adapter",
+    "unmerge",
     "use_adapters",
 ]

@@ -1,0 +1,99 @@
+"""``from_peft``: swap a PEFT LoRA model's ``lora.Linear`` layers for ``fastlora.Linear``, in place."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from fastlora.model import _set_submodule
+from fastlora.modules import Linear
+
+
+def from_peft(peft_model: nn.Module) -> nn.Module:
+    """Convert every PEFT LoRA ``Linear`` layer in ``peft_model`` into a ``fastlora.Linear``; return the base model.
+
+    ``peft_model`` is a ``PeftModel``, a ``LoraModel`` or any module holding PEFT LoRA layers. Returned is the
+    unwrapped model (``peft_model.base_model.model`` for a ``PeftModel``): its module names are the ones in PEFT's
+    adapter files, so ``fastlora.save_adapter`` on it writes what ``PeftModel.from_pretrained`` reads.
+
+    Each new layer shares the base ``weight``/``bias`` and the active adapter's ``lora_A``/``lora_B`` parameters
+    themselves (an optimizer built over the PEFT model keeps training them), and copies r, alpha, scaling,
+    dropout p and the merged state, so outputs and trainable parameters are unchanged. Everything is checked
+    before anything is replaced: DoRA and the other LoRA variants, ``lora_bias``, ``fan_in_fan_out``/Conv1D
+    bases, several active adapters, disabled adapters, non-Linear LoRA layers (Embedding, Conv, quantized
+    bases) and ``modules_to_save``/trainable-token wrappers raise ``NotImplementedError`` naming the layer.
+    """
+    from peft.tuners.lora.layer import Linear as PeftLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    root = _unwrap(peft_model)
+    plan = []
+    for name, mod in root.named_modules():
+        if isinstance(mod, AuxiliaryTrainingWrapper):
+            raise NotImplementedError(f"{name!r} is a PEFT {type(mod).__name__} (modules_to_save or trainable "
+                                      "tokens); fastlora converts LoRA Linear layers only")
+        if not isinstance(mod, BaseTunerLayer):
+            continue
+        if type(mod) is not PeftLinear:
+            raise NotImplementedError(f"{name!r} is a PEFT {type(mod).__name__}; fastlora converts only "
+                                      "peft.tuners.lora.layer.Linear over an nn.Linear")
+        plan.append((name, mod, _check_layer(name, mod)))
+    if not plan:
+        raise ValueError("from_peft found no PEFT LoRA Linear layer in the model")
+    for name, mod, adapter in plan:
+        _set_submodule(root, name, _convert(mod, adapter))
+    return root
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if isinstance(model, PeftModel):
+        model = model.base_model
+    if isinstance(model, BaseTuner):
+        model = model.model
+    return model
+
+
+def _check_layer(name: str, mod) -> str:
+    """The active adapter's name, after checking the layer uses only what fastlora.Linear implements."""
+    def fail(why):
+        raise NotImplementedError(f"PEFT LoRA layer {name!r}: {why}; fastlora.Linear does not support it")
+
+    if mod.disable_adapters:
+        fail("its adapters are disabled")
+    active = [a for a in mod.active_adapters if a in mod.lora_A]
+    if len(active) != 1:
+        fail(f"it has {len(active)} active adapters {active} (fastlora needs exactly one)")
+    adapter = active[0]
+    if mod.merged_adapters not in ([], [adapter]):
+        fail(f"merged adapters {mod.merged_adapters} differ from the active adapter {adapter!r}")
+    if mod.use_dora.get(adapter, False) or adapter in mod.lora_magnitude_vector:
+        fail("DoRA (use_dora=True)")
+    if adapter in getattr(mod, "lora_variant", {}):
+        fail(f"LoRA variant {type(mod.lora_variant[adapter]).__name__}")
+    if mod.lora_bias.get(adapter, False) or mod.lora_B[adapter].bias is not None:
+        fail("lora_bias=True")
+    if getattr(mod, "fan_in_fan_out", False) or getattr(mod, "is_target_conv_1d_layer", False):
+        fail("fan_in_fan_out / a Conv1D base layer")
+    base = mod.get_base_layer()
+    if not isinstance(base, nn.Linear):
+        fail(f"a {type(base).__name__} base layer (needs nn.Linear)")
+    dropout = mod.lora_dropout[adapter]
+    if not isinstance(dropout, (nn.Dropout, nn.Identity)):
+        fail(f"dropout module {type(dropout).__name__}")
+    return adapter
+
+
+def _convert(mod, adapter: str) -> Linear:
+    dropout = mod.lora_dropout[adapter]
+    layer = Linear.from_linear(mod.get_base_layer(), r=mod.r[adapter], alpha=mod.lora_alpha[adapter],
+                               dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+                               use_rslora=mod.use_rslora.get(adapter, False))
+    layer.scaling = mod.scaling[adapter]  # may have been rescaled (PEFT's scale_layer)
+    layer.lora_A = mod.lora_A[adapter].weight
+    layer.lora_B = mod.lora_B[adapter].weight
+    layer.merged = mod.merged
+    layer.train(mod.training)
+    return layer

@@ -1,0 +1,55 @@
+"""A tiny random Llama (no hub access) and float64 oracle copies for the model-level tests."""
+
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import fastlora  # noqa: E402
+from fastlora import reference  # noqa: E402
+
+VOCAB = 128
+
+
+def tiny_llama(seed=0) -> LlamaForCausalLM:
+    """hidden 64, 2 layers, vocab 128: 14 projection layers (q 64->64, k/v 64->32, mlp 64<->96) + lm_head."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tokens(batch=2, seq=7, seed=0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_lora_B(model, seed=1):
+    """Non-zero lora_B everywhere (fresh adapters are zero, which would hide the low-rank path)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def float64_oracle(model):
+    """A float64 copy of a model with fastlora.Linear layers, each running ``reference.lora_linear`` (eval)."""
+    ref = copy.deepcopy(model).double()
+    for mod in ref.modules():
+        if isinstance(mod, fastlora.Linear):
+            mod.forward = lambda x, m=mod: reference.lora_linear(x, m.weight, m.bias, m.lora_A, m.lora_B,
+                                                                 m.scaling)
+    return ref
+
+
+def logits_and_grads(model, ids, dy=None, seed=2):
+    """(logits, {name: grad} of every trainable parameter) for one random output gradient."""
+    model.zero_grad(set_to_none=True)
+    out = model(ids).logits
+    if dy is None:
+        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    out.backward(dy.to(out.dtype))
+    return out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
