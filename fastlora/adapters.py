@@ -85,9 +85,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     ``modules_to_save`` adapters raise ``NotImplementedError``.
     """
     config, weights = read_adapter(path)
-    names = []
+    bases = {name: _base_of(model, name, a, b, path) for name, (a, b) in weights.items()}  # check all first
     for name, (a, b) in weights.items():
-        weight, bias = _base_of(model, name, a, b, path)
+        weight, bias = bases[name]
         layer = Linear.from_linear(_as_linear(weight, bias), r=a.shape[0], alpha=_alpha(config, name),
                                    dropout=float(config.get("lora_dropout", 0.0)),
                                    use_rslora=bool(config.get("use_rslora", False)))
@@ -95,9 +95,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
         _set_submodule(model, name, layer)
-        names.append(name)
     freeze_base(model)
-    return names
+    return list(weights)
 
 
 def load_adapters_grouped(model: nn.Module, paths, *, dropout: float = 0.0) -> list[str]:
@@ -118,11 +117,15 @@ def load_adapters_grouped(model: nn.Module, paths, *, dropout: float = 0.0) -> l
     missing = files.difference(names)
     if missing:
         raise ValueError(f"adapters have weights for {sorted(missing)}, which are not modules of the model")
+    bases = {}
+    for name in names:  # check every layer of every file before replacing anything
+        for path, (_, weights) in zip(paths, loaded, strict=True):
+            if name in weights:
+                bases[name] = _base_of(model, name, *weights[name], path)
     r_max = max(a.shape[0] for _, weights in loaded for a, _ in weights.values())
     n = len(paths)
     for name in names:
-        first = next(w[name] for _, w in loaded if name in w)
-        weight, bias = _base_of(model, name, *first, paths)
+        weight, bias = bases[name]
         N, K = weight.shape
         layer = GroupedLinear(K, N, bias is not None, num_adapters=n, r=r_max, dropout=dropout, device="meta",
                               dtype=weight.dtype)
@@ -133,7 +136,6 @@ def load_adapters_grouped(model: nn.Module, paths, *, dropout: float = 0.0) -> l
             if name not in weights:
                 continue
             a, b = weights[name]
-            _check_pair(name, a, b, N, K, paths[i])
             r = a.shape[0]
             lora_A[i, :r] = a
             lora_B[i, :, :r] = b

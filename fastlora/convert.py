@@ -95,5 +95,4 @@ def _convert(mod, adapter: str) -> Linear:
     layer.lora_A = mod.lora_A[adapter].weight
     layer.lora_B = mod.lora_B[adapter].weight
     layer.merged = mod.merged
-    layer.train(mod.training)
     return layer

@@ -111,5 +111,7 @@ def _output_layer(model: nn.Module):
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at ``name``, in the train/eval mode of the module it replaces."""
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+    module.train(model.get_submodule(name).training)
+    setattr(model.get_submodule(parent), child, module)

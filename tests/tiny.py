@@ -5,7 +5,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
+
+pytest.importorskip("transformers", reason="the model-level tests need fastlora[peft]")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import fastlora  # noqa: E402
