@@ -1,0 +1,118 @@
+"""End to end: a Llama-shaped model (transformers config, random weights, no download), LoRA on every linear
+layer but lm_head, tokens per second of one training step (forward, loss, backward, AdamW step).
+
+Competitors: ``peft`` (get_peft_model, adapters kept in the model dtype), ``fastlora`` (fastlora.inject if
+the package has it, else each nn.Linear wrapped with fastlora.Linear.from_linear) and ``reference``
+(fastlora.reference in every layer). All start from the same base weights and the same adapters (B nonzero),
+and the first step's loss and adapter-gradient norm are compared with the reference's before timing.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import competitors
+import harness
+import pytest
+import torch
+
+IMPLS = ("reference", "peft", "fastlora")
+# The first step's loss and LoRA gradient norm against the reference model's (bf16 rounding compounds over
+# the layers, so the bound is looser than a single layer's).
+E2E_TOLERANCE = 5e-2
+
+
+@dataclass(frozen=True)
+class Case:
+    dtype: str
+    R: int
+    impl: str
+
+    @property
+    def id(self) -> str:
+        e = harness.grid().e2e
+        return f"e2e-{self.dtype}-L{e['layers']}-B{e['batch']}-S{e['seq']}-r{self.R}-{self.impl}"
+
+
+CASES = [Case(dtype, R, impl) for dtype in harness.grid().dtypes for R in harness.grid().e2e["ranks"]
+         for impl in IMPLS]
+_FIRST: dict = {}  # (dtype, R) -> (loss, grad norm) of the reference model
+
+
+def _model(case: Case, impl: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    e = harness.grid().e2e
+    cfg = LlamaConfig(**e["config"], num_hidden_layers=e["layers"])
+    torch.manual_seed(0)
+    with torch.device(harness.device()):
+        model = LlamaForCausalLM._from_config(cfg, dtype=harness.DTYPES[case.dtype])
+    model, how = competitors.inject(model, impl, case.R, 2 * case.R)
+    with torch.no_grad():
+        for key, A, B in competitors.adapter_pairs(model):
+            g = torch.Generator(device="cpu").manual_seed(zlib.crc32(key.encode()))
+            A.copy_(torch.randn(A.shape, generator=g) * A.shape[1] ** -0.5)
+            B.copy_(torch.randn(B.shape, generator=g) * B.shape[1] ** -0.5)
+    model.train()
+    return model, how
+
+
+def _first_step(model, ids):
+    loss = model(input_ids=ids, labels=ids).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params)
+    return loss.item(), torch.sqrt(sum((g.float() ** 2).sum() for g in grads)).item()
+
+
+def _reference_first(case: Case, ids):
+    key = (case.dtype, case.R)
+    if key not in _FIRST:
+        model, _ = _model(case, "reference")
+        _FIRST[key] = _first_step(model, ids)
+        del model
+    return _FIRST[key]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
+def test_e2e(benchmark, request, case: Case):
+    pytest.importorskip("transformers", reason="the end-to-end model is built from a transformers config")
+    if case.impl == "peft" and not harness.have_peft():
+        pytest.skip("peft is not installed")
+    e = harness.grid().e2e
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, e["config"]["vocab_size"], (e["batch"], e["seq"]), generator=gen).to(harness.device())
+
+    want = _reference_first(case, ids)
+    model, how = _model(case, case.impl)
+    got = _first_step(model, ids)
+    errs = {name: abs(g - w) / abs(w) for name, g, w in zip(("loss", "grad_norm"), got, want, strict=True)}
+    for name, err in errs.items():
+        if not err <= E2E_TOLERANCE:
+            raise AssertionError(f"{case.id}: first-step {name} {got} vs reference {want}: rel err {err:.3g}")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if harness.CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    timing = harness.measure_steps(step, warmup=3 if harness.CUDA else 1, reps=10 if harness.CUDA else 2)
+    peak = torch.cuda.max_memory_allocated() if harness.CUDA else None
+    harness.pedantic(benchmark, step, rounds=3)
+
+    tokens = e["batch"] * e["seq"]
+    tps = tokens / (timing.median_ms * 1e-3)
+    benchmark.group = f"e2e-{case.dtype}-r{case.R}"
+    benchmark.extra_info.update(harness.provenance())
+    benchmark.extra_info.update(dict(
+        suite="e2e", mode="train", dtype=case.dtype, R=case.R, impl=case.impl, injected_by=how,
+        model=dict(e["config"], layers=e["layers"]), batch=e["batch"], seq=e["seq"], tokens=tokens,
+        median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps,
+        timing=timing.method, tokens_per_s=tps, peak_mem_bytes=peak,
+        trainable_params=sum(p.numel() for p in params), rel_err=errs))
+    request.node.user_properties.append(("summary", f"{timing.median_ms:9.2f} ms/step  {tps:10.0f} tokens/s"))

@@ -1,0 +1,177 @@
+"""One LoRA linear layer: every competitor over dtype x (K, N) x r x tokens M x mode.
+
+Modes: ``fwd`` (inference, no grad), ``train`` (forward + backward, base frozen, dropout 0) and
+``train-drop0.1``. Backward returns dx, dA and dB (nn.Linear: dx only). Each case checks the competitor's
+output (and gradients) against a float32 run of fastlora.reference once, then times it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import competitors
+import harness
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlora import reference
+
+
+@dataclass(frozen=True)
+class Case:
+    mode: str
+    dtype: str
+    K: int
+    N: int
+    R: int
+    M: int
+    impl: str
+
+    @property
+    def train(self) -> bool:
+        return self.mode.startswith("train")
+
+    @property
+    def dropout(self) -> float:
+        return float(self.mode.removeprefix("train-drop")) if "drop" in self.mode else 0.0
+
+    @property
+    def group(self) -> str:
+        return f"{self.mode}-{self.dtype}-K{self.K}-N{self.N}-r{self.R}-M{self.M}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.group}-{self.impl}"
+
+
+def _cases():
+    g = harness.grid()
+    modes = ["fwd"] + [("train" if p == 0 else f"train-drop{p:g}") for p in g.train_dropouts]
+    out = []
+    for dtype in g.dtypes:
+        for mode in modes:
+            for K, N in g.shapes:
+                for R in g.ranks:
+                    for M in g.tokens:
+                        for impl in competitors.LAYER:
+                            if impl == "merged" and mode != "fwd":
+                                continue  # merged weights serve inference only
+                            out.append(Case(mode, dtype, K, N, R, M, impl))
+    return out
+
+
+CASES = _cases()
+_MS: dict = {}  # (group, impl) -> median ms, so later competitors can report ratios
+_PROBLEM: dict = {}
+
+
+def _problem(c: Case) -> competitors.Problem:
+    key = (c.dtype, c.K, c.N, c.R)
+    if key not in _PROBLEM:
+        _PROBLEM.clear()
+        _PROBLEM[key] = competitors.Problem(c.K, c.N, c.R, harness.DTYPES[c.dtype], harness.device())
+    return _PROBLEM[key]
+
+
+def _step(impl: competitors.Impl, train: bool):
+    """The timed callable on one (x, dy) ring entry."""
+    if not train:
+        def fwd(entry):
+            with torch.no_grad():
+                return impl.forward(entry[0])
+        return fwd
+
+    def fwd_bwd(entry):
+        x, dy = entry
+        return torch.autograd.grad(impl.forward(x), [x, *impl.params], dy)
+    return fwd_bwd
+
+
+def _check(c: Case, pb: competitors.Problem, impl: competitors.Impl, x: torch.Tensor, dy: torch.Tensor):
+    """Compare output and gradients with a float32 reference run on the same dropout mask."""
+    dtype, p, seed = pb.dtype, (c.dropout if c.train else 0.0), 1234
+    if impl.checked_forward is not None:
+        y = impl.checked_forward(x, seed)
+        mask = _fastlora_mask(x, p, seed) if p else None
+    else:
+        torch.manual_seed(seed)
+        y = impl.forward(x)
+        mask = None
+        if p:
+            torch.manual_seed(seed)
+            mask = F.dropout(torch.ones_like(x), p) != 0
+    xr = x.detach().float().requires_grad_(c.train)
+    Ar = pb.A.float().requires_grad_(c.train)
+    Br = pb.B.float().requires_grad_(c.train)
+    if c.impl == "linear":
+        ref = F.linear(xr, pb.W.float(), pb.b.float())
+    else:
+        ref = reference.lora_linear(xr, pb.W.float(), pb.b.float(), Ar, Br, pb.scaling, dropout_p=p,
+                                    training=c.train, dropout_mask=mask)
+    errs = {"y": harness.check_close(f"{c.id} y", y, ref, dtype)}
+    if c.train:
+        got = torch.autograd.grad(y, [x, *impl.params], dy)
+        want = torch.autograd.grad(ref, [xr, Ar, Br][:len(got)], dy.float())
+        for name, g, w in zip(("dx", "dA", "dB")[:len(got)], got, want, strict=True):
+            errs[name] = harness.check_close(f"{c.id} {name}", g, w, dtype)
+    return errs
+
+
+def _fastlora_mask(x, p, seed):
+    import fastlora
+
+    return fastlora.dropout_mask(x.shape, p, seed, x.device)
+
+
+def _floor_ms(c: Case) -> float:
+    """nn.Linear's time for this case's shape and mode (measured now if its own case did not run)."""
+    key = (c.group, "linear")
+    if key not in _MS:
+        pb = _problem(c)
+        impl = competitors.layer_impl("linear", pb, c.dropout, c.train)
+        ring = _ring(c, pb)
+        step = _step(impl, c.train)
+        _MS[key] = harness.measure(lambda: step(ring.next())).median_ms
+    return _MS[key]
+
+
+def _ring(c: Case, pb: competitors.Problem) -> harness.Ring:
+    dev, dtype = pb.device, pb.dtype
+
+    def make():
+        x = torch.randn(c.M, c.K, dtype=dtype, device=dev).requires_grad_(c.train)
+        dy = torch.randn(c.M, c.N, dtype=dtype, device=dev) if c.train else None
+        return x, dy
+
+    elt = torch.finfo(dtype).bits // 8
+    return harness.Ring(make, elt * c.M * (c.K + (c.N if c.train else 0)))
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
+def test_layer(benchmark, request, case: Case):
+    if case.impl == "peft" and not harness.have_peft():
+        pytest.skip("peft is not installed")
+    pb = _problem(case)
+    impl = competitors.layer_impl(case.impl, pb, case.dropout, case.train)
+    ring = _ring(case, pb)
+    errs = _check(case, pb, impl, *ring.items[0])
+    step = _step(impl, case.train)
+    timing = harness.measure(lambda: step(ring.next()))
+    _MS[(case.group, case.impl)] = timing.median_ms
+    peak, extra = harness.peak_memory(lambda: step(ring.items[0]))
+    harness.pedantic(benchmark, lambda: step(ring.next()))
+
+    lora = case.impl != "linear"
+    flop = harness.flops(case.M, case.K, case.N, case.R, case.train, lora=lora)
+    nbytes = harness.bytes_moved(case.M, case.K, case.N, case.R, pb.W.element_size(), case.train, lora=lora)
+    ratio = timing.median_ms / _floor_ms(case)
+    peft_ms = _MS.get((case.group, "peft"))
+    speedup = peft_ms / timing.median_ms if peft_ms else None
+    benchmark.group = case.group
+    harness.record(benchmark, request, timing=timing, flop=flop, nbytes=nbytes,
+                   summary_extra=f"  {ratio:6.2f}x nn.Linear" + (f"  {speedup:5.2f}x vs PEFT" if speedup else ""),
+                   suite="layer", mode=case.mode, train=case.train, dropout=case.dropout, dtype=case.dtype,
+                   K=case.K, N=case.N, R=case.R, M=case.M, impl=case.impl, ring=len(ring.items),
+                   ratio_to_linear=ratio, speedup_over_peft=speedup, peak_mem_bytes=peak, extra_mem_bytes=extra,
+                   rel_err=errs)

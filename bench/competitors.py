@@ -1,0 +1,210 @@
+"""The implementations every comparison times, built from one set of weights so their outputs must agree.
+
+Single adapter: ``linear`` (nn.Linear, no LoRA: the cuBLAS floor), ``merged`` (B A folded into W: the
+inference floor), ``peft`` (peft.tuners.lora.Linear), ``reference`` (fastlora.reference: three matmuls and
+an add), ``cublas`` (addmm for the base, then an in-place addmm_ of the low-rank product, Unsloth style),
+``fastlora`` (fastlora.Linear). Multi-adapter: ``linear``, ``fastlora-single`` (one adapter for all tokens:
+the grouped floor), ``fastlora-grouped``, ``peft-mixed`` (PEFT's adapter_names mixed batch) and ``loop``
+(one low-rank product per adapter over its rows, row indices built once per batch).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastlora
+from fastlora import reference
+
+LAYER = ("linear", "merged", "peft", "reference", "cublas", "fastlora")
+GROUPED = ("linear", "fastlora-single", "peft-mixed", "loop", "fastlora-grouped")
+
+
+class Problem:
+    """Random frozen base (W, b) and adapters (A, B nonzero, so the low-rank branch shows in the output)."""
+
+    def __init__(self, K, N, R, dtype, device, num_adapters=None, seed=0):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        kw = dict(dtype=dtype, device=device)
+
+        def rand(*shape, scale):
+            return (torch.randn(*shape, generator=g) * scale).to(**kw)
+
+        self.K, self.N, self.R, self.dtype, self.device = K, N, R, dtype, device
+        self.alpha = 2 * R
+        self.scaling = self.alpha / R
+        self.W = rand(N, K, scale=K ** -0.5)
+        self.b = rand(N, scale=0.1)
+        shape_a = (R, K) if num_adapters is None else (num_adapters, R, K)
+        shape_b = (N, R) if num_adapters is None else (num_adapters, N, R)
+        self.A = rand(*shape_a, scale=K ** -0.5)
+        self.B = rand(*shape_b, scale=R ** -0.5)
+        self.num_adapters = num_adapters
+
+    def base_linear(self) -> nn.Linear:
+        lin = nn.Linear(self.K, self.N, device="meta")
+        lin.weight = nn.Parameter(self.W, requires_grad=False)
+        lin.bias = nn.Parameter(self.b, requires_grad=False)
+        return lin
+
+
+class Impl:
+    """``forward(x)`` (any dropout drawn from torch's RNG or fastlora's seed); ``params`` the trainable tensors."""
+
+    def __init__(self, forward, params, checked_forward=None):
+        self.forward = forward
+        self.params = list(params)
+        # forward(x, seed) whose dropout mask the check can rebuild; None: forward after torch.manual_seed(seed)
+        self.checked_forward = checked_forward
+
+
+def layer_impl(name: str, pb: Problem, dropout: float, train: bool) -> Impl:
+    W, b, s = pb.W, pb.b, pb.scaling
+    p = dropout if train else 0.0
+    if name == "linear":
+        return Impl(lambda x: F.linear(x, W, b), [])
+    if name == "merged":
+        Wm = (W.float() + s * (pb.B.float() @ pb.A.float())).to(W.dtype)
+        return Impl(lambda x: F.linear(x, Wm, b), [])
+    A = pb.A.clone().requires_grad_(train)
+    B = pb.B.clone().requires_grad_(train)
+    if name == "reference":
+        return Impl(lambda x: reference.lora_linear(x, W, b, A, B, s, dropout_p=p, training=train), [A, B])
+    if name == "cublas":
+        def cublas(x):
+            x2 = x.reshape(-1, pb.K)
+            y = torch.addmm(b, x2, W.t())
+            xd = F.dropout(x2, p) if p else x2
+            y.addmm_(xd @ A.t(), B.t(), alpha=s)
+            return y.reshape(*x.shape[:-1], pb.N)
+        return Impl(cublas, [A, B])
+    if name == "fastlora":
+        mod = fastlora.Linear.from_linear(pb.base_linear(), r=pb.R, alpha=pb.alpha, dropout=dropout)
+        with torch.no_grad():
+            mod.lora_A.copy_(pb.A)
+            mod.lora_B.copy_(pb.B)
+        mod.train(train)
+        mod.lora_A.requires_grad_(train)
+        mod.lora_B.requires_grad_(train)
+
+        def seeded(x, seed):
+            return fastlora.lora_linear(x, W, b, mod.lora_A, mod.lora_B, s, dropout_p=p, training=train, seed=seed)
+        return Impl(mod, [mod.lora_A, mod.lora_B], seeded)
+    if name == "peft":
+        layer = _peft_layer(pb, dropout, ["default"])
+        layer.train(train)
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(pb.A)
+            layer.lora_B["default"].weight.copy_(pb.B)
+        params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        for t in params:
+            t.requires_grad_(train)
+        return Impl(layer, params)
+    raise ValueError(f"unknown competitor {name!r}")
+
+
+def grouped_impl(name: str, pb: Problem, ids: torch.Tensor) -> Impl:
+    """Inference (no grad) implementations for a mixed batch; ``ids`` [M] uniformly random in [0, n)."""
+    W, b, s, n = pb.W, pb.b, pb.scaling, pb.num_adapters
+    if name == "linear":
+        return Impl(lambda x: F.linear(x, W, b), [])
+    if name == "fastlora-single":
+        A0, B0 = pb.A[0], pb.B[0]
+        return Impl(lambda x: fastlora.lora_linear(x, W, b, A0, B0, s), [])
+    if name == "fastlora-grouped":
+        batch = fastlora.AdapterBatch.build(ids, n)
+        scale = torch.full((n,), s, dtype=torch.float32, device=pb.device)
+        return Impl(lambda x: fastlora.grouped_lora_linear(x, W, b, pb.A, pb.B, scale, ids, check_ids=False,
+                                                           batch=batch), [])
+    if name == "loop":
+        rows = [(g, (ids == g).nonzero().squeeze(1)) for g in range(n)]
+        rows = [(g, r) for g, r in rows if r.numel()]
+
+        def loop(x):
+            y = torch.addmm(b, x, W.t())
+            for g, r in rows:
+                xs = x.index_select(0, r)
+                y.index_add_(0, r, (xs @ pb.A[g].t()) @ pb.B[g].t(), alpha=s)
+            return y
+        return Impl(loop, [])
+    if name == "peft-mixed":
+        names = [f"a{g}" for g in range(n)]
+        layer = _peft_layer(pb, 0.0, names)
+        layer.eval()
+        with torch.no_grad():
+            for g, nm in enumerate(names):
+                layer.lora_A[nm].weight.copy_(pb.A[g])
+                layer.lora_B[nm].weight.copy_(pb.B[g])
+        adapter_names = [names[g] for g in ids.tolist()]
+        return Impl(lambda x: layer(x, adapter_names=adapter_names), [])
+    raise ValueError(f"unknown competitor {name!r}")
+
+
+def _peft_layer(pb: Problem, dropout: float, names: list[str]):
+    """A peft LoRA Linear (from get_peft_model on a one-layer module) with adapters ``names`` in pb.dtype."""
+    from peft import LoraConfig, get_peft_model
+
+    model = nn.Sequential(collections.OrderedDict(proj=pb.base_linear()))
+    cfg = LoraConfig(r=pb.R, lora_alpha=pb.alpha, lora_dropout=dropout, target_modules=["proj"])
+    peft_model = get_peft_model(model, cfg, adapter_name=names[0], autocast_adapter_dtype=False)
+    for nm in names[1:]:
+        peft_model.add_adapter(nm, copy.copy(cfg))
+    layer = peft_model.base_model.model.proj
+    layer.to(pb.dtype)  # add_adapter creates fp32 adapters; compare at the base dtype, as fastlora runs
+    return layer
+
+
+class ReferenceLinear(nn.Module):
+    """A LoRA linear computed by ``fastlora.reference`` (the end-to-end baseline that needs no PEFT)."""
+
+    def __init__(self, linear: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.weight = linear.weight.requires_grad_(False)
+        self.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
+        kw = dict(device=linear.weight.device, dtype=linear.weight.dtype)
+        self.lora_A = nn.Parameter(torch.zeros(r, linear.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(linear.out_features, r, **kw))
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        return reference.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
+
+
+def inject(model: nn.Module, impl: str, r: int, alpha: float) -> tuple[nn.Module, str]:
+    """LoRA on every nn.Linear but ``lm_head`` (PEFT's "all-linear"); returns the model and how it was done."""
+    if impl == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear")
+        return get_peft_model(model, cfg, autocast_adapter_dtype=False), "peft.get_peft_model(all-linear)"
+    if impl == "fastlora" and hasattr(fastlora, "inject"):
+        fastlora.inject(model, "all-linear", r=r, alpha=alpha)
+        how = "fastlora.inject(all-linear)"
+    else:
+        wrap = ((lambda lin: fastlora.Linear.from_linear(lin, r=r, alpha=alpha)) if impl == "fastlora"
+                else (lambda lin: ReferenceLinear(lin, r, alpha)))
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear) and name != "lm_head":
+                    setattr(module, name, wrap(child))
+        how = "bench: fastlora.Linear.from_linear on each nn.Linear" if impl == "fastlora" else "bench"
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model, how
+
+
+def adapter_pairs(model: nn.Module):
+    """(key, A, B) for every LoRA layer; key is the module path from ``layers.`` on, the same in every wrapper."""
+    for name, m in model.named_modules():
+        A = getattr(m, "lora_A", None)
+        if A is None or "layers." not in name:
+            continue
+        key = name[name.index("layers."):]
+        if isinstance(A, nn.ModuleDict):
+            yield key, A["default"].weight, m.lora_B["default"].weight
+        else:
+            yield key, A, m.lora_B

@@ -1,0 +1,272 @@
+"""Shared benchmark machinery: grids, timing, FLOP/byte models, correctness checks, provenance.
+
+Imported by the ``bench_*.py`` modules (pytest puts ``bench/`` on ``sys.path``) and by ``run.py``. Timing on
+CUDA is ``triton.testing.do_bench``: CUDA events around each call, the L2 cache flushed between calls, the
+median over ~100 ms of calls. Inputs rotate through a ring of buffers larger than L2, so no call reads an x
+that the previous one left in cache. Without CUDA the same code runs under ``TRITON_INTERPRET=1`` with a
+wall-clock loop of a few calls: those numbers check the plumbing and mean nothing about performance.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA = torch.cuda.is_available()
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Relative error bound (max |y - ref| / max |ref|) for the pre-timing correctness check, per dtype.
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
+RING_BYTES = 128 << 20  # inputs of one case rotate through at least this much memory (H100 L2: 50 MB)
+MAX_RING = 512
+
+# ------------------------------------------------------------------------------------------------ grids
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    dtypes: tuple[str, ...]
+    shapes: tuple[tuple[int, int], ...]  # (K, N)
+    ranks: tuple[int, ...]
+    tokens: tuple[int, ...]
+    train_dropouts: tuple[float, ...]
+    adapters: tuple[int, ...]
+    grouped_tokens: tuple[int, ...]
+    grouped_shape: tuple[int, int]
+    grouped_rank: int
+    e2e: dict
+
+
+_LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 vocab_size=32000)
+GRIDS = {
+    "full": Grid("full", ("bf16", "fp16"), ((4096, 4096), (4096, 14336), (14336, 4096)), (8, 16, 64),
+                 (1, 16, 128, 1024, 4096, 16384), (0.0, 0.1), (1, 4, 32, 128), (32, 1024, 8192), (4096, 4096), 16,
+                 dict(config=_LLAMA_8B, layers=4, batch=4, seq=2048, ranks=(16, 64))),
+    "default": Grid("default", ("bf16",), ((4096, 4096), (4096, 14336), (14336, 4096)), (8, 16, 64),
+                    (1, 16, 128, 1024, 4096, 16384), (0.0, 0.1), (1, 4, 32, 128), (32, 1024, 8192), (4096, 4096),
+                    16, dict(config=_LLAMA_8B, layers=4, batch=4, seq=2048, ranks=(16,))),
+    "quick": Grid("quick", ("bf16",), ((4096, 4096), (4096, 14336)), (16,), (1, 128, 4096), (0.0,), (4, 32),
+                  (1024,), (4096, 4096), 16, dict(config=_LLAMA_8B, layers=2, batch=2, seq=1024, ranks=(16,))),
+    # fp16: triton 3.6's interpreter gets bf16 tl.dot wrong (errors ~1e10 on a bare 16x16 dot, not fastlora's).
+    "smoke": Grid("smoke", ("fp16",), ((64, 64), (64, 96)), (8,), (1, 16), (0.0, 0.1), (1, 4), (32,), (64, 64), 8,
+                  dict(config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128), layers=1, batch=2, seq=8, ranks=(8,))),
+}
+
+
+def grid() -> Grid:
+    """The grid chosen by ``run.py`` (env FASTLORA_BENCH_GRID); smoke without CUDA, default with it."""
+    name = os.environ.get("FASTLORA_BENCH_GRID") or ("default" if CUDA else "smoke")
+    if name not in GRIDS:
+        raise ValueError(f"FASTLORA_BENCH_GRID must be one of {sorted(GRIDS)}; got {name!r}")
+    g = GRIDS[name]
+    if os.environ.get("FASTLORA_BENCH_DTYPES"):
+        g = Grid(**{**g.__dict__, "dtypes": tuple(os.environ["FASTLORA_BENCH_DTYPES"].split(","))})
+    return g
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if CUDA else "cpu")
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int
+    method: str
+
+
+def measure(fn) -> Timing:
+    """Median time of ``fn()``: CUDA events + L2 flush on a GPU, a short wall-clock loop on the CPU."""
+    if CUDA:
+        import triton.testing
+
+        times = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all")
+        method = "triton.testing.do_bench: CUDA events per call, L2 flushed between calls"
+    else:
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        method = "CPU wall clock (TRITON_INTERPRET=1), not a GPU measurement"
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return Timing(statistics.median(times), q[0], q[3], len(times), method)
+
+
+def measure_steps(fn, warmup: int, reps: int) -> Timing:
+    """Median of ``reps`` calls after ``warmup``, each timed with CUDA events (no L2 flush: for whole training
+    steps, long enough that cache state at the start does not matter); wall clock on the CPU."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        if CUDA:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    method = "CUDA events per step" if CUDA else "CPU wall clock (TRITON_INTERPRET=1), not a GPU measurement"
+    return Timing(statistics.median(times), q[0], q[3], len(times), method)
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def synced(fn):
+    """``fn`` followed by a device synchronisation, for pytest-benchmark's own wall-clock rounds."""
+    def call():
+        fn()
+        sync()
+    return call
+
+
+def pedantic(benchmark, fn, rounds: int = 20):
+    """pytest-benchmark's columns: host wall clock of one synchronised call (includes launch overhead)."""
+    rounds, warm = (rounds, 3) if CUDA else (2, 0)
+    benchmark.pedantic(synced(fn), rounds=rounds, warmup_rounds=warm, iterations=1)
+
+
+class Ring:
+    """``make()`` called until the ring holds >= RING_BYTES (at least 2 entries); ``next()`` cycles them."""
+
+    def __init__(self, make, nbytes: int):
+        count = 2 if not CUDA else min(MAX_RING, max(2, math.ceil(RING_BYTES / max(nbytes, 1))))
+        self.items = [make() for _ in range(count)]
+        self._it = itertools.cycle(self.items)
+
+    def next(self):
+        return next(self._it)
+
+
+def peak_memory(fn) -> tuple[int | None, int | None]:
+    """(peak bytes allocated while running ``fn`` once, that peak minus what was allocated before)."""
+    if not CUDA:
+        return None, None
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    sync()
+    peak = torch.cuda.max_memory_allocated()
+    return peak, peak - before
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def flops(M, K, N, R, train: bool, lora: bool = True) -> int:
+    """Forward 2MKN + 2MKR + 2MRN. Training with the base frozen: forward + dX for the base (no dW, so 2x the
+    base GEMM) and 3x the low-rank part (forward, dX through A and B, dA and dB)."""
+    base = 2 * M * K * N
+    low = (2 * M * K * R + 2 * M * R * N) if lora else 0
+    return (2 * base + 3 * low) if train else (base + low)
+
+
+def bytes_moved(M, K, N, R, elt: int, train: bool, lora: bool = True) -> int:
+    """Compulsory HBM traffic: read x, W, bias, A, B, write y; training adds read dy, W, x, A, B, write dx, dA, dB."""
+    ab = (R * K + N * R) if lora else 0
+    fwd = M * K + N * K + N + ab + M * N
+    bwd = M * N + N * K + M * K + ab + M * K + ab
+    return elt * (fwd + (bwd if train else 0))
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    scale = ref.abs().max().item() or 1.0
+    return (y.double() - ref).abs().max().item() / scale
+
+
+def check_close(name: str, y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """Raise if ``y`` is further than the dtype's bound from ``ref``; return the relative error."""
+    if not torch.isfinite(y).all():
+        raise AssertionError(f"{name}: non-finite values")
+    err = rel_err(y, ref)
+    if err > TOLERANCE[dtype]:
+        raise AssertionError(f"{name}: relative error {err:.3g} > {TOLERANCE[dtype]:g} ({dtype})")
+    return err
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+
+
+@functools.cache
+def provenance() -> dict:
+    import triton
+
+    info = {
+        "device": torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor() or platform.machine()})",
+        "backend": "cuda" if CUDA else "cpu-triton-interpreter",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "git_sha": git_sha(),
+        "grid": grid().name,
+    }
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ImportError:
+        info["peft"] = None
+    return info
+
+
+def git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def have_peft() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def record(benchmark, request, *, timing: Timing, flop: int, nbytes: int, summary_extra: str = "", **extra):
+    """Fill ``benchmark.extra_info`` and the one-line progress summary printed by the conftest."""
+    tflops = flop / (timing.median_ms * 1e-3) / 1e12
+    gbs = nbytes / (timing.median_ms * 1e-3) / 1e9
+    benchmark.extra_info.update(provenance())
+    benchmark.extra_info.update(dict(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
+                                     reps=timing.reps, timing=timing.method, flop=flop, tflops=tflops,
+                                     bytes=nbytes, gbps=gbs, **extra))
+    unit = "TFLOP/s" if CUDA else "TFLOP/s(cpu)"
+    request.node.user_properties.append(
+        ("summary", f"{timing.median_ms:9.4f} ms  {tflops:8.3f} {unit}  {gbs:8.1f} GB/s{summary_extra}"))

@@ -1,0 +1,244 @@
+"""Draw the benchmark PNGs from the JSON that ``bench/run.py`` (pytest-benchmark) wrote.
+
+    python bench/plot.py bench/results/<device>-<date>.json [more.json ...] --out docs/img/bench
+
+Reads only ``extra_info`` (CUDA-event medians), never re-runs anything. Several files (e.g. shards of one
+run) are merged; a case present twice keeps the later file's entry. Figures:
+
+    layer-speedup-<mode>-<dtype>.png   speedup over PEFT vs tokens, a panel per (K, N) x r, a line per competitor
+    layer-vs-linear-<mode>-<dtype>.png time / nn.Linear time vs tokens (1 = the cuBLAS floor)
+    layer-memory-<dtype>.png           training: peak memory above the inputs vs tokens
+    grouped-<dtype>.png                multi-adapter: time and ratio to nn.Linear vs number of adapters
+    e2e-<dtype>.png                    Llama-shaped training step: tokens/s per competitor
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STYLE = {
+    "linear": ("black", "o", "nn.Linear (no LoRA)"),
+    "merged": ("grey", "s", "merged weights"),
+    "peft": ("tab:orange", "^", "PEFT"),
+    "reference": ("tab:brown", "v", "PyTorch reference"),
+    "cublas": ("tab:purple", "D", "cuBLAS addmm + addmm_"),
+    "fastlora": ("tab:blue", "*", "fastlora"),
+    "fastlora-single": ("tab:cyan", "s", "fastlora, one adapter"),
+    "fastlora-grouped": ("tab:blue", "*", "fastlora grouped"),
+    "peft-mixed": ("tab:orange", "^", "PEFT mixed batch"),
+    "loop": ("tab:brown", "v", "loop over adapters"),
+}
+MODE_TITLE = {"fwd": "forward (inference)", "train": "forward + backward, dropout 0",
+              "train-drop0.1": "forward + backward, dropout 0.1"}
+
+
+def load(paths: list[Path]) -> tuple[list[dict], dict]:
+    cases: dict[str, dict] = {}
+    meta: dict = {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        for b in data.get("benchmarks", []):
+            info = b.get("extra_info") or {}
+            if "median_ms" in info:
+                cases[b["fullname"]] = info
+                meta = {k: info.get(k) for k in ("device", "backend", "torch", "triton", "git_sha", "grid")}
+    return list(cases.values()), meta
+
+
+def caption(meta: dict) -> str:
+    sha = (meta.get("git_sha") or "?")[:12]
+    return (f"{meta.get('device')} | torch {meta.get('torch')} | triton {meta.get('triton')} | fastlora {sha} | "
+            f"grid {meta.get('grid')} | CUDA-event medians" if meta.get("backend") == "cuda" else
+            f"{meta.get('device')} | torch {meta.get('torch')} | triton {meta.get('triton')} | fastlora {sha}")
+
+
+def finish(fig, meta: dict, title: str, path: Path) -> Path:
+    fig.suptitle(title, fontsize=12)
+    fig.text(0.5, 0.005, caption(meta), ha="center", va="bottom", fontsize=8, color="dimgrey")
+    if meta.get("backend") != "cuda":
+        fig.text(0.5, 0.5, "CPU INTERPRETER SMOKE\nNOT GPU RESULTS", ha="center", va="center", fontsize=40,
+                 color="red", alpha=0.25, rotation=20, transform=fig.transFigure)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _line(ax, xs, ys, impl):
+    color, marker, label = STYLE.get(impl, (None, ".", impl))
+    ax.plot(xs, ys, color=color, marker=marker, label=label, linewidth=1.5, markersize=5)
+
+
+def layer_panels(rows: list[dict], meta: dict, out: Path, metric: str) -> list[Path]:
+    """One figure per (mode, dtype); panels (K, N) x r; y from ``metric``: 'speedup' or 'vs-linear'."""
+    written = []
+    by_fig = defaultdict(list)
+    for r in rows:
+        by_fig[(r["mode"], r["dtype"])].append(r)
+    for (mode, dtype), rs in sorted(by_fig.items()):
+        ms = {(r["K"], r["N"], r["R"], r["M"], r["impl"]): r["median_ms"] for r in rs}
+        base_impl = "linear" if metric == "vs-linear" else ("peft" if any(r["impl"] == "peft" for r in rs)
+                                                            else "reference")
+        shapes = sorted({(r["K"], r["N"]) for r in rs})
+        ranks = sorted({r["R"] for r in rs})
+        fig, axes = plt.subplots(len(shapes), len(ranks), figsize=(4.2 * len(ranks), 3.2 * len(shapes)),
+                                 squeeze=False, sharex=True)
+        for i, (K, N) in enumerate(shapes):
+            for j, R in enumerate(ranks):
+                ax = axes[i][j]
+                tokens = sorted({r["M"] for r in rs if (r["K"], r["N"], r["R"]) == (K, N, R)})
+                for impl in STYLE:
+                    if impl == base_impl:
+                        continue
+                    pts = [(M, ms[(K, N, R, M, base_impl)] / ms[(K, N, R, M, impl)] if metric == "speedup"
+                            else ms[(K, N, R, M, impl)] / ms[(K, N, R, M, base_impl)])
+                           for M in tokens if (K, N, R, M, impl) in ms and (K, N, R, M, base_impl) in ms]
+                    if pts:
+                        _line(ax, *zip(*pts, strict=True), impl)
+                ax.axhline(1.0, color=STYLE[base_impl][0], linestyle="--", linewidth=1)
+                ax.set_xscale("log", base=2)
+                ax.set_title(f"K={K} N={N} r={R}", fontsize=10)
+                if j == 0:
+                    ax.set_ylabel(f"speedup over {STYLE[base_impl][2]}" if metric == "speedup"
+                                  else "time / nn.Linear time")
+                if i == len(shapes) - 1:
+                    ax.set_xlabel("tokens M")
+                ax.grid(True, alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        what = "speedup over " + STYLE[base_impl][2] if metric == "speedup" else "cost relative to nn.Linear"
+        title = f"LoRA linear, {MODE_TITLE.get(mode, mode)}, {dtype}: {what}"
+        written.append(finish(fig, meta, title, out / f"layer-{metric}-{mode}-{dtype}.png"))
+    return written
+
+
+def layer_memory(rows: list[dict], meta: dict, out: Path) -> list[Path]:
+    written = []
+    rows = [r for r in rows if r["mode"] == "train" and r.get("extra_mem_bytes") is not None]
+    for dtype in sorted({r["dtype"] for r in rows}):
+        rs = [r for r in rows if r["dtype"] == dtype]
+        shapes = sorted({(r["K"], r["N"]) for r in rs})
+        ranks = sorted({r["R"] for r in rs})
+        fig, axes = plt.subplots(len(shapes), len(ranks), figsize=(4.2 * len(ranks), 3.2 * len(shapes)),
+                                 squeeze=False, sharex=True)
+        for i, (K, N) in enumerate(shapes):
+            for j, R in enumerate(ranks):
+                ax = axes[i][j]
+                for impl in STYLE:
+                    pts = sorted((r["M"], r["extra_mem_bytes"] / 2**20) for r in rs
+                                 if (r["K"], r["N"], r["R"], r["impl"]) == (K, N, R, impl))
+                    if pts:
+                        _line(ax, *zip(*pts, strict=True), impl)
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_title(f"K={K} N={N} r={R}", fontsize=10)
+                if j == 0:
+                    ax.set_ylabel("peak MiB above inputs")
+                if i == len(shapes) - 1:
+                    ax.set_xlabel("tokens M")
+                ax.grid(True, alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        title = f"LoRA linear, forward + backward (dropout 0), {dtype}: peak memory of one step"
+        written.append(finish(fig, meta, title, out / f"layer-memory-{dtype}.png"))
+    return written
+
+
+def grouped(rows: list[dict], meta: dict, out: Path) -> list[Path]:
+    written = []
+    for dtype in sorted({r["dtype"] for r in rows}):
+        rs = [r for r in rows if r["dtype"] == dtype]
+        tokens = sorted({r["M"] for r in rs})
+        fig, axes = plt.subplots(2, len(tokens), figsize=(4.2 * len(tokens), 6.4), squeeze=False, sharex=True)
+        for j, M in enumerate(tokens):
+            linear = {r["G"]: r["median_ms"] for r in rs if r["M"] == M and r["impl"] == "linear"}
+            for impl in STYLE:
+                pts = sorted((r["G"], r["median_ms"]) for r in rs if r["M"] == M and r["impl"] == impl)
+                if not pts:
+                    continue
+                _line(axes[0][j], *zip(*pts, strict=True), impl)
+                ratio = [(G, t / linear[G]) for G, t in pts if G in linear]
+                if ratio and impl != "linear":
+                    _line(axes[1][j], *zip(*ratio, strict=True), impl)
+            r0 = rs[0]
+            axes[0][j].set_title(f"M={M} tokens (K={r0['K']} N={r0['N']} r={r0['R']})", fontsize=10)
+            axes[0][j].set_yscale("log")
+            axes[1][j].axhline(1.0, color="black", linestyle="--", linewidth=1)
+            axes[1][j].set_xlabel("adapters in the batch")
+            for ax in axes[:, j]:
+                ax.set_xscale("log", base=2)
+                ax.grid(True, alpha=0.3)
+        axes[0][0].set_ylabel("median time per call (ms)")
+        axes[1][0].set_ylabel("time / nn.Linear time")
+        axes[0][0].legend(fontsize=8)
+        title = f"Multi-adapter mixed batch, forward, {dtype}: ids uniformly random per token"
+        written.append(finish(fig, meta, title, out / f"grouped-{dtype}.png"))
+    return written
+
+
+def e2e(rows: list[dict], meta: dict, out: Path) -> list[Path]:
+    written = []
+    for dtype in sorted({r["dtype"] for r in rows}):
+        rs = [r for r in rows if r["dtype"] == dtype]
+        ranks = sorted({r["R"] for r in rs})
+        impls = [i for i in ("reference", "peft", "fastlora") if any(r["impl"] == i for r in rs)]
+        fig, ax = plt.subplots(figsize=(2.2 + 2.0 * len(ranks) * len(impls) / 2, 4))
+        width = 0.8 / max(len(impls), 1)
+        for k, impl in enumerate(impls):
+            for j, R in enumerate(ranks):
+                hit = [r for r in rs if r["R"] == R and r["impl"] == impl]
+                if not hit:
+                    continue
+                tps = hit[0]["tokens_per_s"]
+                bar = ax.bar(j + k * width, tps, width, color=STYLE[impl][0], label=STYLE[impl][2] if j == 0 else None)
+                peft = [r["tokens_per_s"] for r in rs if r["R"] == R and r["impl"] == "peft"]
+                if peft and impl != "peft":
+                    ax.bar_label(bar, labels=[f"{tps / peft[0]:.2f}x"], fontsize=8)
+        ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(ranks))], [f"r={R}" for R in ranks])
+        ax.set_ylabel("training tokens / s")
+        ax.legend(fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+        r0 = rs[0]
+        m = r0["model"]
+        title = (f"Llama-shaped training step, {dtype}: {m['layers']} layers, hidden {m['hidden_size']}, "
+                 f"MLP {m['intermediate_size']}, batch {r0['batch']} x {r0['seq']} tokens\n"
+                 "(bar labels: speedup over PEFT)")
+        written.append(finish(fig, meta, title, out / f"e2e-{dtype}.png"))
+    return written
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Draw the fastlora benchmark plots from pytest-benchmark JSON.")
+    ap.add_argument("json", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, required=True, help="directory for the PNGs")
+    args = ap.parse_args(argv)
+    rows, meta = load(args.json)
+    if not rows:
+        print("plot: no benchmark entries with extra_info in " + ", ".join(map(str, args.json)))
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    suite = defaultdict(list)
+    for r in rows:
+        suite[r.get("suite")].append(r)
+    written = []
+    written += layer_panels(suite["layer"], meta, args.out, "speedup")
+    written += layer_panels(suite["layer"], meta, args.out, "vs-linear")
+    mem = layer_memory(suite["layer"], meta, args.out)
+    if suite["layer"] and not mem:
+        print("plot: no memory figure (no CUDA memory statistics in these results)")
+    written += mem
+    written += grouped(suite["grouped"], meta, args.out)
+    written += e2e(suite["e2e"], meta, args.out)
+    for path in written:
+        print(f"plot: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""Run the fastlora benchmark suite, write its JSON, draw the plots.
+
+    python bench/run.py                      # GPU: the default grid (bf16); no GPU: a small CPU smoke grid
+    python bench/run.py --quick              # a subset, a few minutes on a GPU
+    python bench/run.py --full               # default grid + fp16 + a second rank end to end
+    python bench/run.py --shard 2/3          # one of three slices of the grid (fits a 10-minute limit)
+    python bench/run.py --suite layer --filter "fwd and K4096-N4096"
+
+Wraps ``pytest bench/ --benchmark-json=bench/results/<device>-<date>.json`` (one progress line per case),
+then ``bench/plot.py``. Without CUDA it sets TRITON_INTERPRET=1, runs tiny shapes with few repetitions and
+writes ``bench/results/cpu-smoke-<date>.json``: a check of the plumbing, not a performance result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+PUBLISHED_IMG = ROOT / "docs" / "img" / "bench"
+SUITES = ("layer", "grouped", "e2e")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Arguments after `--` go to pytest unchanged.")
+    grid = ap.add_mutually_exclusive_group()
+    grid.add_argument("--quick", action="store_const", const="quick", dest="grid", help="subset grid")
+    grid.add_argument("--full", action="store_const", const="full", dest="grid",
+                      help="full grid: bf16 and fp16, two end-to-end ranks")
+    grid.add_argument("--grid", choices=("smoke", "quick", "default", "full"),
+                      help="grid by name (default: 'default' with CUDA, 'smoke' without)")
+    ap.add_argument("--filter", "-k", metavar="EXPR", help="pytest -k expression on the case ids, e.g. "
+                    "'fwd and r16 and not peft'")
+    ap.add_argument("--suite", default=",".join(SUITES),
+                    help=f"comma-separated subset of {','.join(SUITES)} (default: all)")
+    ap.add_argument("--shard", metavar="I/N", help="run the I-th of N slices (comparison groups kept whole)")
+    ap.add_argument("--dtypes", metavar="LIST", help="override the grid's dtypes, e.g. fp16 or bf16,fp16")
+    ap.add_argument("--name", help="result file stem (default: <device>-<date>[-<grid>][-shardIofN])")
+    ap.add_argument("--img", type=Path, help="plot directory (default: docs/img/bench for a complete GPU "
+                    "default/full run or its shards, else bench/results/img/<stem>)")
+    ap.add_argument("--no-plot", action="store_true", help="only run the benchmarks")
+    ap.add_argument("pytest_args", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.shard and not re.fullmatch(r"\d+/\d+", args.shard):
+        ap.error(f"--shard must look like 2/3; got {args.shard}")
+    bad = set(args.suite.split(",")) - set(SUITES)
+    if bad:
+        ap.error(f"--suite must be a subset of {','.join(SUITES)}; got {','.join(sorted(bad))}")
+    return args
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch  # triton is not imported here, so TRITON_INTERPRET can still take effect in the child
+
+    cuda = torch.cuda.is_available()
+    grid = args.grid or ("default" if cuda else "smoke")
+    date = datetime.date.today().isoformat()
+    if args.name:
+        stem = args.name
+    elif cuda:
+        stem = f"{slug(torch.cuda.get_device_name())}-{date}" + ("" if grid == "default" else f"-{grid}")
+        if args.dtypes:
+            stem += f"-{slug(args.dtypes)}"
+        if args.shard:
+            i, n = args.shard.split("/")
+            stem += f"-shard{i}of{n}"
+    else:
+        stem = f"cpu-smoke-{date}" + ("" if grid == "smoke" else f"-{grid}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{stem}.json"
+
+    env = dict(os.environ, FASTLORA_BENCH_GRID=grid, PYTHONPATH=os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    if args.dtypes:
+        env["FASTLORA_BENCH_DTYPES"] = args.dtypes
+    if args.shard:
+        env["FASTLORA_BENCH_SHARD"] = args.shard
+    if not cuda:
+        env["TRITON_INTERPRET"] = "1"
+        banner("NO CUDA DEVICE: running the CPU smoke grid under TRITON_INTERPRET=1. Its timings are CPU/"
+               "interpreter figures that check the plumbing; they are NOT GPU results.")
+
+    files = [str(BENCH / f"bench_{s}.py") for s in args.suite.split(",")]
+    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
+           "-o", "python_files=bench_*.py", f"--benchmark-json={out}", "--benchmark-quiet",
+           "--benchmark-sort=fullname"]
+    if args.filter:
+        cmd += ["-k", args.filter]
+    cmd += args.pytest_args
+    print("$ " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    rc = subprocess.call(cmd, cwd=ROOT, env=env)
+    elapsed = time.perf_counter() - t0
+    print(f"\nbenchmarks: pytest exit code {rc}, {elapsed:.0f} s; results: {out.relative_to(ROOT)}"
+          if out.exists() else f"\nbenchmarks: pytest exit code {rc}, {elapsed:.0f} s; no JSON written", flush=True)
+
+    if not args.no_plot and out.exists():
+        sources = [out]
+        if args.shard:  # the plots cover every shard of this run written so far
+            sources = sorted(RESULTS.glob(re.sub(r"shard\d+of", "shard*of", stem) + ".json"))
+        complete_grid = cuda and grid in ("default", "full") and not args.filter and not args.dtypes
+        img = args.img or (PUBLISHED_IMG if complete_grid and not args.name else RESULTS / "img" / stem)
+        plot_cmd = [sys.executable, str(BENCH / "plot.py"), *map(str, sources), "--out", str(img)]
+        print("$ " + " ".join(plot_cmd), flush=True)
+        prc = subprocess.call(plot_cmd, cwd=ROOT)
+        rc = rc or prc
+    if not cuda:
+        banner(f"CPU smoke run finished in {time.perf_counter() - t0:.0f} s. The numbers in {out.name} and its "
+               "plots are CPU/interpreter figures, NOT GPU results; do not publish or commit them.")
+    return rc
+
+
+def banner(text: str) -> None:
+    print("\n" + "=" * 100 + "\n" + text + "\n" + "=" * 100, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
