@@ -241,6 +241,9 @@ def provenance() -> dict:
 
 
 def git_sha() -> str:
+    """HEAD (+ "-dirty" when tracked files differ); FASTLORA_GIT_SHA overrides, for copies without .git."""
+    if os.environ.get("FASTLORA_GIT_SHA"):
+        return os.environ["FASTLORA_GIT_SHA"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -54,19 +55,25 @@ def load(paths: list[Path]) -> tuple[list[dict], dict]:
 
 
 def caption(meta: dict) -> str:
-    sha = (meta.get("git_sha") or "?")[:12]
+    sha = meta.get("git_sha") or "?"
+    sha = sha[:12] + ("-dirty" if sha.endswith("-dirty") else "")
     return (f"{meta.get('device')} | torch {meta.get('torch')} | triton {meta.get('triton')} | fastlora {sha} | "
             f"grid {meta.get('grid')} | CUDA-event medians" if meta.get("backend") == "cuda" else
             f"{meta.get('device')} | torch {meta.get('torch')} | triton {meta.get('triton')} | fastlora {sha}")
 
 
 def finish(fig, meta: dict, title: str, path: Path) -> Path:
-    fig.suptitle(title, fontsize=12)
-    fig.text(0.5, 0.005, caption(meta), ha="center", va="bottom", fontsize=8, color="dimgrey")
+    width = fig.get_figwidth()
+    chars = int(width * 9)
+    title = "\n".join(textwrap.fill(line, chars) for line in title.splitlines())
+    fig.suptitle(title, fontsize=11, y=0.995, va="top")
+    fig.text(0.5, 0.005, textwrap.fill(caption(meta), int(width * 14)), ha="center", va="bottom", fontsize=7,
+             color="dimgrey")
     if meta.get("backend") != "cuda":
-        fig.text(0.5, 0.5, "CPU INTERPRETER SMOKE\nNOT GPU RESULTS", ha="center", va="center", fontsize=40,
-                 color="red", alpha=0.25, rotation=20, transform=fig.transFigure)
-    fig.tight_layout(rect=(0, 0.03, 1, 0.96))
+        fig.text(0.5, 0.5, "CPU INTERPRETER SMOKE\nNOT GPU RESULTS", ha="center", va="center",
+                 fontsize=4 * width, color="red", alpha=0.25, rotation=20, transform=fig.transFigure)
+    top = 1 - (0.19 * (title.count("\n") + 1) + 0.08) / fig.get_figheight()
+    fig.tight_layout(rect=(0, 0.35 / fig.get_figheight(), 1, top))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -89,7 +96,7 @@ def layer_panels(rows: list[dict], meta: dict, out: Path, metric: str) -> list[P
                                                             else "reference")
         shapes = sorted({(r["K"], r["N"]) for r in rs})
         ranks = sorted({r["R"] for r in rs})
-        fig, axes = plt.subplots(len(shapes), len(ranks), figsize=(4.2 * len(ranks), 3.2 * len(shapes)),
+        fig, axes = plt.subplots(len(shapes), len(ranks), figsize=(max(6.0, 4.2 * len(ranks)), 3.2 * len(shapes) + 0.8),
                                  squeeze=False, sharex=True)
         for i, (K, N) in enumerate(shapes):
             for j, R in enumerate(ranks):
@@ -105,6 +112,7 @@ def layer_panels(rows: list[dict], meta: dict, out: Path, metric: str) -> list[P
                         _line(ax, *zip(*pts, strict=True), impl)
                 ax.axhline(1.0, color=STYLE[base_impl][0], linestyle="--", linewidth=1)
                 ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
                 ax.set_title(f"K={K} N={N} r={R}", fontsize=10)
                 if j == 0:
                     ax.set_ylabel(f"speedup over {STYLE[base_impl][2]}" if metric == "speedup"
@@ -126,7 +134,7 @@ def layer_memory(rows: list[dict], meta: dict, out: Path) -> list[Path]:
         rs = [r for r in rows if r["dtype"] == dtype]
         shapes = sorted({(r["K"], r["N"]) for r in rs})
         ranks = sorted({r["R"] for r in rs})
-        fig, axes = plt.subplots(len(shapes), len(ranks), figsize=(4.2 * len(ranks), 3.2 * len(shapes)),
+        fig, axes = plt.subplots(len(shapes), len(ranks), figsize=(max(6.0, 4.2 * len(ranks)), 3.2 * len(shapes) + 0.8),
                                  squeeze=False, sharex=True)
         for i, (K, N) in enumerate(shapes):
             for j, R in enumerate(ranks):
@@ -155,7 +163,7 @@ def grouped(rows: list[dict], meta: dict, out: Path) -> list[Path]:
     for dtype in sorted({r["dtype"] for r in rows}):
         rs = [r for r in rows if r["dtype"] == dtype]
         tokens = sorted({r["M"] for r in rs})
-        fig, axes = plt.subplots(2, len(tokens), figsize=(4.2 * len(tokens), 6.4), squeeze=False, sharex=True)
+        fig, axes = plt.subplots(2, len(tokens), figsize=(max(6.0, 4.2 * len(tokens)), 7.0), squeeze=False, sharex=True)
         for j, M in enumerate(tokens):
             linear = {r["G"]: r["median_ms"] for r in rs if r["M"] == M and r["impl"] == "linear"}
             for impl in STYLE:
@@ -170,6 +178,7 @@ def grouped(rows: list[dict], meta: dict, out: Path) -> list[Path]:
             axes[0][j].set_title(f"M={M} tokens (K={r0['K']} N={r0['N']} r={r0['R']})", fontsize=10)
             axes[0][j].set_yscale("log")
             axes[1][j].axhline(1.0, color="black", linestyle="--", linewidth=1)
+            axes[1][j].set_yscale("log")
             axes[1][j].set_xlabel("adapters in the batch")
             for ax in axes[:, j]:
                 ax.set_xscale("log", base=2)
@@ -188,7 +197,7 @@ def e2e(rows: list[dict], meta: dict, out: Path) -> list[Path]:
         rs = [r for r in rows if r["dtype"] == dtype]
         ranks = sorted({r["R"] for r in rs})
         impls = [i for i in ("reference", "peft", "fastlora") if any(r["impl"] == i for r in rs)]
-        fig, ax = plt.subplots(figsize=(2.2 + 2.0 * len(ranks) * len(impls) / 2, 4))
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 1.2 * len(ranks) * len(impls)), 4.5))
         width = 0.8 / max(len(impls), 1)
         for k, impl in enumerate(impls):
             for j, R in enumerate(ranks):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import re
 import subprocess
@@ -46,6 +47,7 @@ def parse_args(argv=None):
     ap.add_argument("--shard", metavar="I/N", help="run the I-th of N slices (comparison groups kept whole)")
     ap.add_argument("--dtypes", metavar="LIST", help="override the grid's dtypes, e.g. fp16 or bf16,fp16")
     ap.add_argument("--name", help="result file stem (default: <device>-<date>[-<grid>][-shardIofN])")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="directory for the JSON (default: bench/results)")
     ap.add_argument("--img", type=Path, help="plot directory (default: docs/img/bench for a complete GPU "
                     "default/full run or its shards, else bench/results/img/<stem>)")
     ap.add_argument("--no-plot", action="store_true", help="only run the benchmarks")
@@ -81,8 +83,8 @@ def main(argv=None) -> int:
             stem += f"-shard{i}of{n}"
     else:
         stem = f"cpu-smoke-{date}" + ("" if grid == "smoke" else f"-{grid}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{stem}.json"
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results.resolve() / f"{stem}.json"
 
     env = dict(os.environ, FASTLORA_BENCH_GRID=grid, PYTHONPATH=os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
@@ -106,19 +108,21 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rc = subprocess.call(cmd, cwd=ROOT, env=env)
     elapsed = time.perf_counter() - t0
-    print(f"\nbenchmarks: pytest exit code {rc}, {elapsed:.0f} s; results: {out.relative_to(ROOT)}"
+    print(f"\nbenchmarks: pytest exit code {rc}, {elapsed:.0f} s; results: {out}"
           if out.exists() else f"\nbenchmarks: pytest exit code {rc}, {elapsed:.0f} s; no JSON written", flush=True)
 
     if not args.no_plot and out.exists():
         sources = [out]
         if args.shard:  # the plots cover every shard of this run written so far
-            sources = sorted(RESULTS.glob(re.sub(r"shard\d+of", "shard*of", stem) + ".json"))
+            sources = sorted(out.parent.glob(re.sub(r"shard\d+of", "shard*of", stem) + ".json"))
         complete_grid = cuda and grid in ("default", "full") and not args.filter and not args.dtypes
         img = args.img or (PUBLISHED_IMG if complete_grid and not args.name else RESULTS / "img" / stem)
         plot_cmd = [sys.executable, str(BENCH / "plot.py"), *map(str, sources), "--out", str(img)]
-        print("$ " + " ".join(plot_cmd), flush=True)
-        prc = subprocess.call(plot_cmd, cwd=ROOT)
-        rc = rc or prc
+        if importlib.util.find_spec("matplotlib") is None:
+            print("matplotlib is not installed: no plots. Draw them elsewhere with\n  " + " ".join(plot_cmd))
+        else:
+            print("$ " + " ".join(plot_cmd), flush=True)
+            rc = rc or subprocess.call(plot_cmd, cwd=ROOT)
     if not cuda:
         banner(f"CPU smoke run finished in {time.perf_counter() - t0:.0f} s. The numbers in {out.name} and its "
                "plots are CPU/interpreter figures, NOT GPU results; do not publish or commit them.")
