@@ -191,7 +191,7 @@ def inject(model: nn.Module, impl: str, r: int, alpha: float) -> tuple[nn.Module
             for name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear) and name != "lm_head":
                     setattr(module, name, wrap(child))
-        how = "bench: fastlora.Linear.from_linear on each nn.Linear" if impl == "fastlora" else "bench"
+        how = f"bench: {'fastlora.Linear.from_linear' if impl == 'fastlora' else 'ReferenceLinear'} on each nn.Linear"
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     return model, how

@@ -24,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 STYLE = {
     "linear": ("black", "o", "nn.Linear (no LoRA)"),
@@ -79,6 +80,20 @@ def finish(fig, meta: dict, title: str, path: Path) -> Path:
     return path
 
 
+def _logy(ax):
+    """Log y axis with plain tick labels (ratios and MiB read better as 0.5, 2, 30 than as 10^x)."""
+    ax.set_yscale("log")
+    fmt = ScalarFormatter()
+    fmt.set_scientific(False)
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _logx(ax):
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+
+
 def _line(ax, xs, ys, impl):
     color, marker, label = STYLE.get(impl, (None, ".", impl))
     ax.plot(xs, ys, color=color, marker=marker, label=label, linewidth=1.5, markersize=5)
@@ -111,8 +126,8 @@ def layer_panels(rows: list[dict], meta: dict, out: Path, metric: str) -> list[P
                     if pts:
                         _line(ax, *zip(*pts, strict=True), impl)
                 ax.axhline(1.0, color=STYLE[base_impl][0], linestyle="--", linewidth=1)
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
+                _logx(ax)
+                _logy(ax)
                 ax.set_title(f"K={K} N={N} r={R}", fontsize=10)
                 if j == 0:
                     ax.set_ylabel(f"speedup over {STYLE[base_impl][2]}" if metric == "speedup"
@@ -144,8 +159,8 @@ def layer_memory(rows: list[dict], meta: dict, out: Path) -> list[Path]:
                                  if (r["K"], r["N"], r["R"], r["impl"]) == (K, N, R, impl))
                     if pts:
                         _line(ax, *zip(*pts, strict=True), impl)
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
+                _logx(ax)
+                _logy(ax)
                 ax.set_title(f"K={K} N={N} r={R}", fontsize=10)
                 if j == 0:
                     ax.set_ylabel("peak MiB above inputs")
@@ -176,12 +191,12 @@ def grouped(rows: list[dict], meta: dict, out: Path) -> list[Path]:
                     _line(axes[1][j], *zip(*ratio, strict=True), impl)
             r0 = rs[0]
             axes[0][j].set_title(f"M={M} tokens (K={r0['K']} N={r0['N']} r={r0['R']})", fontsize=10)
-            axes[0][j].set_yscale("log")
+            _logy(axes[0][j])
             axes[1][j].axhline(1.0, color="black", linestyle="--", linewidth=1)
-            axes[1][j].set_yscale("log")
+            _logy(axes[1][j])
             axes[1][j].set_xlabel("adapters in the batch")
             for ax in axes[:, j]:
-                ax.set_xscale("log", base=2)
+                _logx(ax)
                 ax.grid(True, alpha=0.3)
         axes[0][0].set_ylabel("median time per call (ms)")
         axes[1][0].set_ylabel("time / nn.Linear time")
