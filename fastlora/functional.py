@@ -34,7 +34,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, trai
     _check_adapters(x, lora_A, lora_B, r)
     s = _check_scaling(scaling)
     p = _check_dropout(dropout_p) if training else 0.0
-    if not _use_kernels(x):
+    if not _use_kernels(x, lora_A, lora_B):
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, s, dropout_p=p, training=training)
     x, weight, bias = _autocast(x, weight, bias)
     seed = _seed(seed) if p > 0 else 0
@@ -89,7 +89,7 @@ def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *
         batch = AdapterBatch.build(adapter_ids, n, check_ids=check_ids)
     elif adapter_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"adapter_ids must be int32 or int64; got {adapter_ids.dtype}")
-    if not _use_kernels(x):
+    if not _use_kernels(x, lora_A, lora_B):
         return reference.grouped_lora_linear(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids,
                                              dropout_p=p, training=training)
     x, weight, bias = _autocast(x, weight, bias)
@@ -111,8 +111,17 @@ def dropout_mask(shape, dropout_p: float, seed: int, device=None) -> torch.Tenso
     return _launch.dropout_mask(M, K, dropout_p, seed, device or "cpu").reshape(shape)
 
 
-def _use_kernels(x: torch.Tensor) -> bool:
-    return x.device.type == "cuda" or (_launch.INTERPRET and x.device.type == "cpu")
+def _use_kernels(x: torch.Tensor, *adapters: torch.Tensor) -> bool:
+    """CUDA always; CPU only under the interpreter and never for bf16, whose tl.dot the interpreter
+    computes wrongly (triton 3.6: relative error ~1e10), so bf16 on CPU takes the reference."""
+    if x.device.type == "cuda":
+        return True
+    if not (_launch.INTERPRET and x.device.type == "cpu"):
+        return False
+    dtypes = {x.dtype, *(t.dtype for t in adapters)}
+    if torch.is_autocast_enabled("cpu"):
+        dtypes.add(torch.get_autocast_dtype("cpu"))
+    return torch.bfloat16 not in dtypes
 
 
 def _autocast(x, weight, bias):

@@ -64,8 +64,21 @@ def test_grouped_inside_use_adapters():
     x = torch.randn(7, 32)
     ids = torch.tensor([2, 0, -1, 1, 1, 0, 2])
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    with fastlora.use_adapters(layer, ids, check_ids=False):  # the id range check syncs: no fullgraph with it
+    with fastlora.use_adapters(layer, ids):  # the id range check is skipped while compiling
         got = run(compiled, x)
+    assert_runs_match(got, _eager_grouped(layer, x, ids))
+
+
+def test_grouped_with_explicit_ids():
+    torch.manual_seed(0)
+    layer = fastlora.GroupedLinear(32, 24, num_adapters=3, r=4, alpha=8)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(7, 32, requires_grad=True)
+    ids = torch.tensor([2, 0, -1, 1, 1, 0, 2])
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x, ids)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+    got = [y, x.grad, layer.lora_A.grad, layer.lora_B.grad]
     assert_runs_match(got, _eager_grouped(layer, x, ids))
 
 

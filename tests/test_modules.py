@@ -113,3 +113,21 @@ def test_autocast_computes_like_nn_linear(dev, dtype):
     ref = fastlora.reference.lora_linear(x.double(), layer.weight.double(), layer.bias.double(),
                                          layer.lora_A.double(), layer.lora_B.double(), layer.scaling)
     assert_close(y, ref, dtype, "y")
+
+
+def test_bf16_on_cpu_takes_the_reference():
+    """The interpreter's bf16 tl.dot is wrong, so CPU bf16 must not reach the kernels (it would be silently wrong)."""
+    torch.manual_seed(4)
+    x, w, b = torch.randn(6, 40), torch.randn(24, 40) / 7, torch.randn(24)
+    a, bb = torch.randn(4, 40) / 7, torch.randn(24, 4)
+    args16 = [t.bfloat16() for t in (x, w, b, a, bb)]
+    y = fastlora.lora_linear(*args16, 0.5)
+    ref = fastlora.reference.lora_linear(x.double(), w.double(), b.double(), a.double(), bb.double(), 0.5)
+    assert_close(y, ref, torch.bfloat16, "y")
+    ids = torch.tensor([0, -1, 1, 1, 0, -1])
+    yg = fastlora.grouped_lora_linear(args16[0], args16[1], args16[2], torch.stack([args16[3]] * 2),
+                                      torch.stack([args16[4]] * 2), 0.5, ids)
+    refg = fastlora.reference.grouped_lora_linear(x.double(), w.double(), b.double(),
+                                                  torch.stack([a.double()] * 2), torch.stack([bb.double()] * 2),
+                                                  0.5, ids)
+    assert_close(yg, refg, torch.bfloat16, "grouped y")
