@@ -10,6 +10,7 @@ process does not re-time what an earlier one measured on the same GPU.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -53,9 +54,14 @@ def load_decisions(path: str) -> None:
 
 def key(x, weight, bias, lora_A, dropout_p, training) -> str:
     M, K = x.shape
-    dev = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
+    dev = _device_name(x.device.index) if x.is_cuda else x.device.type
     return (f"{dev}|{x.dtype}|{lora_A.dtype}|M{_launch.m_bucket(M)}|K{K}|N{weight.shape[0]}|R{lora_A.shape[0]}"
             f"|bias{int(bias is not None)}|p{int(dropout_p > 0)}|train{int(training)}")
+
+
+@functools.cache
+def _device_name(index) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def choose(x, weight, bias, lora_A, lora_B, dropout_p, training, run_fused, run_torch) -> str:
