@@ -50,6 +50,17 @@ def input_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
+def target_capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability the kernels are compiled for: the CUDA device's, else None (interpreter).
+
+    The one place the launchers ask which GPU generation they target; ``bench/sm90.py`` replaces it to
+    compile the Hopper branches for CPU tensors.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    return None
+
+
 def _smem_prune(configs, named_args, **kwargs):
     elt = named_args["x_ptr"].element_size()
     limit = _smem_limit(named_args["x_ptr"].device.index or 0)
