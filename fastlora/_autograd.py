@@ -1,4 +1,5 @@
-"""The autograd Function around the fused ops: what is saved (x, T [M, R], the seed) and what is recomputed."""
+"""The autograd Function around the fused ops: what is saved (x, T [M, R], the packed dropout mask) and what is
+recomputed."""
 
 from __future__ import annotations
 
@@ -10,24 +11,25 @@ from fastlora import _ops
 class LoRAFunction(torch.autograd.Function):
     """y [M, N] from x [M, K]; dense (lora_A [R, K]) or grouped (lora_A [G, R, K] plus batch tensors).
 
-    Saves x, T = drop(x) A^T and the seed, never an M x N tensor nor a dropped copy of x. Gradients for the
+    Saves x, T = drop(x) A^T and, with dropout, its keep-mask packed one bit per element (M*K/8 bytes, 1/16 of a
+    bf16 dropped copy of x); never an M x N tensor nor a dropped copy of x. Gradients for the
     frozen weight and bias are computed with torch only when they require grad (full fine-tuning).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, seg, dropout_p, seed):
-        y, t = _ops.lora_forward(x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, dropout_p, seed)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, t, scale_vec, perm, ids, seg)
-        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+        y, t, bits = _ops.lora_forward(x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, dropout_p, seed)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, t, bits, scale_vec, perm, ids, seg)
+        ctx.scaling, ctx.dropout_p = scaling, dropout_p
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, t, scale_vec, perm, ids, seg = ctx.saved_tensors
+        x, weight, lora_A, lora_B, t, bits, scale_vec, perm, ids, seg = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dA, dB = _ops.lora_backward(dy, x, weight, lora_A, lora_B, t, ctx.scaling, scale_vec, perm, ids, seg,
-                                        ctx.dropout_p, ctx.seed, need[0], need[3], need[4])
+        dx, dA, dB = _ops.lora_backward(dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, scale_vec, perm, ids,
+                                        seg, ctx.dropout_p, need[0], need[3], need[4])
         dw = (dy.t() @ x.to(dy.dtype)).to(weight.dtype) if need[1] else None
         db = dy.sum(0).to(weight.dtype) if ctx.has_bias and need[2] else None
         return (dx if need[0] else None, dw, db, dA if need[3] else None, dB if need[4] else None,

@@ -12,6 +12,7 @@ import os
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastlora.kernels.dropout import _dropout_mask_kernel
 from fastlora.kernels.gemm import _lora_gemm_kernel, gemm_configs
@@ -22,8 +23,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 POISON = os.environ.get("FASTLORA_POISON") == "1"
 
 MAX_RANK = 256
-INTERPRET_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
-INTERPRET_SHRINK = {"BLOCK_M": 16, "BLOCK_K": 32, "GROUP_M": 1}
+INTERPRET_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "USE_TMA": False}
+INTERPRET_SHRINK = {"BLOCK_M": 16, "BLOCK_K": 32, "GROUP_M": 1, "USE_TMA": False}
 INTERPRET_GRAD = {"BLOCK_M": 16, "BLOCK_P": 32}
 
 
@@ -61,31 +62,140 @@ def target_capability(device: torch.device) -> tuple[int, int] | None:
     return None
 
 
-def _smem_prune(configs, named_args, **kwargs):
-    elt = named_args["x_ptr"].element_size()
-    limit = _smem_limit(named_args["x_ptr"].device.index or 0)
-    kept = []
-    for c in configs:
-        bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
-        bn = c.kwargs.get("BLOCK_N", kwargs.get("BLOCK_N", 64))
-        if c.num_stages * (bm * bk + bk * bn) * elt <= limit:
-            kept.append(c)
-    return kept or configs[-1:]
+def _smem_limit(device: torch.device) -> int:
+    return _device_props(device.index or 0)["max_shared_mem"]
+
+
+# Persistent programs under the interpreter: few, so each walks several tiles.
+INTERPRET_PROGRAMS = 3
+
+
+def num_sms(device: torch.device) -> int:
+    if INTERPRET:
+        return INTERPRET_PROGRAMS
+    return _device_props(device.index or 0)["multiprocessor_count"]
 
 
 @functools.cache
-def _smem_limit(device_index: int) -> int:
-    props = triton.runtime.driver.active.utils.get_device_properties(device_index)
-    return props["max_shared_mem"]
+def _device_props(device_index: int) -> dict:
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)
 
 
-_GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LORA", "W_GROUPED", "B_GROUPED", "X_DROPOUT", "OUT_DROPOUT"]
-_gemm_tuned = triton.autotune(gemm_configs(shrink=False), key=_GEMM_KEY,
-                              prune_configs_by={"early_config_prune": _smem_prune})(_lora_gemm_kernel)
+# The main GEMM walks R in chunks of this many (T chunk registers; 64 spilled at BLOCK_M 128 on sm_90).
+LORA_CHUNK = 32
+# Register budget in fp32 elements per thread. Every rule below removes configs that spilled in the static sm_90
+# report (bench/sm90.py; numbers in docs/perf-notes.md).
+MAX_ACC_PER_THREAD = 128
+
+
+def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict) -> bool:
+    """Whether a GEMM-core config stays within the register file: the accumulator, plus what each variant keeps
+    live beside it (dropout masks, the per-adapter loop, the Philox draw of the dropout shrink)."""
+    threads = 32 * num_warps
+    acc = cfg["BLOCK_M"] * block_n // threads
+    if acc > MAX_ACC_PER_THREAD:
+        return False
+    full = acc == MAX_ACC_PER_THREAD
+    if full and (flags["B_GROUPED"] or (flags["OUT_DROPOUT"] and flags["BLOCK_R"] >= 32)):
+        return False  # 8-56 bytes spilled
+    if flags["X_DROPOUT"]:  # Philox state per x element: 384-930 bytes spilled past this
+        return cfg["BLOCK_M"] >= 64 and acc + 2 * cfg["BLOCK_M"] * cfg["BLOCK_K"] // threads <= MAX_ACC_PER_THREAD
+    return True
+
+
+def gemm_smem(cfg: dict, num_stages: int, *, elt: int, out_elt: int, block_n: int, block_r: int, lora: bool) -> int:
+    """Shared memory of one GEMM-core config: the pipelined main loop, the low-rank chunk loop (T fp32 + B)
+    and the TMA store staging, all live at once in the persistent kernel; an upper bound for the others."""
+    bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
+    smem = num_stages * (bm * bk + bk * block_n) * elt
+    if lora:
+        smem += 2 * (bm * block_r * 4 + block_r * block_n * elt)
+    if cfg.get("USE_TMA"):
+        smem += bm * block_n * out_elt
+    return smem
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    x, out = named_args["x_ptr"], named_args["out_ptr"]
+    limit = _smem_limit(x.device)
+    kept = []
+    for c in configs:
+        bn = c.kwargs.get("BLOCK_N", kwargs.get("BLOCK_N"))
+        if c.kwargs["USE_TMA"] and not kwargs["TMA_OK"]:
+            continue
+        if not gemm_fits_registers(c.kwargs, c.num_warps, block_n=bn, flags=kwargs):
+            continue
+        smem = gemm_smem(c.kwargs, c.num_stages, elt=x.element_size(), out_elt=out.element_size(), block_n=bn,
+                         block_r=kwargs["BLOCK_R"], lora=kwargs["HAS_LORA"])
+        if smem <= limit:
+            kept.append(c)
+    if not kept:
+        raise ValueError(f"no GEMM config fits shared memory ({limit} bytes) for {x.dtype}, "
+                         f"BLOCK_N {kwargs.get('BLOCK_N')}")
+    return kept
+
+
+def grad_smem(cfg: dict, num_stages: int, *, elt: int, block_r: int) -> int:
+    """Shared memory of one gradient-kernel config: pipelined Z tiles and fp32 V tiles."""
+    return num_stages * cfg["BLOCK_M"] * (cfg["BLOCK_P"] * elt + block_r * 4)
+
+
+def _prune_grad(configs, named_args, **kwargs):
+    z = named_args["z_ptr"]
+    limit = _smem_limit(z.device)
+    br = kwargs["BLOCK_R"]
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_P"] * br <= MAX_ACC_PER_THREAD * 32 * c.num_warps
+            and grad_smem(c.kwargs, c.num_stages, elt=z.element_size(), block_r=br) <= limit]
+    if not kept:
+        raise ValueError(f"no gradient config fits shared memory ({limit} bytes) for {z.dtype}, BLOCK_R {br}")
+    return kept
+
+
+def _set_tma_blocks(nargs):
+    """Autotune pre-hook: give the host-side TMA descriptors this config's block shapes."""
+    if not nargs["USE_TMA"]:
+        return
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["x_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bn, bk] if nargs["W_KMAJOR"] else [bk, bn]
+    nargs["out_desc"].block_shape = [bm, bn]
+
+
+def _with_tma_hook(configs):
+    for c in configs:
+        if c.kwargs.get("USE_TMA"):
+            c.pre_hook = _set_tma_blocks
+    return configs
+
+
+_GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LORA", "W_GROUPED", "B_GROUPED", "X_DROPOUT", "OUT_DROPOUT",
+             "TMA_OK", "W_KMAJOR"]
+_gemm_tuned = triton.autotune(_with_tma_hook(gemm_configs(shrink=False)), key=_GEMM_KEY,
+                              prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_kernel)
 _shrink_tuned = triton.autotune(gemm_configs(shrink=True), key=_GEMM_KEY,
-                                prune_configs_by={"early_config_prune": _smem_prune})(_lora_gemm_kernel)
-_grad_tuned = triton.autotune(grad_configs(), key=["M_BUCKET", "P", "BLOCK_R", "GROUPED", "Z_DROPOUT"])(
-    _lora_grad_kernel)
+                                prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_kernel)
+_grad_tuned = triton.autotune(grad_configs(), key=["M_BUCKET", "P", "BLOCK_R", "GROUPED", "Z_DROPOUT"],
+                              prune_configs_by={"early_config_prune": _prune_grad})(_lora_grad_kernel)
+
+
+def _tma_aligned(t: torch.Tensor) -> bool:
+    e = t.element_size()
+    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and (t.stride(0) * e) % 16 == 0
+            and t.shape[0] > 0 and t.shape[1] > 0)
+
+
+def _descriptors(x, w, out, tma: bool):
+    """Host-side TMA descriptors (block shapes set per config) when the strides allow, else Nones."""
+    if not tma or w.dim() != 2 or not _tma_aligned(x) or not _tma_aligned(out):
+        return None, None, None, True
+    if _tma_aligned(w):
+        wd, kmajor = TensorDescriptor.from_tensor(w, [16, 16]), True
+    elif _tma_aligned(w.t()):
+        wd, kmajor = TensorDescriptor.from_tensor(w.t(), [16, 16]), False
+    else:
+        return None, None, None, True
+    return TensorDescriptor.from_tensor(x, [16, 16]), wd, TensorDescriptor.from_tensor(out, [16, 16]), kmajor
 
 
 def gemm(
@@ -105,12 +215,15 @@ def gemm(
     out_dropout: bool = False,
     dropout_p: float = 0.0,
     seed: int = 0,
+    bits: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
     """out [M, N] = drop?(x) w^T + bias + scale * drop?(t b^T), see ``_lora_gemm_kernel``.
 
     x [M, K]; w [N, K] or, grouped by ``ids``, [G, N, K]; t [M, R]; b [N, R] or [G, N, R]; perm/ids [M]
     (sorted order -> token, adapter id of each sorted row). ``shrink`` marks N = R (a rank-sized output).
+    ``bits``: the packed dropout keep-mask [M, cdiv(K, 32)] int32, written by an ``x_dropout`` shrink (pass
+    ``dropout_bits(M, K)``) and read by an ``out_dropout`` main GEMM.
     """
     M, K = x.shape
     N = w.shape[-2]
@@ -119,44 +232,60 @@ def gemm(
         return out
     has_lora = t is not None
     R = t.shape[1] if has_lora else (N if shrink else 0)
-    br = block_r(R) if (has_lora or shrink) else 16
     w_grouped = w.dim() == 3
     b_grouped = has_lora and b.dim() == 3
+    if (x_dropout or out_dropout) and bits is None:
+        raise AssertionError("dropout needs the packed mask buffer")
+    cap = target_capability(x.device)
+    want_tma = (config or {}).get("USE_TMA", cap is not None and cap[0] >= 9)
+    tma = want_tma and not shrink and perm is None and not w_grouped
+    x_desc, w_desc, out_desc, w_kmajor = _descriptors(x, w, out, tma)
     dummy = out
     args = (
         x, w, bias if bias is not None else dummy, t if has_lora else dummy, b if has_lora else dummy, out,
         perm if perm is not None else dummy, ids if ids is not None else dummy,
-        scale_vec if scale_vec is not None else dummy,
+        scale_vec if scale_vec is not None else dummy, bits if bits is not None else dummy,
+        x_desc, w_desc, out_desc,
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1),
         w.stride(0) if w_grouped else 0, w.stride(-2), w.stride(-1),
         t.stride(0) if has_lora else 0, t.stride(1) if has_lora else 0,
         b.stride(0) if b_grouped else 0, b.stride(-2) if has_lora else 0, b.stride(-1) if has_lora else 0,
         out.stride(0), out.stride(1),
+        bits.stride(0) if bits is not None else 0,
         float(scaling), float(dropout_p), int(seed),
     )
     flags = dict(
-        BLOCK_R=br, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_PERM=perm is not None,
-        W_GROUPED=w_grouped, B_GROUPED=b_grouped, HAS_SCALE_VEC=scale_vec is not None,
-        X_DROPOUT=x_dropout, OUT_DROPOUT=out_dropout, INPUT_PRECISION=input_precision(x.dtype, x.device),
+        BLOCK_R=min(block_r(R), LORA_CHUNK) if has_lora else 16, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
+        HAS_PERM=perm is not None, W_GROUPED=w_grouped, B_GROUPED=b_grouped, HAS_SCALE_VEC=scale_vec is not None,
+        X_DROPOUT=x_dropout, OUT_DROPOUT=out_dropout, TMA_OK=x_desc is not None, W_KMAJOR=w_kmajor,
+        INPUT_PRECISION=input_precision(x.dtype, x.device),
     )
     if shrink:
-        flags["BLOCK_N"] = br
+        flags["BLOCK_N"] = block_r(R)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, num_sms(x.device)) if meta["USE_TMA"] else tiles,)
 
     if config is None and not INTERPRET:
         (_shrink_tuned if shrink else _gemm_tuned)[grid](*args, **flags)
         return out
     cfg = dict(config or (INTERPRET_SHRINK if shrink else INTERPRET_GEMM))
+    cfg["USE_TMA"] = bool(cfg.get("USE_TMA")) and x_desc is not None
     launch = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
     if shrink:
         launch.pop("BLOCK_N", None)
     opts = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
     meta = {**launch, **flags}
+    _set_tma_blocks({**meta, "x_desc": x_desc, "w_desc": w_desc, "out_desc": out_desc})
     _lora_gemm_kernel[grid(meta)](*args, **launch, **flags, **opts)
     return out
+
+
+def dropout_bits(M: int, K: int, device) -> torch.Tensor:
+    """Buffer for the packed dropout keep-mask: [M, cdiv(K, 32)] int32, bit j of word w = column 32w + j."""
+    return empty((M, triton.cdiv(K, 32)), torch.int32, device)
 
 
 def grad(
@@ -170,12 +299,13 @@ def grad(
     seg: torch.Tensor | None = None,
     z_dropout: bool = False,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    bits: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
     """fp32 [G, P, R] = scale_g * sum_m Z[m]^T V[m] over each adapter's tokens (see ``_lora_grad_kernel``).
 
     z [M, P], v [M, R]; with ``seg`` (G+1 offsets into sorted order) and ``perm`` the sum is per adapter.
+    ``z_dropout`` masks z by ``bits``, the packed keep-mask the forward shrink wrote.
     """
     M, P = z.shape
     R = v.shape[1]
@@ -187,11 +317,12 @@ def grad(
     dummy = part
     args = (
         z, v, part, perm if perm is not None else dummy, seg if seg is not None else dummy,
-        scale_vec if scale_vec is not None else dummy,
+        scale_vec if scale_vec is not None else dummy, bits if bits is not None else dummy,
         M, P, R, m_bucket(M),
         z.stride(0), z.stride(1), v.stride(0), v.stride(1),
         part.stride(0), part.stride(1), part.stride(2), part.stride(3),
-        float(scaling), float(dropout_p), int(seed),
+        bits.stride(0) if bits is not None else 0,
+        float(scaling), float(dropout_p),
     )
     flags = dict(
         BLOCK_R=block_r(R), HAS_PERM=perm is not None, GROUPED=seg is not None,

@@ -1,7 +1,9 @@
 """The kernels as ``torch.library`` custom ops, with fake implementations, so torch.compile traces through.
 
 Dense and grouped calls share the ops: lora_A is [R, K] or a stack [G, R, K]; grouped calls also pass the
-``AdapterBatch`` tensors (perm, sorted ids, segment offsets) and per-adapter scaling.
+``AdapterBatch`` tensors (perm, sorted ids, segment offsets) and per-adapter scaling. With dropout the forward
+returns the keep-mask it drew, packed one bit per element ([M, cdiv(K, 32)] int32, M*K/8 bytes), and the
+backward reads it instead of drawing it again.
 """
 
 import torch
@@ -14,29 +16,34 @@ from fastlora import _launch
 def lora_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
     scale_vec: Tensor | None, perm: Tensor | None, ids: Tensor | None, dropout_p: float, seed: int,
-) -> tuple[Tensor, Tensor]:
-    """(y [M, N], T [M, R] fp32): T = drop(x) A^T, y = x W^T + b + s T B^T."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [M, N], T [M, R] fp32, bits): T = drop(x) A^T, y = x W^T + b + s T B^T; bits is the packed keep-mask
+    (empty without dropout)."""
+    M, K = x.shape
+    bits = _launch.dropout_bits(M, K, x.device) if dropout_p > 0 else x.new_empty(0, dtype=torch.int32)
     t = _launch.gemm(x, lora_A, out_dtype=torch.float32, shrink=True, perm=perm, ids=ids,
-                     x_dropout=dropout_p > 0, dropout_p=dropout_p, seed=seed)
+                     x_dropout=dropout_p > 0, dropout_p=dropout_p, seed=seed, bits=bits if dropout_p > 0 else None)
     y = _launch.gemm(x, weight, out_dtype=x.dtype, bias=bias, t=t, b=lora_B, scaling=scaling,
                      scale_vec=scale_vec, perm=perm, ids=ids)
-    return y, t
+    return y, t, bits
 
 
 @lora_forward.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, dropout_p, seed):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[-2], dtype=torch.float32)
+    M, K = x.shape
+    bits = x.new_empty(M, -(-K // 32), dtype=torch.int32) if dropout_p > 0 else x.new_empty(0, dtype=torch.int32)
+    return x.new_empty(M, weight.shape[0]), x.new_empty(M, lora_A.shape[-2], dtype=torch.float32), bits
 
 
 @torch.library.custom_op("fastlora::lora_backward", mutates_args=())
 def lora_backward(
-    dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor, scaling: float,
+    dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor, bits: Tensor, scaling: float,
     scale_vec: Tensor | None, perm: Tensor | None, ids: Tensor | None, seg: Tensor | None,
-    dropout_p: float, seed: int, need_dx: bool, need_dA: bool, need_dB: bool,
+    dropout_p: float, need_dx: bool, need_dA: bool, need_dB: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB); a gradient that is not needed comes back as an empty tensor.
 
-    U = dy B; dx = dy W + s D*(U A); dA = s U^T drop(x); dB = s dy^T T (D: the forward's dropout mask).
+    U = dy B; dx = dy W + s D*(U A); dA = s U^T drop(x); dB = s dy^T T (D: the forward's dropout mask, ``bits``).
     """
     grouped = lora_A.dim() == 3
     G = lora_A.shape[0] if grouped else 1
@@ -46,10 +53,10 @@ def lora_backward(
         u = _launch.gemm(dy, lora_B.transpose(-1, -2), out_dtype=torch.float32, shrink=True, perm=perm, ids=ids)
     if need_dx:
         dx = _launch.gemm(dy, weight.t(), out_dtype=x.dtype, t=u, b=lora_A.transpose(-1, -2), scaling=scaling,
-                          scale_vec=scale_vec, perm=perm, ids=ids, out_dropout=p > 0, dropout_p=p, seed=seed)
+                          scale_vec=scale_vec, perm=perm, ids=ids, out_dropout=p > 0, dropout_p=p, bits=bits)
     if need_dA:
         g = _launch.grad(x, u, num_adapters=G, scaling=scaling, scale_vec=scale_vec, perm=perm, seg=seg,
-                         z_dropout=p > 0, dropout_p=p, seed=seed)  # [G, K, R]
+                         z_dropout=p > 0, dropout_p=p, bits=bits)  # [G, K, R]
         dA = g.transpose(-1, -2).to(lora_A.dtype).contiguous()
         dA = dA if grouped else dA[0]
     if need_dB:
@@ -60,7 +67,7 @@ def lora_backward(
 
 
 @lora_backward.register_fake
-def _(dy, x, weight, lora_A, lora_B, t, scaling, scale_vec, perm, ids, seg, dropout_p, seed,
+def _(dy, x, weight, lora_A, lora_B, t, bits, scaling, scale_vec, perm, ids, seg, dropout_p,
       need_dx, need_dA, need_dB):
     dx = x.new_empty(x.shape) if need_dx else dy.new_empty(0)
     dA = lora_A.new_empty(lora_A.shape) if need_dA else dy.new_empty(0)

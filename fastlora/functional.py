@@ -85,10 +85,12 @@ def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *
     else:
         scale_vec = torch.full((n,), _check_scaling(scaling), dtype=torch.float32, device=x.device)
     p = _check_dropout(dropout_p) if training else 0.0
-    if batch is None:
-        batch = AdapterBatch.build(adapter_ids, n, check_ids=check_ids)
+    if batch is None:  # meta tensors (shape inference) have no ids to check
+        batch = AdapterBatch.build(adapter_ids, n, check_ids=check_ids and x.device.type != "meta")
     elif adapter_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"adapter_ids must be int32 or int64; got {adapter_ids.dtype}")
+    if x.device.type == "meta":
+        return _grouped_meta(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids)
     if not _use_kernels(x, lora_A, lora_B):
         return reference.grouped_lora_linear(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids,
                                              dropout_p=p, training=training)
@@ -98,6 +100,18 @@ def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *
         y = LoRAFunction.apply(x.reshape(-1, K), weight, bias, lora_A, lora_B, 1.0, scale_vec, batch.perm,
                                batch.sorted_ids, batch.seg_offsets, p, seed)
     return y.reshape(*x.shape[:-1], N)
+
+
+def _grouped_meta(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids):
+    """Grouped forward without data-dependent indexing, for meta tensors (shape inference, deferred init): every
+    adapter on every token, masked by id. Right shape, dtype and autograd graph; never runs on real data."""
+    low = 0
+    for g in range(lora_A.shape[0]):
+        sel = (adapter_ids == g).unsqueeze(-1).to(lora_B.dtype) * scale_vec[g].to(lora_B.dtype)
+        low = low + sel * torch.nn.functional.linear(torch.nn.functional.linear(x.to(lora_A.dtype), lora_A[g]),
+                                                     lora_B[g])
+    base = torch.nn.functional.linear(x, weight, bias)
+    return base + torch.as_tensor(low).to(base.dtype)
 
 
 def dropout_mask(shape, dropout_p: float, seed: int, device=None) -> torch.Tensor:
@@ -124,9 +138,17 @@ def _use_kernels(x: torch.Tensor, *adapters: torch.Tensor) -> bool:
     return torch.bfloat16 not in dtypes
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled, False for device types autocast does not know (meta, as nn.Linear treats it)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _autocast(x, weight, bias):
     dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
+    if not _autocast_enabled(dev):
         return x, weight, bias
     dt = torch.get_autocast_dtype(dev)
     return x.to(dt), weight.to(dt), (bias.to(dt) if bias is not None else None)
@@ -157,7 +179,7 @@ def _check_x_weight_bias(x, weight, bias):
         _check_shape("bias", bias, (weight.shape[0],), "(out_features,)")
         _check_device("bias", bias, x)
     _check_device("weight", weight, x)
-    if not torch.is_autocast_enabled(x.device.type):
+    if not _autocast_enabled(x.device.type):
         if x.dtype not in _DTYPES:
             raise TypeError(f"x must be float16, bfloat16 or float32; got {x.dtype}")
         if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):

@@ -1,69 +1,85 @@
-"""The one GEMM core: out = drop?(X) W^T + bias + scale * drop?((T B^T)), dense or per-token adapters.
+"""The one GEMM core: out = drop?(X) W^T + bias + scale * drop?(T B^T), dense or per-token adapters.
 
 Every matrix product of fastlora's forward and backward with a large reduction runs here:
 
-    forward   T  = drop(x) A^T            shrink:  X=x,  W=A,    HAS_LORA=0, X_DROPOUT
+    forward   T  = drop(x) A^T            shrink:  X=x,  W=A,    HAS_LORA=0, X_DROPOUT (writes the packed mask)
               y  = x W^T + b + s T B^T    main:    X=x,  W=W,    T=T, B=B
     backward  U  = dy B                   shrink:  X=dy, W=B^T,  HAS_LORA=0
-              dx = dy W + s D*(U A)       main:    X=dy, W=W^T,  T=U, B=A^T, OUT_DROPOUT
+              dx = dy W + s D*(U A)       main:    X=dy, W=W^T,  T=U, B=A^T, OUT_DROPOUT (reads the packed mask)
 
 Transposes are stride swaps, never copies. With W_GROUPED (grouped shrink) W is a stack [G, N, K] and
 row m uses W[ids[m]]; with B_GROUPED (grouped main) B is a stack [G, N, R]. With HAS_PERM, row m of the
 tile space is token perm[m] (tokens sorted by adapter), so X is gathered and out scattered in place.
+
+Each tile's accumulator starts as the low-rank term (R in chunks of BLOCK_R, masked when OUT_DROPOUT), then
+the K loop adds X W^T into it: one BLOCK_M x BLOCK_N fp32 accumulator, never two. Operands come through
+pointers (cp.async pipelining, any strides, gathers) or, with USE_TMA (Hopper), through tensor descriptors
+with a persistent grid that walks tiles in the same grouped order.
 """
 
 import triton
 import triton.language as tl
 
-from .tiles import dropout_keep, grouped_dot, tile_mn
+from .tiles import grouped_dot, load_dropped, tile_mn, unpack_keep
 
 
 @triton.jit
-def _lora_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, out_ptr, perm_ptr, ids_ptr, scale_ptr,
-    M, N, K, R, M_BUCKET,
-    stride_xm, stride_xk,
-    stride_wg, stride_wn, stride_wk,
-    stride_tm, stride_tr,
-    stride_bg, stride_bn, stride_br,
-    stride_om, stride_on,
-    scaling, dropout_p, seed,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_PERM: tl.constexpr,
-    W_GROUPED: tl.constexpr, B_GROUPED: tl.constexpr, HAS_SCALE_VEC: tl.constexpr,
-    X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+def _lowrank(
+    t_ptr, b_ptr, scale_ptr, bits_ptr, rows, ids, n0, offs_n, mask_m, mask_n, N, R,
+    stride_tm, stride_tr, stride_bg, stride_bn, stride_br, stride_bits, scaling, dropout_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    B_GROUPED: tl.constexpr, HAS_SCALE_VEC: tl.constexpr, OUT_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, dtype: tl.constexpr,
 ):
-    """out [M, N] (rows in caller order) from X [M, K], W [(G,) N, K], T [M, R], B [(G,) N, R].
-
-    Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), grouped GROUP_M row-tiles at a time. Accumulates in
-    fp32; products run in X's dtype (tf32 or ieee for fp32 per INPUT_PRECISION). ids: sorted adapter id
-    per tile row (-1 = base only); scale_ptr: per-adapter scaling (HAS_SCALE_VEC) else ``scaling``.
-    X_DROPOUT masks X by Philox(seed, token*K + k) and scales by 1/(1-p); OUT_DROPOUT masks the low-rank
-    term by Philox(seed, token*N + n). M_BUCKET only keys the autotuner.
-    """
-    pid_m, pid_n = tile_mn(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    if HAS_PERM:
-        rows = tl.load(perm_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    """[BLOCK_M, BLOCK_N] fp32 = drop?(s * T B^T), R walked in chunks of BLOCK_R; s is folded into T rows."""
+    if HAS_SCALE_VEC:
+        s = tl.load(scale_ptr + ids, mask=ids >= 0, other=0.0).to(tl.float32)
     else:
-        rows = offs_m.to(tl.int64)
-    if W_GROUPED or B_GROUPED or HAS_SCALE_VEC:
-        ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=-1)
+        s = tl.full((BLOCK_M,), scaling, tl.float32)
+    if OUT_DROPOUT:
+        s = s * (1.0 / (1.0 - dropout_p))
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        t = tl.load(t_ptr + rows[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_M, BLOCK_R] fp32
+        t = (t * s[:, None]).to(dtype)
+        b_ptrs = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None] * stride_br  # [BLOCK_R, BLOCK_N]
+        b_mask = mask_r[:, None] & mask_n[None, :]
+        if B_GROUPED:
+            acc = grouped_dot(acc, t, ids, b_ptrs, b_mask, stride_bg, INPUT_PRECISION)
+        else:
+            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+            acc = tl.dot(t, b.to(dtype), acc, input_precision=INPUT_PRECISION)
+    if OUT_DROPOUT:
+        keep = unpack_keep(bits_ptr, rows, mask_m, n0, tl.cdiv(N, 32), stride_bits, BLOCK_M, BLOCK_N)
+        acc = tl.where(keep, acc, 0.0)
+    return acc
 
+
+@triton.jit
+def _mainloop_ptr(
+    acc, x_ptr, w_ptr, bits_ptr, rows, ids, offs_n, mask_m, mask_n, K,
+    stride_xm, stride_xk, stride_wg, stride_wn, stride_wk, stride_bits, dropout_p, seed,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, W_GROUPED: tl.constexpr, X_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """acc += drop?(X[rows]) W^T with pointer loads (any strides, gathered rows). With X_DROPOUT the keep-mask
+    is drawn here (Philox) and also written, packed, to bits (the shrink has one column tile, so once)."""
+    offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if X_DROPOUT:
-            keep = dropout_keep(seed, rows, k0 + offs_k, K, dropout_p)
-            x = tl.where(keep, x, tl.zeros_like(x))
+            x, words = load_dropped(x_ptr, rows, mask_m, k0, K, stride_xm, stride_xk, seed, dropout_p,
+                                    BLOCK_M, BLOCK_K)  # [BLOCK_M, BLOCK_K], [BLOCK_M, BLOCK_K // 32]
+            offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+            tl.store(bits_ptr + rows[:, None] * stride_bits + offs_w[None, :], words,
+                     mask=mask_m[:, None] & (offs_w < tl.cdiv(K, 32))[None, :])
+        else:
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w_mask = mask_k[:, None] & mask_n[None, :]
         if W_GROUPED:
             acc = grouped_dot(acc, x, ids, w_ptrs, w_mask, stride_wg, INPUT_PRECISION)
@@ -74,52 +90,116 @@ def _lora_gemm_kernel(
         w_ptrs += BLOCK_K * stride_wk
     if X_DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
+    return acc
 
-    if HAS_LORA:
-        offs_r = tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        t_ptrs = t_ptr + rows[:, None] * stride_tm + offs_r[None, :] * stride_tr  # [BLOCK_M, BLOCK_R]
-        t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(x_ptr.dtype.element_ty)
-        b_ptrs = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None] * stride_br  # [BLOCK_R, BLOCK_N]
-        b_mask = mask_r[:, None] & mask_n[None, :]
-        lo = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if B_GROUPED:
-            lo = grouped_dot(lo, t, ids, b_ptrs, b_mask, stride_bg, INPUT_PRECISION)
-        else:
-            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
-            lo = tl.dot(t, b.to(t.dtype), lo, input_precision=INPUT_PRECISION)
-        if HAS_SCALE_VEC:
-            s = tl.load(scale_ptr + ids, mask=ids >= 0, other=0.0).to(tl.float32)
-            lo = lo * s[:, None]
-        else:
-            lo = lo * scaling
-        if OUT_DROPOUT:
-            keep = dropout_keep(seed, rows, offs_n, N, dropout_p)
-            lo = tl.where(keep, lo * (1.0 / (1.0 - dropout_p)), 0.0)
-        acc += lo
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
-    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+@triton.jit
+def _mainloop_tma(acc, x_desc, w_desc, off_m, off_n, K, BLOCK_K: tl.constexpr, W_KMAJOR: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
+    """acc += X W^T with TMA tile loads (out-of-bounds reads are zeros). W_KMAJOR: w_desc is [N, K], else [K, N]."""
+    for k0 in range(0, K, BLOCK_K):
+        x = x_desc.load([off_m, k0])  # [BLOCK_M, BLOCK_K]
+        if W_KMAJOR:
+            w = w_desc.load([off_n, k0]).T  # [BLOCK_K, BLOCK_N]
+        else:
+            w = w_desc.load([k0, off_n])
+        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _lora_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, out_ptr, perm_ptr, ids_ptr, scale_ptr, bits_ptr,
+    x_desc, w_desc, out_desc,
+    M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk,
+    stride_wg, stride_wn, stride_wk,
+    stride_tm, stride_tr,
+    stride_bg, stride_bn, stride_br,
+    stride_om, stride_on,
+    stride_bits,
+    scaling, dropout_p, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_PERM: tl.constexpr,
+    W_GROUPED: tl.constexpr, B_GROUPED: tl.constexpr, HAS_SCALE_VEC: tl.constexpr,
+    X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
+    USE_TMA: tl.constexpr, TMA_OK: tl.constexpr, W_KMAJOR: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """out [M, N] (rows in caller order) from X [M, K], W [(G,) N, K], T [M, R] fp32, B [(G,) N, R].
+
+    Grid: (programs,), each walking tiles pid, pid + programs, ... in GROUP_M-grouped order; programs is the
+    tile count (one tile each) or, with USE_TMA, the SM count (persistent). Accumulates in fp32; products run
+    in X's dtype (tf32 or ieee for fp32 per INPUT_PRECISION). ids: sorted adapter id per tile row (-1 = base
+    only); scale_ptr: per-adapter scaling (HAS_SCALE_VEC) else ``scaling``. bits: the dropout keep-mask, int32
+    words [M, cdiv(K, 32)] by token — written by the X_DROPOUT shrink, read by OUT_DROPOUT. USE_TMA needs
+    TMA_OK (the launcher built descriptors: 16-byte aligned, unit inner stride) and no gather. M_BUCKET and
+    TMA_OK also key the autotuner.
+    """
+    tl.static_assert(not (X_DROPOUT and HAS_LORA), "X_DROPOUT is the shrink's; the main GEMM takes OUT_DROPOUT")
+    tl.static_assert(not USE_TMA or (TMA_OK and not HAS_PERM and not W_GROUPED and not X_DROPOUT))
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=USE_TMA):
+        pid_m, pid_n = tile_mn(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        if HAS_PERM:
+            rows = tl.load(perm_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        else:
+            rows = offs_m.to(tl.int64)
+        if W_GROUPED or B_GROUPED or HAS_SCALE_VEC:
+            ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=-1)
+        else:
+            ids = offs_m  # unused
+
+        if HAS_LORA:
+            acc = _lowrank(t_ptr, b_ptr, scale_ptr, bits_ptr, rows, ids, pid_n * BLOCK_N, offs_n, mask_m, mask_n, N, R,
+                           stride_tm, stride_tr, stride_bg, stride_bn, stride_br, stride_bits, scaling, dropout_p,
+                           BLOCK_M, BLOCK_N, BLOCK_R, B_GROUPED, HAS_SCALE_VEC, OUT_DROPOUT, INPUT_PRECISION,
+                           x_ptr.dtype.element_ty)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if USE_TMA:
+            acc = _mainloop_tma(acc, x_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, BLOCK_K, W_KMAJOR,
+                                INPUT_PRECISION)
+        else:
+            acc = _mainloop_ptr(acc, x_ptr, w_ptr, bits_ptr, rows, ids, offs_n, mask_m, mask_n, K,
+                                stride_xm, stride_xk, stride_wg, stride_wn, stride_wk, stride_bits, dropout_p, seed,
+                                BLOCK_M, BLOCK_K, W_GROUPED, X_DROPOUT, INPUT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+
+        if USE_TMA:
+            out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(out_ptr.dtype.element_ty))
+        else:
+            out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def gemm_configs(shrink: bool):
-    """Autotune candidates for the GEMM core (the launcher prunes by shared memory).
+    """Autotune candidates for the GEMM core; the launcher prunes by what fits the target (shared memory,
+    accumulator registers, TMA availability).
 
-    ``shrink`` kernels have N = R (one column tile of BLOCK_R), so only BLOCK_M / BLOCK_K vary.
+    ``shrink`` kernels have N = R (one column tile of next_pow2(R)), so only BLOCK_M / BLOCK_K vary. Main-GEMM
+    candidates are the pointer (cp.async) tiles for every GPU plus persistent TMA tiles for Hopper.
     """
-    configs = []
     if shrink:
-        for bm, bk, w, s in [(16, 256, 4, 4), (32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 5),
-                             (128, 64, 8, 4), (128, 128, 8, 3)]:
-            configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "GROUP_M": 1}, num_warps=w, num_stages=s))
-        return configs
-    for bm, bn, bk, w, s in [
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "GROUP_M": 1, "USE_TMA": False},
+                              num_warps=w, num_stages=s)
+                for bm, bk, w, s in [(16, 256, 4, 4), (32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 5),
+                                     (128, 64, 8, 4), (128, 128, 8, 3), (64, 32, 4, 4), (64, 32, 8, 4),
+                                     (128, 32, 8, 4)]]
+    ptr = [
         (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
         (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 5), (64, 256, 64, 8, 3),
         (32, 128, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 4), (32, 64, 128, 4, 5),
-    ]:
-        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                     num_warps=w, num_stages=s))
+    ]
+    tma = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+           (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": False},
+                             num_warps=w, num_stages=s) for bm, bn, bk, w, s in ptr]
+    configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": True},
+                              num_warps=w, num_stages=s) for bm, bn, bk, w, s in tma]
     return configs

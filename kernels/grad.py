@@ -7,17 +7,18 @@
 import triton
 import triton.language as tl
 
-from .tiles import dropout_keep
+from .tiles import unpack_keep
 
 
 @triton.jit
 def _lora_grad_kernel(
-    z_ptr, v_ptr, out_ptr, perm_ptr, seg_ptr, scale_ptr,
+    z_ptr, v_ptr, out_ptr, perm_ptr, seg_ptr, scale_ptr, bits_ptr,
     M, P, R, M_BUCKET,
     stride_zm, stride_zp,
     stride_vm, stride_vr,
     stride_os, stride_og, stride_op, stride_or,
-    scaling, dropout_p, seed,
+    stride_bits,
+    scaling, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_PERM: tl.constexpr, GROUPED: tl.constexpr, HAS_SCALE_VEC: tl.constexpr,
     Z_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -26,6 +27,7 @@ def _lora_grad_kernel(
 
     Z [M, P], V [M, R] (fp32), out fp32 [SPLIT, G, P, R]. Grid: (cdiv(P, BLOCK_P), G, SPLIT). With
     GROUPED, adapter g owns sorted rows [seg[g], seg[g+1]) and token perm[row]; else one segment [0, M).
+    Z_DROPOUT masks Z by the packed keep-mask bits [M, cdiv(P, 32)] (int32 words, by token) and scales by 1/(1-p).
     Unused adapters and empty splits write zeros, so the sum over splits is exact and deterministic.
     M_BUCKET only keys the autotuner.
     """
@@ -58,7 +60,7 @@ def _lora_grad_kernel(
         z = tl.load(z_ptr + rows[:, None] * stride_zm + offs_p[None, :] * stride_zp,
                     mask=mask_m[:, None] & mask_p[None, :], other=0.0)  # [BLOCK_M, BLOCK_P]
         if Z_DROPOUT:
-            keep = dropout_keep(seed, rows, offs_p, P, dropout_p)
+            keep = unpack_keep(bits_ptr, rows, mask_m, pid_p * BLOCK_P, tl.cdiv(P, 32), stride_bits, BLOCK_M, BLOCK_P)
             z = tl.where(keep, z, tl.zeros_like(z))
         v = tl.load(v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr,
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_M, BLOCK_R]
@@ -76,9 +78,10 @@ def _lora_grad_kernel(
 
 
 def grad_configs():
-    """Autotune candidates for the token reduction (BLOCK_R is fixed by R)."""
+    """Autotune candidates for the token reduction (BLOCK_R is fixed by R); the launcher prunes by what fits
+    (the last ones keep r = 256 within shared memory and registers)."""
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_P": bp}, num_warps=w, num_stages=s)
         for bm, bp, w, s in [(64, 64, 4, 4), (128, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3),
-                             (32, 128, 4, 4), (256, 64, 8, 3)]
+                             (32, 128, 4, 4), (256, 64, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2)]
     ]

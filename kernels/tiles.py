@@ -1,4 +1,4 @@
-"""Jitted helpers shared by every fastlora kernel: tile order, dropout mask, the per-adapter dot."""
+"""Jitted helpers shared by every fastlora kernel: tile order, dropout mask (drawn and packed), the per-adapter dot."""
 
 import triton
 import triton.language as tl
@@ -30,6 +30,38 @@ def dropout_keep(seed, rows, cols, row_len, dropout_p):
     """
     offs = rows[:, None] * row_len + cols[None, :]
     return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def load_dropped(ptr, rows, mask_m, k0, K, stride_m, stride_k, seed, dropout_p,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(X tile [BLOCK_M, BLOCK_K] at columns k0.. with dropped elements zeroed (unscaled), its keep-mask packed
+    to [BLOCK_M, BLOCK_K // 32] int32 words, bit j of word w = column k0 + 32w + j).
+
+    Same mask as ``dropout_keep``, drawn in 3-D [rows, words, 32] so the packing reduces the last axis of a
+    tensor laid out for it: triton 3.6 fails to lower a reshape + sum of a 2-D mask that also feeds a dot.
+    """
+    cols = k0 + (tl.arange(0, BLOCK_K // 32) * 32)[None, :, None] + tl.arange(0, 32)[None, None, :]  # [1, W, 32]
+    in_k = cols < K
+    keep = (tl.rand(seed, rows[:, None, None] * K + cols) >= dropout_p) & in_k
+    x = tl.load(ptr + rows[:, None, None] * stride_m + cols * stride_k, mask=mask_m[:, None, None] & in_k, other=0.0)
+    x = tl.where(keep, x, tl.zeros_like(x))
+    words = tl.sum(keep.to(tl.int32) << tl.arange(0, 32)[None, None, :], axis=2)  # disjoint bits: sum == or
+    return tl.reshape(x, (BLOCK_M, BLOCK_K)), words
+
+
+@triton.jit
+def unpack_keep(bits_ptr, rows, mask_m, col0, n_words, stride_bits, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep-mask [BLOCK_M, BLOCK_N] of columns col0.. (a multiple of 32) from the packed words of ``load_dropped``.
+
+    Loads the [BLOCK_M, BLOCK_N // 32] words and expands them in registers: on sm_90 a 128x256 dx tile needs 192
+    registers this way against 255 for a per-element gather of the words (static report, docs/perf-notes.md).
+    """
+    offs_w = col0 // 32 + tl.arange(0, BLOCK_N // 32)
+    words = tl.load(bits_ptr + rows[:, None] * stride_bits + offs_w[None, :],
+                    mask=mask_m[:, None] & (offs_w < n_words)[None, :], other=0)
+    keep = ((words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1) != 0
+    return tl.reshape(keep, (BLOCK_M, BLOCK_N))
 
 
 @triton.jit

@@ -131,3 +131,17 @@ def test_bf16_on_cpu_takes_the_reference():
                                                   torch.stack([a.double()] * 2), torch.stack([bb.double()] * 2),
                                                   0.5, ids)
     assert_close(yg, refg, torch.bfloat16, "grouped y")
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_meta_tensors_infer_shapes_like_nn_linear(train):
+    x = torch.empty(3, 5, 64, device="meta", requires_grad=True)
+    ref = torch.nn.Linear(64, 32, device="meta")(x)
+    layer = fastlora.Linear(64, 32, r=4, dropout=0.1, device="meta").train(train)
+    y = layer(x)
+    assert (y.shape, y.device, y.dtype) == (ref.shape, ref.device, ref.dtype)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and layer.lora_A.grad.shape == layer.lora_A.shape
+    grouped = fastlora.GroupedLinear(64, 32, num_adapters=3, r=4, dropout=0.1, device="meta").train(train)
+    yg = grouped(x, torch.zeros(3, 5, dtype=torch.long, device="meta"))
+    assert (yg.shape, yg.device) == (ref.shape, ref.device)
