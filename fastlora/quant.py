@@ -1,0 +1,253 @@
+"""bitsandbytes' 4-bit weight format (NF4/FP4, blockwise absmax, double quant) in plain torch.
+
+The bytes and the state are bitsandbytes' own, so a model quantised by bitsandbytes loads as it is, and the
+fused 4-bit kernels are tested against this module. Imports only torch and math; bitsandbytes is imported
+lazily, by ``QuantState4bit.to_bnb`` alone.
+
+The format, for a weight W of shape (N, K) flattened row-major into n = N*K elements:
+
+- codes: a 4-bit index into a 16-entry codebook (``NF4_CODE`` or ``FP4_CODE``) per element; element 2i is the
+  high nibble of byte i, element 2i+1 the low nibble. Odd n: the last low nibble encodes 0.0. The packed
+  tensor is uint8 of shape ((n + 1) // 2, 1).
+- absmax: one scale per block of ``blocksize`` consecutive flat elements. Blocks run across rows when
+  K % blocksize != 0; the last block may be partial and has its own absmax. The weight is
+  ``W[j] = code[q[j]] * absmax[j // blocksize]``, multiplied in fp32, then rounded to W's dtype.
+- double quant: the fp32 absmax is stored as uint8 indices into ``DYNAMIC_CODE`` (256 entries), in blocks of
+  256 with one fp32 ``absmax2`` each, after subtracting ``offset = absmax.mean()``. Decoded as
+  ``absmax[b] = code2[q[b]] * absmax2[b // 256] + offset``: an fp32 multiply, then an fp32 add (no FMA).
+
+Quantisation reproduces bitsandbytes 0.50's CPU path bit for bit. Its CUDA kernels (read, not run here) differ in
+all-zero blocks, FP4's sign of zero, the partial last block's scaling and the double-quant codes, which they round to
+the nearest code, as its CPU path did before 0.50: their bytes can differ, the format does not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], dtype=torch.float32)
+# 1 sign, 2 exponent, 1 mantissa bit, in bit-pattern order, divided by the largest (12) in fp32. Entry 8 is +0.0,
+# as in bitsandbytes (its list spells it as the integer -0).
+FP4_CODE = torch.tensor([0, 0.0625, 8, 12, 4, 6, 2, 3, 0, -0.0625, -8, -12, -4, -6, -2, -3], dtype=torch.float32) / 12
+CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BLOCKSIZE2 = 256
+# bitsandbytes 0.50's CPU 8-bit quantiser snaps each scaled value to this many points evenly spaced in [-1, 1]
+# before taking the nearest code (csrc/cpu_ops.cpp, build_quantize_lut); < 0.50 and CUDA take the nearest code.
+_GRID = 65536
+
+
+def _dynamic_code() -> torch.Tensor:
+    """bitsandbytes' signed dynamic 8-bit map: 0, 1 and 2**i values per sign in each decade 10**(i-6) * [0.1, 1]."""
+    values = [0.0, 1.0]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0 * 10.0 ** (i - 6)
+        values += mids.tolist() + (-mids).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+DYNAMIC_CODE = _dynamic_code()
+
+
+@dataclass(eq=False)
+class QuantState4bit:
+    """What decodes a packed 4-bit weight; field for field bitsandbytes' ``QuantState`` (``state2`` flattened).
+
+    absmax: fp32 [nblocks], or uint8 [nblocks] (indices into code2) when double-quantised.
+    shape: the weight's (N, K). dtype: the weight's dtype, the one ``dequantize_4bit`` returns.
+    code: the 16-entry fp32 codebook of ``quant_type`` ('nf4' or 'fp4').
+    offset (0-d fp32), absmax2 (fp32 [ceil(nblocks / blocksize2)]), code2 (fp32 [256]), blocksize2: double
+    quant only; all None without it.
+    """
+
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    quant_type: str
+    code: torch.Tensor
+    offset: torch.Tensor | None = None
+    absmax2: torch.Tensor | None = None
+    code2: torch.Tensor | None = None
+    blocksize2: int | None = None
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax2 is not None
+
+    @property
+    def nblocks(self) -> int:
+        return -(-math.prod(self.shape) // self.blocksize)
+
+    @classmethod
+    def from_bnb(cls, qs) -> QuantState4bit:
+        """The same tensors as a ``bitsandbytes.functional.QuantState`` (no copies); raises if not a 2-D weight's."""
+        nested = getattr(qs, "state2", None) is not None
+        offset = qs.offset
+        if nested and not isinstance(offset, torch.Tensor):
+            offset = torch.tensor(float(offset), dtype=torch.float32, device=qs.absmax.device)
+        state = cls(
+            absmax=qs.absmax, shape=torch.Size(qs.shape or ()), dtype=qs.dtype, blocksize=qs.blocksize,
+            quant_type=qs.quant_type, code=qs.code, offset=offset if nested else None,
+            absmax2=qs.state2.absmax if nested else None, code2=qs.state2.code if nested else None,
+            blocksize2=qs.state2.blocksize if nested else None,
+        )
+        state.validate()
+        if not torch.equal(state.code.cpu(), CODES[state.quant_type]):
+            # bitsandbytes decodes with its built-in table whatever the state's code says; so does the kernel.
+            raise ValueError(f"QuantState.code is not bitsandbytes' {state.quant_type} codebook: "
+                             f"{state.code.tolist()}")
+        return state
+
+    def to_bnb(self):
+        """The same tensors as a ``bitsandbytes.functional.QuantState`` (no copies)."""
+        from bitsandbytes.functional import QuantState
+
+        state2 = None
+        if self.double_quant:
+            state2 = QuantState(absmax=self.absmax2, code=self.code2, blocksize=self.blocksize2, dtype=torch.float32)
+        return QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=self.code, blocksize=self.blocksize,
+                          quant_type=self.quant_type, dtype=self.dtype, offset=self.offset, state2=state2)
+
+    def validate(self) -> None:
+        """Raise ValueError/TypeError if the fields do not describe a 2-D weight in this format."""
+        _check_format(self.blocksize, self.quant_type)
+        if len(self.shape) != 2 or math.prod(self.shape) == 0:
+            raise ValueError(f"shape must be a non-empty 2-D (out_features, in_features); got {tuple(self.shape)}")
+        if self.dtype not in DTYPES:
+            raise TypeError(f"dtype must be one of {DTYPES}; got {self.dtype}")
+        _check_tensor("code", self.code, torch.float32, (16,))
+        if not self.double_quant:
+            _check_tensor("absmax", self.absmax, torch.float32, (self.nblocks,))
+            return
+        _check_tensor("absmax", self.absmax, torch.uint8, (self.nblocks,))
+        if not isinstance(self.blocksize2, int) or self.blocksize2 <= 0:
+            raise ValueError(f"blocksize2 must be a positive int; got {self.blocksize2!r}")
+        _check_tensor("absmax2", self.absmax2, torch.float32, (-(-self.nblocks // self.blocksize2),))
+        _check_tensor("code2", self.code2, torch.float32, (256,))
+        _check_tensor("offset", self.offset, torch.float32, ())
+
+
+def _check_tensor(name, t, dtype, shape) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a {dtype} tensor of shape {shape}; got {got}")
+
+
+def _check_format(blocksize, quant_type) -> None:
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES} (bitsandbytes' 4-bit block sizes); got {blocksize!r}")
+    if quant_type not in CODES:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4'; got {quant_type!r}")
+
+
+def quantize_4bit(weight: torch.Tensor, *, blocksize: int = 64, quant_type: str = "nf4",
+                  double_quant: bool = True) -> tuple[torch.Tensor, QuantState4bit]:
+    """Pack a 2-D weight (N, K) as bitsandbytes does: ``bitsandbytes.functional.quantize_4bit(weight,
+    blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)``, same bytes and state.
+
+    Any N, K: blocks run across rows, the last block may be partial, an odd N*K gets a padding nibble.
+    Returns (packed uint8 [(N*K + 1) // 2, 1], state).
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor; got {type(weight).__name__}")
+    if weight.dtype not in DTYPES:
+        raise TypeError(f"weight must be float16, bfloat16 or float32; got {weight.dtype}")
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"weight must be a non-empty 2-D (out_features, in_features); got {tuple(weight.shape)}")
+    _check_format(blocksize, quant_type)
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight has inf or NaN entries; the 4-bit format cannot represent them")
+
+    n = weight.numel()
+    nfull = n - n % blocksize
+    flat = weight.reshape(-1).float()
+    blocks = flat[:nfull].view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    # Full blocks multiply by fp32 1/absmax; the partial last block divides by its absmax, clamped at 1e-38 and
+    # stored clamped (an all-zero partial block keeps absmax 1e-38, a full one 0), as bitsandbytes does.
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)
+    if nfull < n:
+        tail_max = flat[nfull:].abs().amax().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max[None]])
+        scaled = torch.cat([scaled, (flat[nfull:] / tail_max).clamp(-1, 1)])
+    if n % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    code = CODES[quant_type].to(weight.device)
+    order = torch.argsort(code, stable=True)
+    bounds = (code[order[:-1]] + code[order[1:]]) / 2
+    q = order[torch.bucketize(scaled, bounds)].to(torch.uint8)  # nearest code, ties to the lower value
+    packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
+
+    state = QuantState4bit(absmax=absmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
+                           quant_type=quant_type, code=code.clone())
+    if double_quant:
+        state.offset = absmax.mean()
+        state.absmax, state.absmax2 = _quantize_dynamic(absmax - state.offset, BLOCKSIZE2)
+        state.code2 = DYNAMIC_CODE.to(weight.device, copy=True)
+        state.blocksize2 = BLOCKSIZE2
+    return packed, state
+
+
+def _quantize_dynamic(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes 0.50 CPU ``quantize_blockwise`` of fp32 x with DYNAMIC_CODE: (uint8 codes, fp32 absmax)."""
+    nblocks = -(-x.numel() // blocksize)
+    blocks = torch.nn.functional.pad(x, (0, nblocks * blocksize - x.numel())).view(nblocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    v = (blocks * (1.0 / absmax)[:, None]).clamp(-1, 1)
+    # Snap to the grid point -1 + 2i/65535 (index by truncation after +0.5), then the nearest code to that point.
+    i = (((v + 1.0) * 0.5) * (_GRID - 1) + 0.5).trunc()
+    grid = (2.0 * i) / (_GRID - 1) - 1.0
+    code = DYNAMIC_CODE.to(x.device)
+    q = torch.searchsorted(0.5 * (code[:-1] + code[1:]), grid, side="left")
+    q = torch.where(absmax[:, None] == 0, 0, q)  # all-zero block: codes 0, absmax 0
+    return q.to(torch.uint8).reshape(-1)[: x.numel()], absmax
+
+
+def dequantize_absmax(state: QuantState4bit) -> torch.Tensor:
+    """The fp32 per-block absmax [nblocks]: ``state.absmax`` itself, or double quant decoded as bitsandbytes does.
+
+    ``dequantize_4bit`` uses this precomputed vector. A kernel that decodes double quant itself must round the
+    same way (fp32 multiply, then fp32 add of offset) to match bit for bit.
+    """
+    if not state.double_quant:
+        return state.absmax
+    idx = torch.arange(state.absmax.numel(), device=state.absmax.device) // state.blocksize2
+    return state.code2[state.absmax.long()] * state.absmax2[idx] + state.offset
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState4bit, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight (N, K) that ``packed`` and ``state`` encode, as ``bitsandbytes.functional.dequantize_4bit``.
+
+    dtype defaults to ``state.dtype``: the fp32 product ``code * absmax`` rounded once to it. ``torch.float64``
+    gives the exact product (of the fp32 codebook value and fp32 absmax), the oracle for tests; rounding it to
+    fp32 gives the fp32 result bit for bit. A packed tensor of another dtype (bitsandbytes' ``quant_storage``)
+    is read as its bytes.
+    """
+    state.validate()
+    dtype = state.dtype if dtype is None else dtype
+    if dtype not in (*DTYPES, torch.float64):
+        raise TypeError(f"dtype must be float16, bfloat16, float32 or float64; got {dtype}")
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed must be a torch.Tensor; got {type(packed).__name__}")
+    n = math.prod(state.shape)
+    data = packed.contiguous().view(torch.uint8).reshape(-1)
+    if data.numel() != (n + 1) // 2:
+        raise ValueError(f"packed must hold (N*K + 1) // 2 = {(n + 1) // 2} bytes for shape {tuple(state.shape)}; "
+                         f"got {data.numel()} bytes (shape {tuple(packed.shape)}, {packed.dtype})")
+    q = torch.stack([data >> 4, data & 0xF], dim=1).reshape(-1)[:n].long()
+    absmax, code = dequantize_absmax(state), state.code
+    if dtype == torch.float64:
+        absmax, code = absmax.double(), code.double()
+    values = torch.nn.functional.pad(code[q], (0, state.nblocks * state.blocksize - n))
+    out = (values.view(state.nblocks, state.blocksize) * absmax[:, None]).reshape(-1)[:n]
+    return out.view(state.shape).to(dtype)
