@@ -1,8 +1,8 @@
 """The best plain-PyTorch composition (what Unsloth does): base ``addmm``, then an in-place ``addmm_`` of the
 low-rank product; backward likewise. Dispatch falls back to it where the fused kernels cannot win.
 
-Saves the same as the fused path (x, T, seed): the dropout mask is regenerated from the seed by the mask
-kernel, in forward and backward, and only lives as a temporary.
+Saves x, T and the seed: the dropout mask is regenerated from the seed by the mask kernel, in forward and
+backward, and only lives as a temporary (the fused path saves it packed instead, M*K/8 bytes).
 """
 
 from __future__ import annotations

@@ -104,15 +104,16 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict)
 
 
 def gemm_smem(cfg: dict, num_stages: int, *, elt: int, out_elt: int, block_n: int, block_r: int, lora: bool) -> int:
-    """Shared memory of one GEMM-core config: the pipelined main loop, the low-rank chunk loop (T fp32 + B)
-    and the TMA store staging, all live at once in the persistent kernel; an upper bound for the others."""
+    """Shared memory of one GEMM-core config: the pipelined main loop or the (earlier, reused) low-rank chunk
+    buffers, plus the TMA store's staging tile and barriers. Checked against every compiled variant by
+    bench/sm90.py (an upper bound, within a few KB for the large tiles)."""
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     smem = num_stages * (bm * bk + bk * block_n) * elt
     if lora:
-        smem += 2 * (bm * block_r * 4 + block_r * block_n * elt)
+        smem = max(smem, 2 * (bm * block_r + block_r * block_n) * elt)
     if cfg.get("USE_TMA"):
         smem += bm * block_n * out_elt
-    return smem
+    return smem + 1024
 
 
 def _prune_gemm(configs, named_args, **kwargs):
