@@ -88,18 +88,24 @@ LORA_CHUNK = 32
 MAX_ACC_PER_THREAD = 128
 
 
-def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict) -> bool:
+def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict, elt: int) -> bool:
     """Whether a GEMM-core config stays within the register file: the accumulator, plus what each variant keeps
     live beside it (dropout masks, the per-adapter loop, the Philox draw of the dropout shrink)."""
     threads = 32 * num_warps
-    acc = cfg["BLOCK_M"] * block_n // threads
-    if acc > MAX_ACC_PER_THREAD:
-        return False
+    bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
+    acc = bm * block_n // threads
+    if flags["X_DROPOUT"] and bk < 32:
+        return False  # the mask is packed 32 columns to a word
+    if elt == 4 and flags["INPUT_PRECISION"] == "ieee":
+        # fp32 without tf32 runs on FMA units with both operand tiles in registers: 16-2248 bytes spilled past this.
+        return acc + (bm * bk + bk * block_n) // threads <= 80 and acc + 2 * bm * bk // threads <= MAX_ACC_PER_THREAD
+    if bk < 32 or acc > MAX_ACC_PER_THREAD:
+        return False  # BLOCK_K 16 tiles exist for the FMA path only
     full = acc == MAX_ACC_PER_THREAD
     if full and (flags["B_GROUPED"] or (flags["OUT_DROPOUT"] and flags["BLOCK_R"] >= 32)):
         return False  # 8-56 bytes spilled
     if flags["X_DROPOUT"]:  # Philox state per x element: 384-930 bytes spilled past this
-        return cfg["BLOCK_M"] >= 64 and acc + 2 * cfg["BLOCK_M"] * cfg["BLOCK_K"] // threads <= MAX_ACC_PER_THREAD
+        return bm >= 64 and acc + 2 * bm * bk // threads <= MAX_ACC_PER_THREAD
     return True
 
 
@@ -124,7 +130,7 @@ def _prune_gemm(configs, named_args, **kwargs):
         bn = c.kwargs.get("BLOCK_N", kwargs.get("BLOCK_N"))
         if c.kwargs["USE_TMA"] and not kwargs["TMA_OK"]:
             continue
-        if not gemm_fits_registers(c.kwargs, c.num_warps, block_n=bn, flags=kwargs):
+        if not gemm_fits_registers(c.kwargs, c.num_warps, block_n=bn, flags=kwargs, elt=x.element_size()):
             continue
         smem = gemm_smem(c.kwargs, c.num_stages, elt=x.element_size(), out_elt=out.element_size(), block_n=bn,
                          block_r=kwargs["BLOCK_R"], lora=kwargs["HAS_LORA"])
@@ -145,9 +151,17 @@ def _prune_grad(configs, named_args, **kwargs):
     z = named_args["z_ptr"]
     limit = _smem_limit(z.device)
     br = kwargs["BLOCK_R"]
+    fma = z.element_size() == 4 and kwargs["INPUT_PRECISION"] == "ieee"
+
+    def fits(c):
+        threads = 32 * c.num_warps
+        acc = c.kwargs["BLOCK_P"] * br // threads
+        if fma:  # both operand tiles in registers, as in the GEMM core
+            return acc + c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_P"] + br) // threads <= 80
+        return acc <= MAX_ACC_PER_THREAD
+
     kept = [c for c in configs
-            if c.kwargs["BLOCK_P"] * br <= MAX_ACC_PER_THREAD * 32 * c.num_warps
-            and grad_smem(c.kwargs, c.num_stages, elt=z.element_size(), block_r=br) <= limit]
+            if fits(c) and grad_smem(c.kwargs, c.num_stages, elt=z.element_size(), block_r=br) <= limit]
     if not kept:
         raise ValueError(f"no gradient config fits shared memory ({limit} bytes) for {z.dtype}, BLOCK_R {br}")
     return kept
