@@ -1,0 +1,433 @@
+"""Static compile report: every Triton kernel fastlora launches, compiled for an H100 (sm_90) or A100 (sm_80).
+
+No GPU needed. Inside ``compile_only()`` Triton's active driver is swapped for a fake one that reports the
+target GPU, every launch compiles through Triton's own JIT specialisation instead of running (unit strides
+become constants, 16-byte alignment is detected, as on a real launch), and an autotuned kernel compiles every
+config its pruning keeps, after the config's ``pre_hook`` (which may set TMA descriptor block shapes). The
+public API (``fastlora.lora_linear`` / ``grouped_lora_linear``, forward and backward, training and inference)
+is driven with CPU tensors of the real shapes; nothing runs, the outputs are garbage. Each distinct compiled
+kernel is reported with registers per thread and local-memory stack (> 0: spills) from ``cuobjdump``, shared
+memory per block, and counts in its PTX of wgmma (Hopper MMA), mma.sync (pre-Hopper MMA), cp.async (pipelined
+loads) and cp.async.bulk.tensor (TMA).
+
+    python bench/sm90.py                         # full grid for sm_90, table on stdout
+    python bench/sm90.py --tier ci --check       # CI subset; exit 1 if a check fails
+    python bench/sm90.py --capability 80 --json sm80.json
+
+Checks (``check``): no compile error, no spill, shared memory within the target's per-block limit; on sm_90
+also wgmma in every GEMM-family variant with BLOCK_M >= 64 and pipelined loads (cp.async or TMA) in every
+variant. Run it without ``TRITON_INTERPRET`` (the interpreter's kernels cannot compile) and without
+``FASTLORA_POISON``. Needs the triton wheel (it ships ptxas and cuobjdump); tested with triton 3.6, whose
+internals it patches (the active driver, ``JITFunction.run``, ``Autotuner.run``) and restores on exit.
+
+Grids (``cases``). full: the default bench grid's (K, N) shapes and token counts, bf16/fp16/fp32, r in the
+bench ranks plus {16, 64, 256}, dropout 0 and 0.1, with bias, plus one no-bias case per dtype, training and
+inference; grouped with 32 adapters at r = 16 on the grouped bench shape and token counts. ci: every flag
+combination the launchers use (dense/grouped, dropout on/off, bias on/off, forward/backward) for each dtype and
+r in {16, 64, 256} on M = 4096, K = N = 4096, plus M = 16 (the small-M configs). Cases are spread over worker
+processes (``--jobs``, default one per CPU), grouped by (dtype, r) so each kernel specialisation compiles in
+one process only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import autotuner as _autotuner
+from triton.runtime import driver as _driver
+from triton.runtime import jit as _jit
+
+import fastlora
+from fastlora import _launch, dispatch, functional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+# Device properties Triton and the launchers query, per compute capability.
+DEVICES = {
+    90: {"name": "H100", "max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
+         "warpSize": 32},
+    80: {"name": "A100", "max_shared_mem": 166912, "multiprocessor_count": 108, "max_num_regs": 65536,
+         "warpSize": 32},
+}
+# Kernels whose BLOCK_M tile feeds tl.dot: on sm_90 a BLOCK_M >= 64 variant must use wgmma.
+MMA_KERNELS = ("_lora_gemm_kernel", "_lora_grad_kernel")
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+_PTX_COUNTS = {
+    "wgmma": r"wgmma\.mma_async",
+    "mma_sync": r"mma\.sync",
+    "cp_async": r"cp\.async\.(?:ca|cg)",
+    "tma": r"cp\.async\.bulk\.tensor",
+}
+
+
+@dataclass
+class Variant:
+    """One distinct compiled kernel (or a failed compile) and the public call that first produced it."""
+
+    kernel: str
+    capability: int
+    constexprs: dict
+    case: str
+    num_warps: int | None = None
+    num_stages: int | None = None
+    regs: int | None = None
+    spill_bytes: int | None = None
+    shared: int | None = None
+    wgmma: int | None = None
+    mma_sync: int | None = None
+    cp_async: int | None = None
+    tma: int | None = None
+    error: str | None = None
+    hash: str = field(default="", repr=False)  # Triton's hash of the compiled kernel; not in the JSON record
+
+    def record(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "hash"}
+
+
+class _CompileOnlyDriver:
+    """Just enough of a CUDA driver for Triton to specialise and compile for ``target``, never to launch."""
+
+    def __init__(self, capability: int):
+        self.target = GPUTarget("cuda", capability, 32)
+        props = {k: v for k, v in DEVICES[capability].items() if k != "name"}
+        self.utils = type("Utils", (), {"get_device_properties": staticmethod(lambda device: dict(props))})()
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def _clear_launch_caches():
+    for obj in vars(_launch).values():
+        if isinstance(getattr(obj, "cache_clear", None), type(functools.cache(len).cache_clear)):
+            obj.cache_clear()
+
+
+@contextlib.contextmanager
+def compile_only(capability: int):
+    """Inside, fastlora's calls on CPU tensors compile their kernels for cuda:<capability> instead of running.
+
+    Yields a recorder whose ``variants`` fill in as kernels compile; set ``recorder.case`` to tag them.
+    One capability per process: Triton binds a kernel's target the first time it is specialised.
+    """
+    if _launch.INTERPRET:
+        raise RuntimeError("compile_only needs TRITON_INTERPRET unset: interpreted kernels cannot compile")
+    rec = _Recorder(capability)
+    saved = (_jit.JITFunction.run, _autotuner.Autotuner.run, getattr(_driver, "_active", None),
+             functional._use_kernels, _launch.target_capability, dispatch.get_policy())
+    jit_run, capability_pair = saved[0], (capability // 10, capability % 10)
+
+    def run(self, *args, grid=None, warmup=False, **kwargs):
+        try:
+            kernel = jit_run(self, *args, grid=None, warmup=True, **kwargs)
+            kernel = kernel.result() if hasattr(kernel, "result") else kernel
+        except Exception as exc:  # one bad variant should not hide the others
+            rec.add_error(self, args, kwargs, exc)
+            return None
+        rec.add(self, args, kwargs, kernel)
+        return kernel
+
+    def autotune_run(self, *args, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args, strict=False))
+        try:
+            for config in self.prune_configs(kwargs):
+                if config.pre_hook is not None:
+                    config.pre_hook({**self.nargs, **kwargs, **config.all_kwargs()})
+                self.fn.run(*args, **kwargs, **config.all_kwargs())
+        finally:
+            self.nargs = None
+
+    _driver.set_active(_CompileOnlyDriver(capability))
+    _clear_launch_caches()
+    _jit.JITFunction.run = run
+    _autotuner.Autotuner.run = autotune_run
+    functional._use_kernels = lambda *a, **k: True
+    _launch.target_capability = lambda device: capability_pair
+    dispatch.set_policy("fused")
+    try:
+        yield rec
+    finally:
+        (_jit.JITFunction.run, _autotuner.Autotuner.run, _driver._active, functional._use_kernels,
+         _launch.target_capability) = saved[:5]
+        dispatch.set_policy(saved[5])
+        _clear_launch_caches()
+
+
+class _Recorder:
+    def __init__(self, capability: int):
+        self.capability = capability
+        self.case = ""
+        self.variants: dict[object, Variant] = {}
+
+    def _variant(self, fn, args, kwargs) -> Variant:
+        bound = fn.signature.bind_partial(*args, **{k: v for k, v in kwargs.items() if k in fn.signature.parameters})
+        constexprs = {p.name: _plain(bound.arguments[p.name]) for p in fn.params
+                      if p.is_constexpr and p.name in bound.arguments}
+        return Variant(fn.__name__, self.capability, constexprs, self.case)
+
+    def add(self, fn, args, kwargs, compiled):
+        if compiled.hash not in self.variants:
+            v = self._variant(fn, args, kwargs)
+            v.hash = compiled.hash
+            for key, value in stats(compiled).items():
+                setattr(v, key, value)
+            self.variants[compiled.hash] = v
+
+    def add_error(self, fn, args, kwargs, exc):
+        v = self._variant(fn, args, kwargs)
+        lines = str(exc).strip().splitlines()
+        v.error = f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+        self.variants.setdefault((v.kernel, repr(v.constexprs), v.error), v)
+
+
+def _plain(value):
+    return value if isinstance(value, (bool, int, float, str, type(None))) else str(value)
+
+
+def stats(compiled) -> dict:
+    """num_warps/num_stages, registers, spill stack, shared memory and PTX instruction counts of a kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
+    ptx = compiled.asm["ptx"]
+    return {
+        "num_warps": compiled.metadata.num_warps,
+        "num_stages": compiled.metadata.num_stages,
+        "regs": int(regs.group(1)) if regs else None,
+        "spill_bytes": int(stack.group(1)) if stack else None,
+        "shared": compiled.metadata.shared,
+        **{name: len(re.findall(pattern, ptx)) for name, pattern in _PTX_COUNTS.items()},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """One public call: forward (+ backward when ``train``) of a dense or grouped (``G`` > 1) LoRA layer."""
+
+    dtype: str
+    M: int
+    K: int
+    N: int
+    r: int
+    p: float = 0.0
+    bias: bool = True
+    train: bool = True
+    G: int = 1
+
+    def __str__(self):
+        kind = f"grouped{self.G}" if self.G > 1 else "dense"
+        mode = f"train-p{self.p:g}" if self.train else "infer"
+        return (f"{kind}-{mode} {self.dtype} M{self.M}-K{self.K}-N{self.N}-R{self.r}"
+                f"{'' if self.bias else '-nobias'}")
+
+    def run(self):
+        dt = harness.DTYPES[self.dtype]
+        x = torch.empty(self.M, self.K, dtype=dt, requires_grad=self.train)
+        w = torch.empty(self.N, self.K, dtype=dt)
+        b = torch.empty(self.N, dtype=dt) if self.bias else None
+        lead = (self.G,) if self.G > 1 else ()
+        a = torch.empty(*lead, self.r, self.K, dtype=dt, requires_grad=self.train)
+        bb = torch.empty(*lead, self.N, self.r, dtype=dt, requires_grad=self.train)
+        kw = dict(dropout_p=self.p, training=self.train, seed=1)
+        with torch.set_grad_enabled(self.train):
+            if self.G > 1:
+                ids = torch.arange(self.M) % self.G
+                y = fastlora.grouped_lora_linear(x, w, b, a, bb, 2.0, ids, **kw)
+            else:
+                y = fastlora.lora_linear(x, w, b, a, bb, 2.0, **kw)
+            if self.train:
+                y.backward(torch.empty_like(y))
+
+
+def cases(tier: str) -> list[Case]:
+    if tier == "ci":
+        shapes, ranks, tokens = ((4096, 4096),), (16, 64, 256), (4096, 16)
+        grouped_tokens, grouped_shape = (4096,), (4096, 4096)
+    else:
+        g = harness.GRIDS["default"]
+        shapes, ranks, tokens = g.shapes, sorted({*g.ranks, 16, 64, 256}), g.tokens
+        grouped_tokens, grouped_shape = g.grouped_tokens, g.grouped_shape
+    out = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for r in ranks:
+            for (K, N) in shapes:
+                for M in tokens:
+                    out.append(Case(dtype, M, K, N, r, train=False))
+                    out += [Case(dtype, M, K, N, r, p) for p in (0.0, 0.1)]
+            if tier == "ci":  # bias off in every mode, at every rank: a flag of the forward and backward GEMMs
+                K, N = shapes[0]
+                out += [Case(dtype, tokens[0], K, N, r, bias=False, train=False),
+                        *(Case(dtype, tokens[0], K, N, r, p, bias=False) for p in (0.0, 0.1))]
+        K, N = shapes[0]
+        if tier != "ci":
+            out += [Case(dtype, tokens[-1], K, N, 16, p, bias=False) for p in (0.0, 0.1)]
+        K, N = grouped_shape
+        for M in grouped_tokens:
+            out.append(Case(dtype, M, K, N, 16, train=False, G=32))
+            out += [Case(dtype, M, K, N, 16, p, G=32) for p in (0.0, 0.1)]
+            if tier == "ci":
+                out += [Case(dtype, M, K, N, 16, p, bias=False, G=32) for p in (0.0, 0.1)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def compile_cases(case_list: list[Case], capability: int) -> list[Variant]:
+    """Compile every kernel the cases launch, in this process; one Variant per distinct compiled kernel."""
+    with compile_only(capability) as rec:
+        for case in case_list:
+            rec.case = str(case)
+            case.run()
+    return list(rec.variants.values())
+
+
+def report(case_list: list[Case], capability: int, jobs: int) -> list[Variant]:
+    """``compile_cases`` spread over ``jobs`` fresh processes, one task per (dtype, BLOCK_R) group of cases."""
+    groups: dict[tuple, list[Case]] = {}
+    for case in case_list:  # cases sharing dtype and BLOCK_R (next power of two >= r, >= 16) share kernels
+        groups.setdefault((case.dtype, max(16, triton.next_power_of_2(case.r))), []).append(case)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        parts = list(pool.map(compile_cases, groups.values(), [capability] * len(groups)))
+    variants: dict[object, Variant] = {}
+    for v in (v for part in parts for v in part):
+        variants.setdefault(v.hash or (v.kernel, repr(v.constexprs), v.error), v)
+    return list(variants.values())
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+# fp32 without tf32 ('ieee') runs tl.dot on FMA units: no wgmma by design, and 8-48 bytes of stack remain in some
+# of its tiles (open in docs/perf-notes.md); anything past this allowance, or any stack elsewhere, fails.
+FMA_STACK_ALLOWANCE = 48
+
+
+def is_fma(rec: dict) -> bool:
+    """A variant whose dots run on FMA units: fp32 operands with input_precision 'ieee'."""
+    return rec["constexprs"].get("INPUT_PRECISION") == "ieee" and " fp32 " in f" {rec['case']} "
+
+
+def check(records: list[dict], capability: int) -> list[str]:
+    """One failure string per problem: compile errors, spills, shared memory over the target's per-block
+    limit; on sm_90 also a GEMM-family variant with BLOCK_M >= 64 without wgmma, or loads without cp.async/TMA.
+    """
+    if not records:
+        return [f"no kernel compiled for sm_{capability}"]
+    limit = DEVICES[capability]["max_shared_mem"]
+    failures = []
+    for rec in records:
+        what = f"{describe(rec)} [{rec['case']}]"
+        if rec["error"]:
+            failures.append(f"ERROR {what}: {rec['error']}")
+            continue
+        fma = is_fma(rec)
+        if rec["spill_bytes"] > (FMA_STACK_ALLOWANCE if fma else 0):
+            failures.append(f"SPILL {rec['spill_bytes']} B/thread, {rec['regs']} regs: {what}")
+        if rec["shared"] > limit:
+            failures.append(f"SMEM {rec['shared']} B > {limit} B: {what}")
+        if capability == 90:
+            if (rec["kernel"] in MMA_KERNELS and not fma and rec["constexprs"].get("BLOCK_M", 0) >= 64
+                    and not rec["wgmma"]):
+                failures.append(f"NO-WGMMA ({rec['mma_sync']} mma.sync): {what}")
+            if not (rec["cp_async"] or rec["tma"]):
+                failures.append(f"NO-PIPELINE (no cp.async, no TMA): {what}")
+    return failures
+
+
+def describe(rec: dict) -> str:
+    """Kernel name, its integer constexprs, the flags that are on, string constexprs, warps and stages."""
+    parts = [rec["kernel"]]
+    for name, value in rec["constexprs"].items():
+        if value is True:
+            parts.append(name)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            parts.append(f"{name}={value}")
+        elif isinstance(value, str):
+            parts.append(value)
+    if rec["num_warps"] is not None:
+        parts.append(f"w{rec['num_warps']} s{rec['num_stages']}")
+    return " ".join(parts)
+
+
+def table(records: list[dict], capability: int) -> list[str]:
+    """One line per variant, those failing a check first (flagged ERROR, SPILL, SMEM, ...), then a summary."""
+    limit = DEVICES[capability]["max_shared_mem"]
+    bad, good = [], []
+    for rec in records:
+        flags = sorted({f.split()[0] for f in check([rec], capability)})
+        line = describe(rec)
+        if not rec["error"]:
+            line += (f" | regs {rec['regs']} spill {rec['spill_bytes']} smem {rec['shared']} wgmma {rec['wgmma']}"
+                     f" mma.sync {rec['mma_sync']} cp.async {rec['cp_async']} tma {rec['tma']}")
+        if flags:
+            bad.append(f"{'/'.join(flags):<9} {line} | {rec['error'] or rec['case']}")
+        else:
+            good.append(f"{'ok':<9} {line}")
+    ok = [r for r in records if not r["error"]]
+    return bad + good + [
+        f"{len(records)} variants compiled for sm_{capability}: {len(records) - len(ok)} errors, "
+        f"{sum(1 for r in ok if r['spill_bytes'])} spill, {sum(1 for r in ok if r['shared'] > limit)} over shared "
+        f"memory (limit {limit})"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--capability", type=int, choices=sorted(DEVICES), default=90, help="compile target (sm_XX)")
+    ap.add_argument("--tier", choices=("full", "ci"), default="full", help="which grid of public calls")
+    ap.add_argument("--json", metavar="PATH", help="write the records here")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a check fails")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="worker processes (default: one per CPU)")
+    args = ap.parse_args(argv)
+    if _launch.INTERPRET:
+        ap.error("unset TRITON_INTERPRET: under the interpreter the kernels cannot be compiled")
+    start = time.perf_counter()
+    case_list = cases(args.tier)
+    records = [v.record() for v in report(case_list, args.capability, args.jobs)]
+    for line in table(records, args.capability):
+        print(line)
+    print(f"{len(case_list)} public calls ({args.tier} tier) compiled in {time.perf_counter() - start:.0f} s "
+          f"with {args.jobs} processes; triton {triton.__version__}, torch {torch.__version__}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    if args.check:
+        failures = check(records, args.capability)
+        print(f"check: {len(failures)} failures" + "".join(f"\n  {f}" for f in failures))
+        return 1 if failures else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

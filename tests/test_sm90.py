@@ -1,0 +1,90 @@
+"""Static compile checks for the H100 (sm_90) and A100 (sm_80), no GPU needed: ``bench/sm90.py --tier ci``.
+
+Every kernel variant that fastlora's public calls launch (dense and grouped, dropout and bias on and off,
+forward and backward, bf16/fp16/fp32, r in {16, 64, 256}, every autotune config the pruning keeps) is compiled
+for the target and must not fail to compile, spill registers or exceed the per-block shared memory; on sm_90
+GEMM tiles with BLOCK_M >= 64 must use wgmma and every kernel must pipeline its loads (cp.async or TMA).
+The report runs in a subprocess without TRITON_INTERPRET, which conftest sets for this process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+@pytest.fixture(scope="module")
+def sm90():
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("sm90")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.mark.parametrize("capability", [90, 80], ids=["sm90", "sm80"])
+def test_compile_report(sm90, capability, tmp_path):
+    missing = [t for t in ("ptxas", "cuobjdump") if not (TOOLS / t).exists()]
+    if missing:
+        pytest.skip(f"the triton wheel lacks {', '.join(missing)} in {TOOLS}")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTLORA_POISON")}
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, str(BENCH / "sm90.py"), "--tier", "ci", "--capability", str(capability),
+           "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    records = json.loads(out.read_text())
+    failures = sm90.check(records, capability)
+    summary = proc.stdout.strip().splitlines()[-2]
+    assert not failures, f"{summary}\n{len(failures)} failing variants:\n" + "\n".join(failures)
+
+
+# fp32 with input_precision 'ieee': FMA dots (no wgmma), a small stack allowance.
+FMA = dict(case="dense-train-p0 fp32 M4096-K4096-N4096-R16", wgmma=0,
+           constexprs={"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "INPUT_PRECISION": "ieee"})
+
+
+def _record(**changes):
+    rec = dict(kernel="_lora_gemm_kernel", capability=90, case="dense-train-p0 bf16 M4096-K4096-N4096-R16",
+               constexprs={"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "HAS_BIAS": True}, num_warps=8,
+               num_stages=3, regs=168, spill_bytes=0, shared=98304, wgmma=8, mma_sync=0, cp_async=0, tma=6,
+               error=None)
+    return {**rec, **changes}
+
+
+@pytest.mark.parametrize("capability, changes, expected", [
+    (90, {}, None),
+    (80, {"wgmma": 0, "mma_sync": 16, "tma": 0, "cp_async": 12}, None),
+    (90, {"constexprs": {"BLOCK_M": 32}, "wgmma": 0, "mma_sync": 8}, None),
+    (90, {"spill_bytes": 16}, "SPILL"),
+    (80, {"spill_bytes": 16}, "SPILL"),
+    (90, {"shared": 232448 + 1}, "SMEM"),
+    (80, {"shared": 200000}, "SMEM"),
+    (90, {"wgmma": 0, "mma_sync": 16}, "NO-WGMMA"),
+    (90, {"tma": 0}, "NO-PIPELINE"),
+    (90, {"error": "CompilationError: out of resource"}, "ERROR"),
+    (90, {**FMA, "spill_bytes": 16}, None),
+    (90, {**FMA, "spill_bytes": 64}, "SPILL"),
+    (90, {"constexprs": {"BLOCK_M": 128, "INPUT_PRECISION": "ieee"}, "wgmma": 0, "mma_sync": 16}, "NO-WGMMA"),
+], ids=["clean", "clean-sm80", "small-tile-mma-sync", "spill", "spill-sm80", "smem", "smem-sm80", "no-wgmma",
+        "no-pipeline", "error", "fma-small-stack", "fma-spill", "bf16-ieee-no-wgmma"])
+def test_check_fails_on_bad_records(sm90, capability, changes, expected):
+    failures = sm90.check([_record(**changes)], capability)
+    if expected is None:
+        assert failures == []
+    else:
+        assert len(failures) == 1 and failures[0].startswith(expected), failures
+
+
+def test_check_fails_when_nothing_compiled(sm90):
+    assert sm90.check([], 90)
