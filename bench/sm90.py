@@ -16,17 +16,26 @@ loads) and cp.async.bulk.tensor (TMA).
 
 Checks (``check``): no compile error, no spill, shared memory within the target's per-block limit; on sm_90
 also wgmma in every GEMM-family variant with BLOCK_M >= 64 and pipelined loads (cp.async or TMA) in every
-variant. Run it without ``TRITON_INTERPRET`` (the interpreter's kernels cannot compile) and without
-``FASTLORA_POISON``. Needs the triton wheel (it ships ptxas and cuobjdump); tested with triton 3.6, whose
-internals it patches (the active driver, ``JITFunction.run``, ``Autotuner.run``) and restores on exit.
+variant. fp32 without tf32 ('ieee') runs its dots on FMA units: no wgmma expected there, and a stack of up to
+``FMA_STACK_ALLOWANCE`` bytes is tolerated. Run it without ``TRITON_INTERPRET`` (interpreted kernels cannot
+compile) and without ``FASTLORA_POISON``. Needs the triton wheel (it ships ptxas and cuobjdump); tested with
+triton 3.6, whose internals it patches (the active driver, ``JITFunction.run``, ``Autotuner.run``) and restores
+on exit.
 
-Grids (``cases``). full: the default bench grid's (K, N) shapes and token counts, bf16/fp16/fp32, r in the
-bench ranks plus {16, 64, 256}, dropout 0 and 0.1, with bias, plus one no-bias case per dtype, training and
-inference; grouped with 32 adapters at r = 16 on the grouped bench shape and token counts. ci: every flag
-combination the launchers use (dense/grouped, dropout on/off, bias on/off, forward/backward) for each dtype and
-r in {16, 64, 256} on M = 4096, K = N = 4096, plus M = 16 (the small-M configs). Cases are spread over worker
-processes (``--jobs``, default one per CPU), grouped by (dtype, r) so each kernel specialisation compiles in
-one process only.
+Grids (``cases``). full (default): the default bench grid's (K, N) shapes and token counts, bf16/fp16/fp32, r in
+the bench ranks plus {16, 64, 256}: inference, and training with dropout 0 and 0.1, with bias; training without
+bias at r = 16 once per dtype; grouped, 32 adapters at r = 16 on the grouped bench shape and token counts, with
+and without bias. Only M's specialisation (1 or not), N, K alignment and the constexprs change what compiles;
+Triton's cache makes the repeats cheap; 15 (sm_80) to 18 (sm_90) minutes on 2 cores, empty cache.
+ci (~3 minutes on 2 cores, empty cache): M = 4096 and M = 16 (small-M configs), K = N = 4096. Every flag
+combination of the forward and backward kernels (dense/grouped x dropout 0/0.1 x bias on/off, inference and
+training) for bf16 at r = 16, dense and grouped; then training with bias and dropout 0.1 for bf16 at r = 256,
+fp16 at r = 64 and fp32 at r = 256; and fp16 grouped inference at r = 16 (its own tile issues). The flags left
+out there repeat combinations already compiled; every flag at every dtype x rank takes ~7 minutes. M = 1, its
+own specialisation of every kernel (about 40% of the full tier's variants), is left to the full tier. Every
+autotune config the pruning keeps compiles, so the largest and smallest tiles are always in. Cases run in
+``--jobs`` worker processes (default one per CPU), one task per (dtype, dense/grouped, r); the workers share
+Triton's disk cache.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+import harness  # bench/ is on sys.path when this runs as a script (tests/test_sm90.py puts it there to import)
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
@@ -54,9 +64,6 @@ from triton.runtime import jit as _jit
 
 import fastlora
 from fastlora import _launch, dispatch, functional
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
 
 # Device properties Triton and the launchers query, per compute capability.
 DEVICES = {
@@ -269,34 +276,33 @@ class Case:
                 y.backward(torch.empty_like(y))
 
 
+def _calls(dtype: str, M: int, K: int, N: int, r: int, G: int = 1, ps=(0.0, 0.1), biases=(True, False),
+           infer: bool = True) -> list[Case]:
+    """Training at each dropout in ``ps`` and (``infer``) inference, with and without bias as ``biases`` says."""
+    return [c for bias in biases
+            for c in ((Case(dtype, M, K, N, r, bias=bias, train=False, G=G),) if infer else ())
+            + tuple(Case(dtype, M, K, N, r, p, bias, G=G) for p in ps)]
+
+
 def cases(tier: str) -> list[Case]:
+    """The public calls of a tier (see the module docstring)."""
     if tier == "ci":
-        shapes, ranks, tokens = ((4096, 4096),), (16, 64, 256), (4096, 16)
-        grouped_tokens, grouped_shape = (4096,), (4096, 4096)
-    else:
-        g = harness.GRIDS["default"]
-        shapes, ranks, tokens = g.shapes, sorted({*g.ranks, 16, 64, 256}), g.tokens
-        grouped_tokens, grouped_shape = g.grouped_tokens, g.grouped_shape
+        return [c for M in (4096, 16) for c in (  # largest worker tasks first: the two workers finish together
+            *_calls("bf16", M, 4096, 4096, 16), *_calls("bf16", M, 4096, 4096, 16, G=32),
+            *_calls("fp16", M, 4096, 4096, 64, ps=(0.1,), biases=(True,), infer=False),
+            *_calls("bf16", M, 4096, 4096, 256, ps=(0.1,), biases=(True,), infer=False),
+            *_calls("fp16", M, 4096, 4096, 16, G=32, ps=(), biases=(True,)),
+            *_calls("fp32", M, 4096, 4096, 256, ps=(0.1,), biases=(True,), infer=False),
+        )]
+    g = harness.GRIDS["default"]
     out = []
     for dtype in ("bf16", "fp16", "fp32"):
-        for r in ranks:
-            for (K, N) in shapes:
-                for M in tokens:
-                    out.append(Case(dtype, M, K, N, r, train=False))
-                    out += [Case(dtype, M, K, N, r, p) for p in (0.0, 0.1)]
-            if tier == "ci":  # bias off in every mode, at every rank: a flag of the forward and backward GEMMs
-                K, N = shapes[0]
-                out += [Case(dtype, tokens[0], K, N, r, bias=False, train=False),
-                        *(Case(dtype, tokens[0], K, N, r, p, bias=False) for p in (0.0, 0.1))]
-        K, N = shapes[0]
-        if tier != "ci":
-            out += [Case(dtype, tokens[-1], K, N, 16, p, bias=False) for p in (0.0, 0.1)]
-        K, N = grouped_shape
-        for M in grouped_tokens:
-            out.append(Case(dtype, M, K, N, 16, train=False, G=32))
-            out += [Case(dtype, M, K, N, 16, p, G=32) for p in (0.0, 0.1)]
-            if tier == "ci":
-                out += [Case(dtype, M, K, N, 16, p, bias=False, G=32) for p in (0.0, 0.1)]
+        for r in sorted({*g.ranks, 16, 64, 256}):
+            out += [c for K, N in g.shapes for M in g.tokens for c in _calls(dtype, M, K, N, r, biases=(True,))]
+        K, N = g.shapes[0]
+        out += [Case(dtype, g.tokens[-1], K, N, 16, p, bias=False) for p in (0.0, 0.1)]
+        K, N = g.grouped_shape
+        out += [c for M in g.grouped_tokens for c in _calls(dtype, M, K, N, g.grouped_rank, G=32)]
     return out
 
 
@@ -313,10 +319,10 @@ def compile_cases(case_list: list[Case], capability: int) -> list[Variant]:
 
 
 def report(case_list: list[Case], capability: int, jobs: int) -> list[Variant]:
-    """``compile_cases`` spread over ``jobs`` fresh processes, one task per (dtype, BLOCK_R) group of cases."""
+    """``compile_cases`` spread over ``jobs`` fresh processes, one task per (dtype, dense/grouped, r)."""
     groups: dict[tuple, list[Case]] = {}
-    for case in case_list:  # cases sharing dtype and BLOCK_R (next power of two >= r, >= 16) share kernels
-        groups.setdefault((case.dtype, max(16, triton.next_power_of_2(case.r))), []).append(case)
+    for case in case_list:  # tasks that share few kernels; a repeat in another process reads Triton's disk cache
+        groups.setdefault((case.dtype, case.G, case.r), []).append(case)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         parts = list(pool.map(compile_cases, groups.values(), [capability] * len(groups)))

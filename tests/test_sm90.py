@@ -32,14 +32,19 @@ def sm90():
         sys.path.remove(str(BENCH))
 
 
-# Open (issue 9), measured 2026-11-23 on the ci tier: 81 grouped dropout-shrink variants (W_GROUPED: the per-adapter
-# loads in grouped_dot are not pipelined, no cp.async) and one grouped fp16 inference tile (BLOCK_M 32, mma.sync,
-# 8 B of stack) fail the sm_90 checks. strict: the test turns red when they are fixed, so the mark gets removed.
-SM90_OPEN = pytest.mark.xfail(strict=True, reason="grouped shrink loads not pipelined; one 8-byte stack (issue 9)")
-SM80_UNVERIFIED = pytest.mark.xfail(strict=False, reason="sm_80 tier not yet run clean (issue 9)")
+# Open (issue 9), measured 2026-11-23 on the ci tier (sm_90: 390 variants, sm_80: 342). sm_90: 38 grouped shrink
+# variants (W_GROUPED, with and without dropout: the per-adapter loads in grouped_dot are not pipelined, no cp.async)
+# and one grouped fp16 inference tile (BLOCK_M 32, mma.sync, 8 B of stack). sm_80: 11 spills of 8-80 B, mostly the
+# large dense tiles at 255 registers (128x256 and 256x128 with 8 warps, 128x128 with 4) that fit on sm_90, plus two
+# small shrink tiles (one grouped). strict: the test turns red when they are fixed, so the mark gets removed;
+# raises: a report that does not run at all is a plain failure, never an expected one.
+SM90_OPEN = pytest.mark.xfail(strict=True, reason="grouped shrink loads not pipelined; one 8-byte stack (issue 9)",
+                              raises=AssertionError)
+SM80_OPEN = pytest.mark.xfail(strict=True, reason="large dense tiles spill on sm_80 (issue 9)",
+                              raises=AssertionError)
 
 
-@pytest.mark.parametrize("capability", [pytest.param(90, marks=SM90_OPEN), pytest.param(80, marks=SM80_UNVERIFIED)],
+@pytest.mark.parametrize("capability", [pytest.param(90, marks=SM90_OPEN), pytest.param(80, marks=SM80_OPEN)],
                          ids=["sm90", "sm80"])
 def test_compile_report(sm90, capability, tmp_path):
     missing = [t for t in ("ptxas", "cuobjdump") if not (TOOLS / t).exists()]
@@ -50,7 +55,8 @@ def test_compile_report(sm90, capability, tmp_path):
     cmd = [sys.executable, str(BENCH / "sm90.py"), "--tier", "ci", "--capability", str(capability),
            "--json", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     records = json.loads(out.read_text())
     failures = sm90.check(records, capability)
     summary = proc.stdout.strip().splitlines()[-2]
