@@ -86,6 +86,9 @@ LORA_CHUNK = 32
 # Register budget in fp32 elements per thread. Every rule below removes configs that spilled in the static sm_90
 # report (bench/sm90.py; numbers in docs/perf-notes.md).
 MAX_ACC_PER_THREAD = 128
+# fp32 without tf32 runs tl.dot on FMA units with both operand tiles in registers: accumulator + operand elements
+# per thread past this spilled 16-2248 bytes.
+FMA_BUDGET = 80
 
 
 def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict, elt: int) -> bool:
@@ -97,8 +100,8 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
     if flags["X_DROPOUT"] and bk < 32:
         return False  # the mask is packed 32 columns to a word
     if elt == 4 and flags["INPUT_PRECISION"] == "ieee":
-        # fp32 without tf32 runs on FMA units with both operand tiles in registers: 16-2248 bytes spilled past this.
-        return acc + (bm * bk + bk * block_n) // threads <= 80 and acc + 2 * bm * bk // threads <= MAX_ACC_PER_THREAD
+        operands = (bm * bk + bk * block_n) // threads
+        return acc + operands <= FMA_BUDGET and acc + 2 * bm * bk // threads <= MAX_ACC_PER_THREAD
     if bk < 32 or acc > MAX_ACC_PER_THREAD:
         return False  # BLOCK_K 16 tiles exist for the FMA path only
     full = acc == MAX_ACC_PER_THREAD
@@ -156,8 +159,8 @@ def _prune_grad(configs, named_args, **kwargs):
     def fits(c):
         threads = 32 * c.num_warps
         acc = c.kwargs["BLOCK_P"] * br // threads
-        if fma:  # both operand tiles in registers, as in the GEMM core
-            return acc + c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_P"] + br) // threads <= 80
+        if fma:
+            return acc + c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_P"] + br) // threads <= FMA_BUDGET
         return acc <= MAX_ACC_PER_THREAD
 
     kept = [c for c in configs

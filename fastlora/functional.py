@@ -85,8 +85,8 @@ def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *
     else:
         scale_vec = torch.full((n,), _check_scaling(scaling), dtype=torch.float32, device=x.device)
     p = _check_dropout(dropout_p) if training else 0.0
-    if batch is None:  # meta tensors (shape inference) have no ids to check
-        batch = AdapterBatch.build(adapter_ids, n, check_ids=check_ids and x.device.type != "meta")
+    if batch is None:
+        batch = AdapterBatch.build(adapter_ids, n, check_ids=check_ids)
     elif adapter_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"adapter_ids must be int32 or int64; got {adapter_ids.dtype}")
     if x.device.type == "meta":

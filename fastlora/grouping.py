@@ -31,8 +31,9 @@ class AdapterBatch:
         if adapter_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"adapter_ids must be int32 or int64; got {adapter_ids.dtype}")
         ids = adapter_ids.reshape(-1)
-        # The range check reads a value on the host; torch.compile(fullgraph=True) cannot, so it is skipped there.
-        if check_ids and ids.numel() and not torch.compiler.is_compiling():
+        # The range check reads a value on the host; torch.compile(fullgraph=True) cannot, so it is skipped there,
+        # and meta tensors (shape inference) have no values to read.
+        if check_ids and ids.numel() and not ids.is_meta and not torch.compiler.is_compiling():
             bad = (ids < -1) | (ids >= num_adapters)
             if bool(bad.any()):
                 value = int(ids[bad.nonzero()[0, 0]])

@@ -28,7 +28,13 @@ def dropout_keep(seed, rows, cols, row_len, dropout_p):
     ``rows`` are int64 token indices in the caller's order, so the mask does not depend on tiling,
     sorting or which kernel regenerates it.
     """
-    offs = rows[:, None] * row_len + cols[None, :]
+    return philox_keep(seed, rows[:, None] * row_len + cols[None, :], dropout_p)
+
+
+@triton.jit
+def philox_keep(seed, offs, dropout_p):
+    """The one definition of the dropout draw: element with flat offset token*row_len + col is kept when
+    Philox(seed, offset) >= p. Every kernel that draws the mask goes through here."""
     return tl.rand(seed, offs) >= dropout_p
 
 
@@ -43,7 +49,7 @@ def load_dropped(ptr, rows, mask_m, k0, K, stride_m, stride_k, seed, dropout_p,
     """
     cols = k0 + (tl.arange(0, BLOCK_K // 32) * 32)[None, :, None] + tl.arange(0, 32)[None, None, :]  # [1, W, 32]
     in_k = cols < K
-    keep = (tl.rand(seed, rows[:, None, None] * K + cols) >= dropout_p) & in_k
+    keep = philox_keep(seed, rows[:, None, None] * K + cols, dropout_p) & in_k
     x = tl.load(ptr + rows[:, None, None] * stride_m + cols * stride_k, mask=mask_m[:, None, None] & in_k, other=0.0)
     x = tl.where(keep, x, tl.zeros_like(x))
     words = tl.sum(keep.to(tl.int32) << tl.arange(0, 32)[None, None, :], axis=2)  # disjoint bits: sum == or
