@@ -3,8 +3,9 @@
 from fastlora import reference
 from fastlora.adapters import load_adapter, load_adapters_grouped, save_adapter
 from fastlora.convert import from_peft
-from fastlora.functional import dropout_mask, grouped_lora_linear, lora_linear
+from fastlora.functional import dropout_mask, grouped_lora_linear, lora_linear, lora_linear_4bit
 from fastlora.grouping import AdapterBatch
+from fastlora.linear4bit import Linear4bit
 from fastlora.model import inject, merge, unmerge
 from fastlora.modules import GroupedLinear, Linear, use_adapters
 
@@ -14,6 +15,7 @@ __all__ = [
     "AdapterBatch",
     "GroupedLinear",
     "Linear",
+    "Linear4bit",
     "dropout_mask",
     "from_peft",
     "grouped_lora_linear",
@@ -21,6 +23,7 @@ __all__ = [
     "load_adapter",
     "load_adapters_grouped",
     "lora_linear",
+    "lora_linear_4bit",
     "merge",
     "reference",
     "save_adapter",

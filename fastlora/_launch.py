@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -17,6 +18,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from fastlora.kernels.dropout import _dropout_mask_kernel
 from fastlora.kernels.gemm import _lora_gemm_kernel, gemm_configs
 from fastlora.kernels.grad import _lora_grad_kernel, grad_configs
+from fastlora.kernels.weight4 import ABSMAX, DENSE, DOUBLE
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Tests set this so every buffer a kernel should fully write starts as NaN.
@@ -125,6 +127,51 @@ def gemm_smem(cfg: dict, num_stages: int, *, elt: int, out_elt: int, block_n: in
     return smem + 1024
 
 
+@dataclass(frozen=True)
+class Packed4bit:
+    """A bitsandbytes 4-bit weight as the GEMM core's W operand: the stored [N, K] (``shape``) or, after ``t()``,
+    its transpose, addressed through the strides of the logical matrix like a dense tensor.
+
+    data: the packed bytes (uint8, two codes per byte); absmax fp32 [nblocks] or, with double quant, uint8 with
+    absmax2 fp32, code2 fp32 [256] and offset fp32 (0-d); code the fp32 [16] codebook.
+    """
+
+    data: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+    absmax2: torch.Tensor | None
+    code2: torch.Tensor | None
+    offset: torch.Tensor | None
+    blocksize: int
+    blocksize2: int
+    stored: tuple[int, int]
+    transposed: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.stored[::-1] if self.transposed else self.stored
+
+    def dim(self) -> int:
+        return 2
+
+    def stride(self, dim: int) -> int:
+        strides = (1, self.stored[1]) if self.transposed else (self.stored[1], 1)
+        return strides[dim]
+
+    def t(self) -> Packed4bit:
+        return replace(self, transposed=not self.transposed)
+
+    @property
+    def w_quant(self) -> int:
+        return DOUBLE.value if self.absmax2 is not None else ABSMAX.value
+
+    def pointers(self) -> tuple:
+        """(absmax, absmax2, code, code2, offset) for the kernel, absent ones replaced by ``absmax``."""
+        a = self.absmax
+        return (a, a if self.absmax2 is None else self.absmax2, self.code, a if self.code2 is None else self.code2,
+                a if self.offset is None else self.offset)
+
+
 def _prune_gemm(configs, named_args, **kwargs):
     x, out = named_args["x_ptr"], named_args["out_ptr"]
     limit = _smem_limit(x.device)
@@ -188,7 +235,7 @@ def _with_tma_hook(configs):
 
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LORA", "W_GROUPED", "B_GROUPED", "X_DROPOUT", "OUT_DROPOUT",
-             "TMA_OK", "W_KMAJOR"]
+             "TMA_OK", "W_KMAJOR", "W_QUANT"]
 _gemm_tuned = triton.autotune(_with_tma_hook(gemm_configs(shrink=False)), key=_GEMM_KEY,
                               prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_kernel)
 _shrink_tuned = triton.autotune(gemm_configs(shrink=True), key=_GEMM_KEY,
@@ -218,7 +265,7 @@ def _descriptors(x, w, out, tma: bool):
 
 def gemm(
     x: torch.Tensor,
-    w: torch.Tensor,
+    w: torch.Tensor | Packed4bit,
     *,
     out_dtype: torch.dtype,
     shrink: bool = False,
@@ -238,7 +285,7 @@ def gemm(
 ) -> torch.Tensor:
     """out [M, N] = drop?(x) w^T + bias + scale * drop?(t b^T), see ``_lora_gemm_kernel``.
 
-    x [M, K]; w [N, K] or, grouped by ``ids``, [G, N, K]; t [M, R]; b [N, R] or [G, N, R]; perm/ids [M]
+    x [M, K]; w [N, K] (a tensor or a ``Packed4bit``) or, grouped by ``ids``, [G, N, K]; t [M, R]; b [N, R] or [G, N, R]; perm/ids [M]
     (sorted order -> token, adapter id of each sorted row). ``shrink`` marks N = R (a rank-sized output).
     ``bits``: the packed dropout keep-mask [M, cdiv(K, 32)] int32, written by an ``x_dropout`` shrink (pass
     ``dropout_bits(M, K)``) and read by an ``out_dropout`` main GEMM.
@@ -254,15 +301,17 @@ def gemm(
     b_grouped = has_lora and b.dim() == 3
     if (x_dropout or out_dropout) and bits is None:
         raise AssertionError("dropout needs the packed mask buffer")
+    quant = w if isinstance(w, Packed4bit) else None
     cap = target_capability(x.device)
     want_tma = (config or {}).get("USE_TMA", cap is not None and cap[0] >= 9)
-    tma = want_tma and not shrink and perm is None and not w_grouped
+    tma = want_tma and not shrink and perm is None and not w_grouped and quant is None
     x_desc, w_desc, out_desc, w_kmajor = _descriptors(x, w, out, tma)
     dummy = out
     args = (
-        x, w, bias if bias is not None else dummy, t if has_lora else dummy, b if has_lora else dummy, out,
-        perm if perm is not None else dummy, ids if ids is not None else dummy,
+        x, w if quant is None else quant.data, bias if bias is not None else dummy, t if has_lora else dummy,
+        b if has_lora else dummy, out, perm if perm is not None else dummy, ids if ids is not None else dummy,
         scale_vec if scale_vec is not None else dummy, bits if bits is not None else dummy,
+        *(quant.pointers() if quant is not None else (dummy,) * 5),
         x_desc, w_desc, out_desc,
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1),
@@ -277,7 +326,8 @@ def gemm(
         BLOCK_R=min(block_r(R), LORA_CHUNK) if has_lora else 16, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
         HAS_PERM=perm is not None, W_GROUPED=w_grouped, B_GROUPED=b_grouped, HAS_SCALE_VEC=scale_vec is not None,
         X_DROPOUT=x_dropout, OUT_DROPOUT=out_dropout, TMA_OK=x_desc is not None, W_KMAJOR=w_kmajor,
-        INPUT_PRECISION=input_precision(x.dtype, x.device),
+        W_QUANT=DENSE.value if quant is None else quant.w_quant, QBLOCK=quant.blocksize if quant else 1,
+        QBLOCK2=quant.blocksize2 if quant else 1, INPUT_PRECISION=input_precision(x.dtype, x.device),
     )
     if shrink:
         flags["BLOCK_N"] = block_r(R)

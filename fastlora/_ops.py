@@ -4,6 +4,10 @@ Dense and grouped calls share the ops: lora_A is [R, K] or a stack [G, R, K]; gr
 ``AdapterBatch`` tensors (perm, sorted ids, segment offsets) and per-adapter scaling. With dropout the forward
 returns the keep-mask it drew, packed one bit per element ([M, cdiv(K, 32)] int32, M*K/8 bytes), and the
 backward reads it instead of drawing it again.
+
+A 4-bit base (QLoRA) passes its packed bytes as ``weight`` with ``quant`` = [absmax, code] or, double-quantised,
+[absmax, code, absmax2, code2, offset] and ``qblocks`` = [blocksize, blocksize2]; N then comes from lora_B. A dense
+weight passes ``quant`` = [] and ``qblocks`` = [].
 """
 
 import torch
@@ -16,6 +20,7 @@ from fastlora import _launch
 def lora_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
     scale_vec: Tensor | None, perm: Tensor | None, ids: Tensor | None, dropout_p: float, seed: int,
+    quant: list[Tensor], qblocks: list[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [M, N], T [M, R] fp32, bits): T = drop(x) A^T, y = x W^T + b + s T B^T; bits is the packed keep-mask
     (empty without dropout)."""
@@ -23,16 +28,26 @@ def lora_forward(
     bits = _launch.dropout_bits(M, K, x.device) if dropout_p > 0 else x.new_empty(0, dtype=torch.int32)
     t = _launch.gemm(x, lora_A, out_dtype=torch.float32, shrink=True, perm=perm, ids=ids,
                      x_dropout=dropout_p > 0, dropout_p=dropout_p, seed=seed, bits=bits if dropout_p > 0 else None)
-    y = _launch.gemm(x, weight, out_dtype=x.dtype, bias=bias, t=t, b=lora_B, scaling=scaling,
+    w = _weight(weight, quant, qblocks, lora_B.shape[-2], K)
+    y = _launch.gemm(x, w, out_dtype=x.dtype, bias=bias, t=t, b=lora_B, scaling=scaling,
                      scale_vec=scale_vec, perm=perm, ids=ids)
     return y, t, bits
 
 
 @lora_forward.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, dropout_p, seed):
+def _(x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, dropout_p, seed, quant, qblocks):
     M, K = x.shape
     bits = x.new_empty(M, -(-K // 32), dtype=torch.int32) if dropout_p > 0 else x.new_empty(0, dtype=torch.int32)
-    return x.new_empty(M, weight.shape[0]), x.new_empty(M, lora_A.shape[-2], dtype=torch.float32), bits
+    return x.new_empty(M, lora_B.shape[-2]), x.new_empty(M, lora_A.shape[-2], dtype=torch.float32), bits
+
+
+def _weight(weight: Tensor, quant: list[Tensor], qblocks: list[int], N: int, K: int):
+    """The W operand: ``weight`` itself (``quant`` empty), or its packed 4-bit form with the quantisation state."""
+    if not quant:
+        return weight
+    absmax, code, *double = quant
+    absmax2, code2, offset = double if double else (None, None, None)
+    return _launch.Packed4bit(weight, absmax, code, absmax2, code2, offset, qblocks[0], qblocks[1], (N, K))
 
 
 @torch.library.custom_op("fastlora::lora_backward", mutates_args=())
@@ -40,6 +55,7 @@ def lora_backward(
     dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor, bits: Tensor, scaling: float,
     scale_vec: Tensor | None, perm: Tensor | None, ids: Tensor | None, seg: Tensor | None,
     dropout_p: float, need_dx: bool, need_dA: bool, need_dB: bool,
+    quant: list[Tensor], qblocks: list[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB); a gradient that is not needed comes back as an empty tensor.
 
@@ -52,7 +68,8 @@ def lora_backward(
     if need_dx or need_dA:
         u = _launch.gemm(dy, lora_B.transpose(-1, -2), out_dtype=torch.float32, shrink=True, perm=perm, ids=ids)
     if need_dx:
-        dx = _launch.gemm(dy, weight.t(), out_dtype=x.dtype, t=u, b=lora_A.transpose(-1, -2), scaling=scaling,
+        w = _weight(weight, quant, qblocks, dy.shape[1], x.shape[1])
+        dx = _launch.gemm(dy, w.t(), out_dtype=x.dtype, t=u, b=lora_A.transpose(-1, -2), scaling=scaling,
                           scale_vec=scale_vec, perm=perm, ids=ids, out_dropout=p > 0, dropout_p=p, bits=bits)
     if need_dA:
         g = _launch.grad(x, u, num_adapters=G, scaling=scaling, scale_vec=scale_vec, perm=perm, seg=seg,
@@ -68,7 +85,7 @@ def lora_backward(
 
 @lora_backward.register_fake
 def _(dy, x, weight, lora_A, lora_B, t, bits, scaling, scale_vec, perm, ids, seg, dropout_p,
-      need_dx, need_dA, need_dB):
+      need_dx, need_dA, need_dB, quant, qblocks):
     dx = x.new_empty(x.shape) if need_dx else dy.new_empty(0)
     dA = lora_A.new_empty(lora_A.shape) if need_dA else dy.new_empty(0)
     dB = lora_B.new_empty(lora_B.shape) if need_dB else dy.new_empty(0)

@@ -53,6 +53,65 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, trai
     return y.reshape(*x.shape[:-1], N)
 
 
+def lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, compute_dtype=torch.bfloat16,
+                     dropout_p=0.0, training=False, seed=None):
+    """``lora_linear`` over a bitsandbytes 4-bit base: y = x deq(W)^T + b + scaling * (dropout(x) A^T) B^T.
+
+    weight: the packed codes (uint8, (N*K + 1) // 2 bytes, any shape, as bitsandbytes stores them); quant_state:
+    a ``fastlora.quant.QuantState4bit`` describing W [N, K]. x and bias are cast to ``compute_dtype`` (as
+    bitsandbytes' Linear4bit does), the adapters keep their dtype (PEFT's QLoRA keeps them fp32); y comes back in
+    x's dtype. W is dequantised tile by tile inside the GEMM (forward and dx), never written out in 16 bits.
+    """
+    from fastlora import quant
+
+    if not isinstance(quant_state, quant.QuantState4bit):
+        raise TypeError(f"quant_state must be a fastlora.quant.QuantState4bit; got {type(quant_state).__name__}")
+    quant_state.validate()
+    N, K = quant_state.shape
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor; got {type(t).__name__}")
+    if compute_dtype not in _DTYPES:
+        raise TypeError(f"compute_dtype must be float16, bfloat16 or float32; got {compute_dtype}")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x's last dimension must equal in_features = {K} (quant_state.shape "
+                         f"{tuple(quant_state.shape)}); got x of shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating-point tensor; got {x.dtype}")
+    nbytes = weight.numel() * weight.element_size()
+    if nbytes != (N * K + 1) // 2 or not weight.is_contiguous():
+        raise ValueError(f"weight must hold the (N*K + 1) // 2 = {(N * K + 1) // 2} packed bytes of a {N}x{K} 4-bit "
+                         f"weight, contiguous; got shape {tuple(weight.shape)} {weight.dtype} ({nbytes} bytes)")
+    _check_device("weight", weight, x)
+    _check_device("quant_state.absmax", quant_state.absmax, x)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a tensor or None; got {type(bias).__name__}")
+        _check_shape("bias", bias, (N,), "(out_features,)")
+        _check_device("bias", bias, x)
+    _check_shape("lora_A", lora_A, (None, K), "(r, in_features)")
+    r = lora_A.shape[0]
+    _check_shape("lora_B", lora_B, (N, r), "(out_features, r)")
+    _check_adapters(x, lora_A, lora_B, r)
+    s = _check_scaling(scaling)
+    p = _check_dropout(dropout_p) if training else 0.0
+    in_dtype = x.dtype
+    x = x.to(compute_dtype)
+    bias = bias.to(compute_dtype) if bias is not None else None
+    if not _use_kernels(x, lora_A, lora_B):
+        w = quant.dequantize_4bit(weight, quant_state, dtype=compute_dtype)
+        y = reference.lora_linear(x, w, bias, lora_A, lora_B, s, dropout_p=p, training=training)
+        return y.to(in_dtype)
+    seed = _seed(seed) if p > 0 else 0
+    st = quant_state
+    tensors = [st.absmax, st.code] + ([st.absmax2, st.code2, st.offset] if st.double_quant else [])
+    qblocks = [st.blocksize, st.blocksize2 if st.double_quant else 1]
+    with torch.autocast(x.device.type, enabled=False):
+        y = LoRAFunction.apply(x.reshape(-1, K), weight.view(torch.uint8).reshape(-1), bias, lora_A, lora_B, s,
+                               None, None, None, None, p, seed, tensors, qblocks)
+    return y.reshape(*x.shape[:-1], N).to(in_dtype)
+
+
 def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *, dropout_p=0.0, training=False,
                         seed=None, check_ids=True, batch=None):
     """Each token adds its own adapter: y_i = x_i W^T + b + scaling[g] (dropout(x_i) A[g]^T) B[g]^T, g = ids[i].

@@ -7,7 +7,8 @@ Every matrix product of fastlora's forward and backward with a large reduction r
     backward  U  = dy B                   shrink:  X=dy, W=B^T,  HAS_LORA=0
               dx = dy W + s D*(U A)       main:    X=dy, W=W^T,  T=U, B=A^T, OUT_DROPOUT (reads the packed mask)
 
-Transposes are stride swaps, never copies. With W_GROUPED (grouped shrink) W is a stack [G, N, K] and
+Transposes are stride swaps, never copies. With W_QUANT the W operand is a bitsandbytes 4-bit weight (packed
+codes + absmax, ``weight4.py``) dequantised per K tile in registers; its strides are those of the logical [N, K]. With W_GROUPED (grouped shrink) W is a stack [G, N, K] and
 row m uses W[ids[m]]; with B_GROUPED (grouped main) B is a stack [G, N, R]. With HAS_PERM, row m of the
 tile space is token perm[m] (tokens sorted by adapter), so X is gathered and out scattered in place.
 
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .tiles import grouped_dot, load_dropped, tile_mn, unpack_keep
+from .weight4 import DENSE, load_4bit
 
 
 @triton.jit
@@ -60,16 +62,17 @@ def _lowrank(
 
 @triton.jit
 def _mainloop_ptr(
-    acc, x_ptr, w_ptr, bits_ptr, rows, ids, offs_n, mask_m, mask_n, K,
+    acc, x_ptr, w_ptr, bits_ptr, quant, rows, ids, offs_n, mask_m, mask_n, K,
     stride_xm, stride_xk, stride_wg, stride_wn, stride_wk, stride_bits, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, W_GROUPED: tl.constexpr, X_DROPOUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    W_QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """acc += drop?(X[rows]) W^T with pointer loads (any strides, gathered rows). With X_DROPOUT the keep-mask
-    is drawn here (Philox) and also written, packed, to bits (the shrink has one column tile, so once)."""
+    is drawn here (Philox) and also written, packed, to bits (the shrink has one column tile, so once). With
+    W_QUANT, W is fetched 4-bit and dequantised (``quant``: absmax, absmax2, code, code2, offset pointers)."""
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
+    w_offs = offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
         if X_DROPOUT:
@@ -82,12 +85,16 @@ def _mainloop_ptr(
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w_mask = mask_k[:, None] & mask_n[None, :]
         if W_GROUPED:
-            acc = grouped_dot(acc, x, ids, w_ptrs, w_mask, stride_wg, INPUT_PRECISION)
+            acc = grouped_dot(acc, x, ids, w_ptr + w_offs, w_mask, stride_wg, INPUT_PRECISION)
         else:
-            w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+            if W_QUANT == DENSE:
+                w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)
+            else:
+                w = load_4bit(w_ptr, quant[0], quant[1], quant[2], quant[3], quant[4], w_offs, w_mask,
+                              W_QUANT, QBLOCK, QBLOCK2)
             acc = tl.dot(x, w.to(x.dtype), acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        w_offs += BLOCK_K * stride_wk
     if X_DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
     return acc
@@ -110,6 +117,7 @@ def _mainloop_tma(acc, x_desc, w_desc, off_m, off_n, K, BLOCK_K: tl.constexpr, W
 @triton.jit
 def _lora_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, out_ptr, perm_ptr, ids_ptr, scale_ptr, bits_ptr,
+    qabs_ptr, qabs2_ptr, qcode_ptr, qcode2_ptr, qoff_ptr,
     x_desc, w_desc, out_desc,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk,
@@ -124,7 +132,8 @@ def _lora_gemm_kernel(
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_PERM: tl.constexpr,
     W_GROUPED: tl.constexpr, B_GROUPED: tl.constexpr, HAS_SCALE_VEC: tl.constexpr,
     X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
-    USE_TMA: tl.constexpr, TMA_OK: tl.constexpr, W_KMAJOR: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, TMA_OK: tl.constexpr, W_KMAJOR: tl.constexpr,
+    W_QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """out [M, N] (rows in caller order) from X [M, K], W [(G,) N, K], T [M, R] fp32, B [(G,) N, R].
 
@@ -134,10 +143,13 @@ def _lora_gemm_kernel(
     only); scale_ptr: per-adapter scaling (HAS_SCALE_VEC) else ``scaling``. bits: the dropout keep-mask, int32
     words [M, cdiv(K, 32)] by token — written by the X_DROPOUT shrink, read by OUT_DROPOUT. USE_TMA needs
     TMA_OK (the launcher built descriptors: 16-byte aligned, unit inner stride) and no gather. M_BUCKET and
-    TMA_OK also key the autotuner.
+    TMA_OK also key the autotuner. W_QUANT (``weight4``: DENSE, ABSMAX, DOUBLE) reads W as 4-bit codes at w_ptr
+    with their block scales (qabs..qoff pointers, QBLOCK elements per absmax, QBLOCK2 absmax per absmax2).
     """
     tl.static_assert(not (X_DROPOUT and HAS_LORA), "X_DROPOUT is the shrink's; the main GEMM takes OUT_DROPOUT")
     tl.static_assert(not USE_TMA or (TMA_OK and not HAS_PERM and not W_GROUPED and not X_DROPOUT))
+    tl.static_assert(W_QUANT == DENSE or not (USE_TMA or W_GROUPED), "4-bit W: pointer loads, one weight")
+    quant = (qabs_ptr, qabs2_ptr, qcode_ptr, qcode2_ptr, qoff_ptr)
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=USE_TMA):
         pid_m, pid_n = tile_mn(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -165,9 +177,9 @@ def _lora_gemm_kernel(
             acc = _mainloop_tma(acc, x_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, BLOCK_K, W_KMAJOR,
                                 INPUT_PRECISION)
         else:
-            acc = _mainloop_ptr(acc, x_ptr, w_ptr, bits_ptr, rows, ids, offs_n, mask_m, mask_n, K,
+            acc = _mainloop_ptr(acc, x_ptr, w_ptr, bits_ptr, quant, rows, ids, offs_n, mask_m, mask_n, K,
                                 stride_xm, stride_xk, stride_wg, stride_wn, stride_wk, stride_bits, dropout_p, seed,
-                                BLOCK_M, BLOCK_K, W_GROUPED, X_DROPOUT, INPUT_PRECISION)
+                                BLOCK_M, BLOCK_K, W_GROUPED, X_DROPOUT, W_QUANT, QBLOCK, QBLOCK2, INPUT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 

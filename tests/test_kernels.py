@@ -55,14 +55,14 @@ def test_unaligned_falls_back_to_pointers(device, tma_default):
 def test_forward_saves_the_packed_kernel_mask(M, K, device):
     x, w, b, a, bb = make_dense(M, K, 24, 4, torch.float32, device)
     p, seed = 0.3, 77
-    _, _, bits = _ops.lora_forward(x, w, b, a, bb, 1.0, None, None, None, p, seed)
+    _, _, bits = _ops.lora_forward(x, w, b, a, bb, 1.0, None, None, None, p, seed, [], [])
     assert bits.shape == (M, -(-K // 32)) and bits.dtype == torch.int32
     cols = torch.arange(K, device=device)
     unpacked = ((bits[:, cols // 32] >> (cols % 32)) & 1).bool()
     assert torch.equal(unpacked, fastlora.dropout_mask((M, K), p, seed, device))
     pad = (bits[:, -1] >> (K % 32)) if K % 32 else torch.zeros(M, dtype=torch.int32, device=device)
     assert not pad.any(), "bits past K must be zero"
-    _, _, none = _ops.lora_forward(x, w, b, a, bb, 1.0, None, None, None, 0.0, seed)
+    _, _, none = _ops.lora_forward(x, w, b, a, bb, 1.0, None, None, None, 0.0, seed, [], [])
     assert none.numel() == 0
 
 

@@ -1,0 +1,182 @@
+"""``Linear4bit``: a frozen bitsandbytes-format 4-bit base (NF4/FP4, QLoRA) plus a LoRA adapter, fused."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+import torch.nn as nn
+
+from fastlora import quant
+from fastlora.functional import lora_linear_4bit
+from fastlora.modules import Linear, _scaling
+
+_STATE = ("absmax", "code", "absmax2", "code2", "offset")
+
+
+class Linear4bit(nn.Module):
+    """A 4-bit base linear (bitsandbytes' packed format) with a LoRA adapter:
+    y = x deq(W)^T + b + (alpha/r) (dropout(x) A^T) B^T, computed in ``compute_dtype``, returned in x's dtype.
+
+    ``weight`` holds the packed codes (uint8, frozen), ``quant_state`` the block scales; W is dequantised tile by
+    tile inside the fused GEMM, forward and backward. ``lora_A`` (r, in) and ``lora_B`` (out, r) are fp32 (as in
+    PEFT's QLoRA); ``lora_B`` starts at zero. A layer built here or by ``from_linear(nn.Linear)`` keeps the
+    state as buffers (``quant_absmax`` ...); ``from_linear(bitsandbytes.nn.Linear4bit)`` shares that layer's
+    ``Params4bit`` and its quant state as they are.
+
+    Merging is refused: folding B A into 4-bit codes re-quantises the whole weight (PEFT does it and warns of
+    the rounding), after which ``unmerge`` cannot restore the base. ``dequantize()`` gives a ``fastlora.Linear``
+    over the dequantised weight, sharing the adapter, which merges exactly.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, *, r=8, alpha=8, dropout=0.0, use_rslora=False,
+                 compute_dtype=torch.bfloat16, quant_type="nf4", blocksize=64, double_quant=True, device=None):
+        super().__init__()
+        _check_compute_dtype(compute_dtype)
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=compute_dtype)
+        self._quantize(base, quant_type, blocksize, double_quant)
+        self._setup(base.bias, r, alpha, dropout, use_rslora, compute_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, *, r=8, alpha=8, dropout=0.0, use_rslora=False, compute_dtype=None,
+                    quant_type="nf4", blocksize=64, double_quant=True) -> Linear4bit:
+        """Wrap ``linear``: an ``nn.Linear`` is quantised (quant_type, blocksize, double_quant; its weight is not
+        kept), a ``bitsandbytes.nn.Linear4bit`` is shared as it is (its format wins; no copy). The bias is shared
+        and frozen. compute_dtype None: the bitsandbytes layer's, else bfloat16."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        if _is_bnb_4bit(linear):
+            qs = getattr(linear.weight, "quant_state", None)
+            if qs is None:
+                raise ValueError("the bitsandbytes Linear4bit is not quantised yet (weight.quant_state is None): "
+                                 "move it to its device first, e.g. .to('cuda'), as bitsandbytes quantises there")
+            self.weight = linear.weight
+            self.weight.requires_grad_(False)
+            self._bnb_state = None
+            self.quant_type, self.blocksize, self.double_quant = qs.quant_type, qs.blocksize, qs.state2 is not None
+            self.out_features, self.in_features = self.quant_state.shape
+            if compute_dtype is None:
+                compute_dtype = getattr(linear, "compute_dtype", None) or torch.bfloat16
+        elif isinstance(linear, nn.Linear):
+            if isinstance(linear, (Linear, Linear4bit)):
+                raise TypeError(f"linear is already a fastlora.{type(linear).__name__}")
+            self._quantize(linear, quant_type, blocksize, double_quant)
+        else:
+            raise TypeError(f"linear must be an nn.Linear or a bitsandbytes.nn.Linear4bit; got {type(linear).__name__}")
+        self._setup(linear.bias, r, alpha, dropout, use_rslora, compute_dtype or torch.bfloat16)
+        return self
+
+    def _quantize(self, linear: nn.Linear, quant_type, blocksize, double_quant):
+        w = linear.weight.detach()
+        self.out_features, self.in_features = w.shape
+        if w.is_meta:
+            packed, state = _meta_state(w, blocksize, quant_type, double_quant)
+        else:
+            packed, state = quant.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                                                double_quant=double_quant)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self._bnb_state = None
+        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+        self._weight_dtype = state.dtype
+        for name in _STATE:
+            self.register_buffer("quant_" + name, getattr(state, name))
+
+    def _setup(self, bias, r, alpha, dropout, use_rslora, compute_dtype):
+        _check_compute_dtype(compute_dtype)
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = _scaling(r, alpha, use_rslora)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+        self.dropout = float(dropout)
+        self.compute_dtype = compute_dtype
+        self.bias = bias
+        if bias is not None:
+            bias.requires_grad_(False)
+        kw = dict(device=self.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.merged = False
+
+    @property
+    def quant_state(self) -> quant.QuantState4bit:
+        """The block scales of ``weight`` as a ``fastlora.quant.QuantState4bit`` (the same tensors, no copy)."""
+        qs = getattr(self.weight, "quant_state", None)
+        if qs is not None:  # bitsandbytes' Params4bit: its state, converted once per device move
+            key = (id(qs), id(qs.absmax))
+            if self._bnb_state is None or self._bnb_state[0] != key:
+                self._bnb_state = (key, quant.QuantState4bit.from_bnb(qs))
+            return self._bnb_state[1]
+        b = {name: getattr(self, "quant_" + name) for name in _STATE}
+        return quant.QuantState4bit(
+            absmax=b["absmax"], shape=torch.Size((self.out_features, self.in_features)), dtype=self._weight_dtype,
+            blocksize=self.blocksize, quant_type=self.quant_type, code=b["code"], offset=b["offset"],
+            absmax2=b["absmax2"], code2=b["code2"], blocksize2=quant.BLOCKSIZE2 if self.double_quant else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lora_linear_4bit(x, self.weight, self.quant_state, self.bias, self.lora_A, self.lora_B, self.scaling,
+                                compute_dtype=self.compute_dtype, dropout_p=self.dropout, training=self.training)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W [out, in] decoded as bitsandbytes' ``dequantize_4bit`` does, in ``dtype`` (default compute_dtype)."""
+        return quant.dequantize_4bit(self.weight, self.quant_state, dtype=dtype or self.compute_dtype)
+
+    @torch.no_grad()
+    def dequantize(self) -> Linear:
+        """A ``fastlora.Linear`` over the dequantised weight (compute_dtype) that shares this layer's bias and
+        adapter parameters; it computes the same function and can ``merge`` exactly."""
+        base = nn.Linear(self.in_features, self.out_features, bias=False, device=self.weight.device,
+                         dtype=self.compute_dtype)
+        base.weight.copy_(self.dequantized_weight())
+        base.bias = self.bias
+        layer = Linear.from_linear(base, r=self.r, alpha=self.alpha, dropout=self.dropout, use_rslora=self.use_rslora)
+        layer.scaling = self.scaling
+        layer.lora_A, layer.lora_B = self.lora_A, self.lora_B
+        return layer.train(self.training)
+
+    def merge(self) -> None:
+        raise NotImplementedError(
+            "fastlora.Linear4bit cannot merge its adapter into the 4-bit weight: that re-quantises the whole base "
+            "(lossy, and unmerge could not restore it). Call .dequantize() for a fastlora.Linear over the "
+            "dequantised weight and merge that.")
+
+    def unmerge(self) -> None:
+        raise NotImplementedError("fastlora.Linear4bit is never merged (see merge)")
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, quant_type={self.quant_type}, "
+                f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+
+
+def _check_compute_dtype(dtype) -> None:
+    if dtype not in quant.DTYPES:
+        raise TypeError(f"compute_dtype must be float16, bfloat16 or float32; got {dtype}")
+
+
+def _is_bnb_4bit(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``bitsandbytes.nn.Linear4bit``; False without bitsandbytes installed."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    import bitsandbytes as bnb
+
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def _meta_state(w: torch.Tensor, blocksize, quant_type, double_quant):
+    """Packed bytes and state of the right shapes on the meta device (shape inference, deferred init)."""
+    n = w.numel()
+    quant._check_format(blocksize, quant_type)
+    nblocks = -(-n // blocksize)
+    meta = dict(device="meta")
+    state = quant.QuantState4bit(absmax=torch.empty(nblocks, dtype=torch.float32, **meta), shape=w.shape,
+                                 dtype=w.dtype, blocksize=blocksize, quant_type=quant_type,
+                                 code=torch.empty(16, dtype=torch.float32, **meta))
+    if double_quant:
+        state.absmax = torch.empty(nblocks, dtype=torch.uint8, **meta)
+        state.absmax2 = torch.empty(-(-nblocks // quant.BLOCKSIZE2), dtype=torch.float32, **meta)
+        state.code2 = torch.empty(256, dtype=torch.float32, **meta)
+        state.offset = torch.empty((), dtype=torch.float32, **meta)
+        state.blocksize2 = quant.BLOCKSIZE2
+    return torch.empty((n + 1) // 2, 1, dtype=torch.uint8, **meta), state
