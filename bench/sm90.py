@@ -63,7 +63,7 @@ from triton.runtime import driver as _driver
 from triton.runtime import jit as _jit
 
 import fastlora
-from fastlora import _launch, dispatch, functional
+from fastlora import _launch, dispatch, functional, quant
 
 # Device properties Triton and the launchers query, per compute capability.
 DEVICES = {
@@ -250,9 +250,10 @@ class Case:
     bias: bool = True
     train: bool = True
     G: int = 1
+    quant: str = ""  # "nf4": a 4-bit base (fastlora.lora_linear_4bit, double quant, blocksize 64)
 
     def __str__(self):
-        kind = f"grouped{self.G}" if self.G > 1 else "dense"
+        kind = f"grouped{self.G}" if self.G > 1 else f"{self.quant}-dense" if self.quant else "dense"
         mode = f"train-p{self.p:g}" if self.train else "infer"
         return (f"{kind}-{mode} {self.dtype} M{self.M}-K{self.K}-N{self.N}-R{self.r}"
                 f"{'' if self.bias else '-nobias'}")
@@ -263,13 +264,17 @@ class Case:
         w = torch.empty(self.N, self.K, dtype=dt)
         b = torch.empty(self.N, dtype=dt) if self.bias else None
         lead = (self.G,) if self.G > 1 else ()
-        a = torch.empty(*lead, self.r, self.K, dtype=dt, requires_grad=self.train)
-        bb = torch.empty(*lead, self.N, self.r, dtype=dt, requires_grad=self.train)
+        adt = torch.float32 if self.quant else dt  # fastlora.Linear4bit's adapters are fp32, as PEFT's QLoRA
+        a = torch.empty(*lead, self.r, self.K, dtype=adt, requires_grad=self.train)
+        bb = torch.empty(*lead, self.N, self.r, dtype=adt, requires_grad=self.train)
         kw = dict(dropout_p=self.p, training=self.train, seed=1)
         with torch.set_grad_enabled(self.train):
             if self.G > 1:
                 ids = torch.arange(self.M) % self.G
                 y = fastlora.grouped_lora_linear(x, w, b, a, bb, 2.0, ids, **kw)
+            elif self.quant:
+                packed, state = quant.empty_4bit((self.N, self.K), dtype=dt, quant_type=self.quant)
+                y = fastlora.lora_linear_4bit(x, packed, state, b, a, bb, 2.0, compute_dtype=dt, **kw)
             else:
                 y = fastlora.lora_linear(x, w, b, a, bb, 2.0, **kw)
             if self.train:
@@ -277,11 +282,11 @@ class Case:
 
 
 def _calls(dtype: str, M: int, K: int, N: int, r: int, G: int = 1, ps=(0.0, 0.1), biases=(True, False),
-           infer: bool = True) -> list[Case]:
+           infer: bool = True, quant: str = "") -> list[Case]:
     """Training at each dropout in ``ps`` and (``infer``) inference, with and without bias as ``biases`` says."""
     return [c for bias in biases
-            for c in ((Case(dtype, M, K, N, r, bias=bias, train=False, G=G),) if infer else ())
-            + tuple(Case(dtype, M, K, N, r, p, bias, G=G) for p in ps)]
+            for c in ((Case(dtype, M, K, N, r, bias=bias, train=False, G=G, quant=quant),) if infer else ())
+            + tuple(Case(dtype, M, K, N, r, p, bias, G=G, quant=quant) for p in ps)]
 
 
 def cases(tier: str) -> list[Case]:
@@ -293,6 +298,7 @@ def cases(tier: str) -> list[Case]:
             *_calls("bf16", M, 4096, 4096, 256, ps=(0.1,), biases=(True,), infer=False),
             *_calls("fp16", M, 4096, 4096, 16, G=32, ps=(), biases=(True,)),
             *_calls("fp32", M, 4096, 4096, 256, ps=(0.1,), biases=(True,), infer=False),
+            *_calls("bf16", M, 4096, 4096, 16, biases=(True,), quant="nf4"),
         )]
     g = harness.GRIDS["default"]
     out = []
@@ -303,6 +309,9 @@ def cases(tier: str) -> list[Case]:
         out += [Case(dtype, g.tokens[-1], K, N, 16, p, bias=False) for p in (0.0, 0.1)]
         K, N = g.grouped_shape
         out += [c for M in g.grouped_tokens for c in _calls(dtype, M, K, N, g.grouped_rank, G=32)]
+        if dtype != "fp32":  # QLoRA computes in 16 bits
+            out += [c for K, N in g.shapes for M in g.tokens for c in _calls(dtype, M, K, N, 16, biases=(True,),
+                                                                             quant="nf4")]
     return out
 
 
@@ -322,7 +331,7 @@ def report(case_list: list[Case], capability: int, jobs: int) -> list[Variant]:
     """``compile_cases`` spread over ``jobs`` fresh processes, one task per (dtype, dense/grouped, r)."""
     groups: dict[tuple, list[Case]] = {}
     for case in case_list:  # tasks that share few kernels; a repeat in another process reads Triton's disk cache
-        groups.setdefault((case.dtype, case.G, case.r), []).append(case)
+        groups.setdefault((case.dtype, case.G, case.r, case.quant), []).append(case)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         parts = list(pool.map(compile_cases, groups.values(), [capability] * len(groups)))

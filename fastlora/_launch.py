@@ -91,9 +91,14 @@ MAX_ACC_PER_THREAD = 128
 # fp32 without tf32 runs tl.dot on FMA units with both operand tiles in registers: accumulator + operand elements
 # per thread past this spilled 16-2248 bytes.
 FMA_BUDGET = 80
+# 4-bit W (QLoRA): dequantised W elements per thread, and accumulator + W elements per thread; past these, tiles
+# spilled 8-72 bytes on sm_90 and 40-3024 bytes on sm_80 (mma.sync keeps operand fragments in registers too).
+MAX_W4_PER_THREAD = 64
+W4_BUDGET = 160
+W4_BUDGET_MMA_SYNC = 80
 
 
-def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict, elt: int) -> bool:
+def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict, elt: int, hopper: bool = True) -> bool:
     """Whether a GEMM-core config stays within the register file: the accumulator, plus what each variant keeps
     live beside it (dropout masks, the per-adapter loop, the Philox draw of the dropout shrink)."""
     threads = 32 * num_warps
@@ -101,6 +106,11 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
     acc = bm * block_n // threads
     if flags["X_DROPOUT"] and bk < 32:
         return False  # the mask is packed 32 columns to a word
+    if flags.get("W_QUANT"):  # the dequantised W tile is in registers beside the accumulator
+        w = bk * block_n // threads
+        budget = W4_BUDGET if hopper else W4_BUDGET_MMA_SYNC
+        if w > MAX_W4_PER_THREAD or acc + w > budget or (bm < 64 and bk < 64):
+            return False
     if elt == 4 and flags["INPUT_PRECISION"] == "ieee":
         operands = (bm * bk + bk * block_n) // threads
         return acc + operands <= FMA_BUDGET and acc + 2 * bm * bk // threads <= MAX_ACC_PER_THREAD
@@ -175,12 +185,15 @@ class Packed4bit:
 def _prune_gemm(configs, named_args, **kwargs):
     x, out = named_args["x_ptr"], named_args["out_ptr"]
     limit = _smem_limit(x.device)
+    cap = target_capability(x.device)
+    hopper = cap is None or cap[0] >= 9
     kept = []
     for c in configs:
         bn = c.kwargs.get("BLOCK_N", kwargs.get("BLOCK_N"))
         if c.kwargs["USE_TMA"] and not kwargs["TMA_OK"]:
             continue
-        if not gemm_fits_registers(c.kwargs, c.num_warps, block_n=bn, flags=kwargs, elt=x.element_size()):
+        if not gemm_fits_registers(c.kwargs, c.num_warps, block_n=bn, flags=kwargs, elt=x.element_size(),
+                                   hopper=hopper):
             continue
         smem = gemm_smem(c.kwargs, c.num_stages, elt=x.element_size(), out_elt=out.element_size(), block_n=bn,
                          block_r=kwargs["BLOCK_R"], lora=kwargs["HAS_LORA"])
@@ -235,7 +248,7 @@ def _with_tma_hook(configs):
 
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LORA", "W_GROUPED", "B_GROUPED", "X_DROPOUT", "OUT_DROPOUT",
-             "TMA_OK", "W_KMAJOR", "W_QUANT"]
+             "TMA_OK", "W_KMAJOR", "W_QUANT", "W_TRANS"]
 _gemm_tuned = triton.autotune(_with_tma_hook(gemm_configs(shrink=False)), key=_GEMM_KEY,
                               prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_kernel)
 _shrink_tuned = triton.autotune(gemm_configs(shrink=True), key=_GEMM_KEY,
@@ -326,7 +339,8 @@ def gemm(
         BLOCK_R=min(block_r(R), LORA_CHUNK) if has_lora else 16, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
         HAS_PERM=perm is not None, W_GROUPED=w_grouped, B_GROUPED=b_grouped, HAS_SCALE_VEC=scale_vec is not None,
         X_DROPOUT=x_dropout, OUT_DROPOUT=out_dropout, TMA_OK=x_desc is not None, W_KMAJOR=w_kmajor,
-        W_QUANT=DENSE.value if quant is None else quant.w_quant, QBLOCK=quant.blocksize if quant else 1,
+        W_QUANT=DENSE.value if quant is None else quant.w_quant, W_TRANS=bool(quant and quant.transposed),
+        QBLOCK=quant.blocksize if quant else 1,
         QBLOCK2=quant.blocksize2 if quant else 1, INPUT_PRECISION=input_precision(x.dtype, x.device),
     )
     if shrink:

@@ -1,10 +1,19 @@
-"""``from_peft``: swap a PEFT LoRA model's ``lora.Linear`` layers for ``fastlora.Linear``, in place."""
+"""``from_peft``: swap a PEFT LoRA model's ``lora.Linear`` layers for ``fastlora.Linear``, in place.
+
+QLoRA: PEFT wraps a bitsandbytes ``Linear4bit`` in ``peft.tuners.lora.bnb.Linear4bit`` (0.21: when the model
+says ``is_loaded_in_4bit``, else in a plain ``lora.Linear``, as bitsandbytes' layer subclasses ``nn.Linear``).
+Its forward runs the base in the bitsandbytes layer's ``compute_dtype`` (x cast to it, the result cast back
+to x's dtype), then ``lora_B(lora_A(dropout(x.to(lora dtype)))) * scaling`` in the adapters' dtype (fp32: its
+``autocast_adapter_dtype=True`` upcasts 16-bit adapters), cast to the result's dtype and added. Either wrapper
+becomes a ``fastlora.Linear4bit`` sharing the bitsandbytes weight, bias and quant state.
+"""
 
 from __future__ import annotations
 
 import torch.nn as nn
 
-from fastlora.model import _set_submodule
+from fastlora.linear4bit import Linear4bit, _is_bnb_4bit
+from fastlora.model import _check_bnb_4bit, _check_unquantized, _set_submodule
 from fastlora.modules import Linear
 
 
@@ -17,11 +26,17 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
     Each new layer shares the base ``weight``/``bias`` and the active adapter's ``lora_A``/``lora_B`` parameters
     themselves (an optimizer built over the PEFT model keeps training them), and copies r, alpha, scaling,
-    dropout p and the merged state, so outputs and trainable parameters are unchanged. Everything is checked
-    before anything is replaced: DoRA and the other LoRA variants, ``lora_bias``, ``fan_in_fan_out``/Conv1D
-    bases, several active adapters, disabled adapters, non-Linear LoRA layers (Embedding, Conv, quantized
+    dropout p and the merged state, so outputs and trainable parameters are unchanged. A layer over a
+    bitsandbytes ``Linear4bit`` (QLoRA) becomes a ``fastlora.Linear4bit`` that shares the packed weight, quant
+    state, bias and compute dtype. Everything is checked before anything is replaced: DoRA and the other LoRA
+    variants, ``lora_bias``, ``fan_in_fan_out``/Conv1D bases, several active adapters, disabled adapters,
+    adapters merged into a 4-bit base, non-Linear LoRA layers (Embedding, Conv, 8-bit and other quantized
     bases) and ``modules_to_save``/trainable-token wrappers raise ``NotImplementedError`` naming the layer.
+
+    HF ``Trainer`` refuses a quantised model that is not a ``PeftModel`` ("purely quantized models"): train a
+    converted QLoRA model by passing the ``PeftModel`` (converted in place) to the Trainer, not the return value.
     """
+    from peft.tuners.lora import bnb as peft_bnb  # its LoRA layers over bitsandbytes, defined if that is installed
     from peft.tuners.lora.layer import Linear as PeftLinear
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
@@ -34,9 +49,13 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
                                       "tokens); fastlora converts LoRA Linear layers only")
         if not isinstance(mod, BaseTunerLayer):
             continue
-        if type(mod) is not PeftLinear:
+        if type(mod) is not PeftLinear and type(mod) is not getattr(peft_bnb, "Linear4bit", None):
+            if type(mod) is getattr(peft_bnb, "Linear8bitLt", None):
+                raise NotImplementedError(f"{name!r} is a PEFT LoRA layer over a bitsandbytes 8-bit base "
+                                          "(Linear8bitLt); fastlora supports 4-bit (Linear4bit) bases only")
             raise NotImplementedError(f"{name!r} is a PEFT {type(mod).__name__}; fastlora converts only "
-                                      "peft.tuners.lora.layer.Linear over an nn.Linear")
+                                      "peft.tuners.lora.layer.Linear over an nn.Linear and "
+                                      "peft.tuners.lora.bnb.Linear4bit over a bitsandbytes Linear4bit")
         plan.append((name, mod, _check_layer(name, mod)))
     if not plan:
         raise ValueError("from_peft found no PEFT LoRA Linear layer in the model")
@@ -59,7 +78,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _check_layer(name: str, mod) -> str:
     """The active adapter's name, after checking the layer uses only what fastlora.Linear implements."""
     def fail(why):
-        raise NotImplementedError(f"PEFT LoRA layer {name!r}: {why}; fastlora.Linear does not support it")
+        raise NotImplementedError(f"PEFT LoRA layer {name!r}: {why}; fastlora does not support it")
 
     if mod.disable_adapters:
         fail("its adapters are disabled")
@@ -80,19 +99,28 @@ def _check_layer(name: str, mod) -> str:
     base = mod.get_base_layer()
     if not isinstance(base, nn.Linear):
         fail(f"a {type(base).__name__} base layer (needs nn.Linear)")
+    if _is_bnb_4bit(base):
+        if mod.merged:
+            fail("its adapter is merged into the 4-bit base (re-quantised); call unmerge_adapter() first")
+        _check_bnb_4bit(name, base)
+    else:
+        _check_unquantized(name, base)
     dropout = mod.lora_dropout[adapter]
     if not isinstance(dropout, (nn.Dropout, nn.Identity)):
         fail(f"dropout module {type(dropout).__name__}")
     return adapter
 
 
-def _convert(mod, adapter: str) -> Linear:
+def _convert(mod, adapter: str) -> Linear | Linear4bit:
     dropout = mod.lora_dropout[adapter]
-    layer = Linear.from_linear(mod.get_base_layer(), r=mod.r[adapter], alpha=mod.lora_alpha[adapter],
-                               dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-                               use_rslora=mod.use_rslora.get(adapter, False))
+    base = mod.get_base_layer()
+    four_bit = _is_bnb_4bit(base)
+    layer = (Linear4bit if four_bit else Linear).from_linear(
+        base, r=mod.r[adapter], alpha=mod.lora_alpha[adapter],
+        dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0, use_rslora=mod.use_rslora.get(adapter, False))
     layer.scaling = mod.scaling[adapter]  # may have been rescaled (PEFT's scale_layer)
     layer.lora_A = mod.lora_A[adapter].weight
     layer.lora_B = mod.lora_B[adapter].weight
-    layer.merged = mod.merged
+    if not four_bit:
+        layer.merged = mod.merged
     return layer

@@ -78,6 +78,10 @@ def lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, c
                          f"{tuple(quant_state.shape)}); got x of shape {tuple(x.shape)}")
     if not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating-point tensor; got {x.dtype}")
+    if K % quant_state.blocksize:
+        raise ValueError(f"in_features = {K} must be a multiple of the quantisation blocksize {quant_state.blocksize}: "
+                         "the fused 4-bit GEMM reads each weight row as whole blocks (quant_state.shape "
+                         f"{tuple(quant_state.shape)})")
     nbytes = weight.numel() * weight.element_size()
     if nbytes != (N * K + 1) // 2 or not weight.is_contiguous():
         raise ValueError(f"weight must hold the (N*K + 1) // 2 = {(N * K + 1) // 2} packed bytes of a {N}x{K} 4-bit "

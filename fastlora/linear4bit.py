@@ -71,7 +71,8 @@ class Linear4bit(nn.Module):
         w = linear.weight.detach()
         self.out_features, self.in_features = w.shape
         if w.is_meta:
-            packed, state = _meta_state(w, blocksize, quant_type, double_quant)
+            packed, state = quant.empty_4bit(w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type,
+                                             double_quant=double_quant, device=w.device)
         else:
             packed, state = quant.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
                                                 double_quant=double_quant)
@@ -84,6 +85,9 @@ class Linear4bit(nn.Module):
 
     def _setup(self, bias, r, alpha, dropout, use_rslora, compute_dtype):
         _check_compute_dtype(compute_dtype)
+        if self.in_features % self.blocksize:
+            raise ValueError(f"in_features = {self.in_features} must be a multiple of the quantisation blocksize "
+                             f"{self.blocksize}: the fused 4-bit GEMM reads each weight row as whole blocks")
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = _scaling(r, alpha, use_rslora)
         if not 0.0 <= dropout < 1.0:
@@ -113,6 +117,19 @@ class Linear4bit(nn.Module):
             absmax=b["absmax"], shape=torch.Size((self.out_features, self.in_features)), dtype=self._weight_dtype,
             blocksize=self.blocksize, quant_type=self.quant_type, code=b["code"], offset=b["offset"],
             absmax2=b["absmax2"], code2=b["code2"], blocksize2=quant.BLOCKSIZE2 if self.double_quant else None)
+
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves the quantisation state; dtype casts (``.half()``, ``.to(torch.bfloat16)``) leave it
+        fp32/uint8, as bitsandbytes keeps its state, so the packed weight still decodes."""
+        state = {name: self._buffers.pop("quant_" + name) for name in _STATE if "quant_" + name in self._buffers}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in state.items():
+                if t is not None:
+                    t = t.to(fn(torch.empty(0, device=t.device)).device)
+                self._buffers["quant_" + name] = t
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lora_linear_4bit(x, self.weight, self.quant_state, self.bias, self.lora_A, self.lora_B, self.scaling,
@@ -163,20 +180,3 @@ def _is_bnb_4bit(module: nn.Module) -> bool:
 
     return isinstance(module, bnb.nn.Linear4bit)
 
-
-def _meta_state(w: torch.Tensor, blocksize, quant_type, double_quant):
-    """Packed bytes and state of the right shapes on the meta device (shape inference, deferred init)."""
-    n = w.numel()
-    quant._check_format(blocksize, quant_type)
-    nblocks = -(-n // blocksize)
-    meta = dict(device="meta")
-    state = quant.QuantState4bit(absmax=torch.empty(nblocks, dtype=torch.float32, **meta), shape=w.shape,
-                                 dtype=w.dtype, blocksize=blocksize, quant_type=quant_type,
-                                 code=torch.empty(16, dtype=torch.float32, **meta))
-    if double_quant:
-        state.absmax = torch.empty(nblocks, dtype=torch.uint8, **meta)
-        state.absmax2 = torch.empty(-(-nblocks // quant.BLOCKSIZE2), dtype=torch.float32, **meta)
-        state.code2 = torch.empty(256, dtype=torch.float32, **meta)
-        state.offset = torch.empty((), dtype=torch.float32, **meta)
-        state.blocksize2 = quant.BLOCKSIZE2
-    return torch.empty((n + 1) // 2, 1, dtype=torch.uint8, **meta), state

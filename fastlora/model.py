@@ -1,4 +1,9 @@
-"""Model-level helpers: ``inject`` fastlora layers by PEFT's target rules, ``merge``/``unmerge`` them all."""
+"""Model-level helpers: ``inject`` fastlora layers by PEFT's target rules, ``merge``/``unmerge`` them all.
+
+bitsandbytes stays optional: only ``linear4bit._is_bnb_4bit`` imports it, inside the call and when installed.
+Its ``Linear4bit`` subclasses ``nn.Linear``, so "all-linear" selects it, as PEFT does; ``inject`` wraps it in a
+``fastlora.Linear4bit`` that shares its packed weight and quant state.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,22 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
+from fastlora.linear4bit import Linear4bit, _is_bnb_4bit
 from fastlora.modules import GroupedLinear, Linear
 
 ALL_LINEAR = "all-linear"
+_FASTLORA = (Linear, Linear4bit, GroupedLinear)
 
 
 def inject(model: nn.Module, target_modules, *, r: int, alpha: float, dropout: float = 0.0,
            use_rslora: bool = False) -> list[str]:
-    """Replace the ``nn.Linear`` layers named by ``target_modules`` with ``fastlora.Linear``; return their names.
+    """Replace the ``nn.Linear`` layers named by ``target_modules`` with fastlora layers; return their names.
+
+    An ``nn.Linear`` becomes a ``fastlora.Linear``; a bitsandbytes ``Linear4bit`` (what ``from_pretrained`` with
+    ``BitsAndBytesConfig(load_in_4bit=True)`` builds) becomes a ``fastlora.Linear4bit`` sharing its packed weight,
+    quant state and compute dtype, with fp32 adapters (as PEFT's QLoRA). Other quantised linears (bitsandbytes
+    ``Linear8bitLt``, any non-float weight) raise ``NotImplementedError``. Nothing is replaced unless every
+    selected layer can be.
 
     ``target_modules`` follows PEFT's ``LoraConfig.target_modules``: a list of names, each matching a module
     whose full name equals it or ends with ``"." + name`` (``["q_proj", "v_proj"]``); a regex string matched
@@ -24,11 +37,46 @@ def inject(model: nn.Module, target_modules, *, r: int, alpha: float, dropout: f
     the ``lora_A``/``lora_B`` of fastlora layers, as ``peft.get_peft_model`` does.
     """
     names = match_modules(model, target_modules)
-    for name in names:
-        _set_submodule(model, name, Linear.from_linear(model.get_submodule(name), r=r, alpha=alpha,
-                                                       dropout=dropout, use_rslora=use_rslora))
+    kw = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+    layers = [_wrap(name, model.get_submodule(name), kw) for name in names]
+    for name, layer in zip(names, layers, strict=True):
+        _set_submodule(model, name, layer)
     freeze_base(model)
     return names
+
+
+def _wrap(name: str, linear: nn.Linear, kw: dict) -> Linear | Linear4bit:
+    if _is_bnb_4bit(linear):
+        _check_bnb_4bit(name, linear)
+        return Linear4bit.from_linear(linear, **kw)
+    _check_unquantized(name, linear)
+    return Linear.from_linear(linear, **kw)
+
+
+def _check_unquantized(name: str, linear: nn.Linear) -> None:
+    """Raise for an ``nn.Linear`` subclass that quantises its weight (bitsandbytes ``Linear8bitLt``, ...)."""
+    cls = type(linear)
+    if cls.__module__.partition(".")[0] == "bitsandbytes" or not linear.weight.is_floating_point():
+        raise NotImplementedError(f"{name!r} is a {cls.__module__}.{cls.__name__} with a {linear.weight.dtype} "
+                                  "weight; fastlora supports nn.Linear and bitsandbytes Linear4bit (4-bit) bases")
+
+
+def _check_bnb_4bit(name: str, linear: nn.Module) -> None:
+    """Raise if the bitsandbytes ``Linear4bit`` at ``name`` cannot be shared by a ``fastlora.Linear4bit``.
+
+    bitsandbytes quantises a ``Params4bit`` when it is first moved to a device (``.to("cpu")``, ``.cuda()``;
+    ``from_pretrained`` does it while loading); before that the weight is still float. Its CPU inference path on
+    AVX512-BF16 machines (eval, no grad) repacks the weight in place into another layout with bf16 scales
+    (``quant_state.packing_format_for_cpu``), which is no longer the format fastlora decodes.
+    """
+    qs = getattr(linear.weight, "quant_state", None)
+    if qs is None:
+        raise ValueError(f"{name!r}: the bitsandbytes Linear4bit is not quantised yet (weight.quant_state is None); "
+                         "bitsandbytes quantises when the layer is moved to a device, e.g. .to('cpu') or .cuda()")
+    if getattr(qs, "packing_format_for_cpu", False):
+        raise NotImplementedError(f"{name!r}: bitsandbytes repacked this Linear4bit for its AVX512-BF16 CPU kernel "
+                                  "(quant_state.packing_format_for_cpu), a layout fastlora does not read; wrap the "
+                                  "layer before running it in eval mode without grad, or reload the model")
 
 
 def match_modules(model: nn.Module, target_modules) -> list[str]:
@@ -57,7 +105,7 @@ def match_modules(model: nn.Module, target_modules) -> list[str]:
     for name, mod in model.named_modules():
         if not name or not matches(name, mod):
             continue
-        if isinstance(mod, (Linear, GroupedLinear)):
+        if isinstance(mod, _FASTLORA):
             raise ValueError(f"target_modules {target_modules!r} matched {name!r}, which is already a "
                              f"fastlora.{type(mod).__name__}")
         if not isinstance(mod, nn.Linear):
@@ -73,7 +121,7 @@ def freeze_base(model: nn.Module) -> None:
     """requires_grad=False on every parameter except the adapters of fastlora layers."""
     adapters = set()
     for mod in model.modules():
-        if isinstance(mod, (Linear, GroupedLinear)):
+        if isinstance(mod, _FASTLORA):
             adapters.update((id(mod.lora_A), id(mod.lora_B)))
     for p in model.parameters():
         p.requires_grad_(id(p) in adapters)
@@ -82,27 +130,30 @@ def freeze_base(model: nn.Module) -> None:
 def merge(model: nn.Module) -> list[str]:
     """Fold every ``fastlora.Linear`` adapter into its base weight (inference); return the layer names.
 
-    ``GroupedLinear`` stacks are left alone: a per-token adapter cannot be folded into one weight.
+    ``GroupedLinear`` stacks are left alone: a per-token adapter cannot be folded into one weight. A model with
+    ``fastlora.Linear4bit`` layers raises their ``NotImplementedError`` (naming the first such layer) before
+    anything is merged: folding an adapter into 4-bit codes re-quantises the base. ``layer.dequantize()`` gives a
+    mergeable ``fastlora.Linear``.
     """
-    names = _linears(model)
-    for name in names:
-        model.get_submodule(name).merge()
-    return names
+    return _apply(model, "merge")
 
 
 def unmerge(model: nn.Module) -> list[str]:
     """Undo ``merge``: subtract every ``fastlora.Linear`` adapter from its base weight; return the layer names."""
-    names = _linears(model)
-    for name in names:
-        model.get_submodule(name).unmerge()
-    return names
+    return _apply(model, "unmerge")
 
 
-def _linears(model: nn.Module) -> list[str]:
-    names = [name for name, mod in model.named_modules() if isinstance(mod, Linear)]
-    if not names:
-        raise ValueError("found no fastlora.Linear in the model")
-    return names
+def _apply(model: nn.Module, method: str) -> list[str]:
+    layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, (Linear, Linear4bit))}
+    if not layers:
+        raise ValueError("found no fastlora.Linear or fastlora.Linear4bit in the model")
+    # 4-bit layers first: they refuse, and must do so before any full-precision layer has changed.
+    for name, layer in sorted(layers.items(), key=lambda item: not isinstance(item[1], Linear4bit)):
+        try:
+            getattr(layer, method)()
+        except NotImplementedError as e:
+            raise NotImplementedError(f"{method} of layer {name!r}: {e}") from e
+    return list(layers)
 
 
 def _output_layer(model: nn.Module):

@@ -198,6 +198,25 @@ def quantize_4bit(weight: torch.Tensor, *, blocksize: int = 64, quant_type: str 
     return packed, state
 
 
+def empty_4bit(shape, *, dtype: torch.dtype, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True,
+               device=None) -> tuple[torch.Tensor, QuantState4bit]:
+    """Uninitialised packed bytes and state of the shapes ``quantize_4bit`` gives a weight of ``shape``: for the
+    meta device (shape inference, deferred init) and for compiling kernels without data. The codebooks are real."""
+    _check_format(blocksize, quant_type)
+    n = math.prod(shape)
+    nblocks = -(-n // blocksize)
+    kw = dict(dtype=torch.float32, device=device)
+    state = QuantState4bit(absmax=torch.empty(nblocks, **kw), shape=torch.Size(shape), dtype=dtype,
+                           blocksize=blocksize, quant_type=quant_type, code=CODES[quant_type].to(device))
+    if double_quant:
+        state.absmax = torch.empty(nblocks, dtype=torch.uint8, device=device)
+        state.absmax2 = torch.empty(-(-nblocks // BLOCKSIZE2), **kw)
+        state.code2 = DYNAMIC_CODE.to(device)
+        state.offset = torch.empty((), **kw)
+        state.blocksize2 = BLOCKSIZE2
+    return torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device), state
+
+
 def _quantize_dynamic(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """bitsandbytes 0.50 CPU ``quantize_blockwise`` of fp32 x with DYNAMIC_CODE: (uint8 codes, fp32 absmax)."""
     nblocks = -(-x.numel() // blocksize)

@@ -62,17 +62,22 @@ def _lowrank(
 
 @triton.jit
 def _mainloop_ptr(
-    acc, x_ptr, w_ptr, bits_ptr, quant, rows, ids, offs_n, mask_m, mask_n, K,
+    acc, x_ptr, w_ptr, bits_ptr, quant, rows, ids, n0, offs_n, mask_m, mask_n, K,
     stride_xm, stride_xk, stride_wg, stride_wn, stride_wk, stride_bits, dropout_p, seed,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, W_GROUPED: tl.constexpr, X_DROPOUT: tl.constexpr,
-    W_QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_GROUPED: tl.constexpr,
+    X_DROPOUT: tl.constexpr, W_QUANT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr,
+    QBLOCK2: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """acc += drop?(X[rows]) W^T with pointer loads (any strides, gathered rows). With X_DROPOUT the keep-mask
     is drawn here (Philox) and also written, packed, to bits (the shrink has one column tile, so once). With
-    W_QUANT, W is fetched 4-bit and dequantised (``quant``: absmax, absmax2, code, code2, offset pointers)."""
+    W_QUANT, W is fetched 4-bit and dequantised (``quant``: absmax, absmax2, code, code2, offset pointers) from the
+    stored [N, K] weight (forward) or, W_TRANS, its transpose (dx); the stored row length is the unit stride's
+    partner (stride_wn, or stride_wk when W_TRANS)."""
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
-    w_offs = offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
+    if W_QUANT != DENSE:
+        codebook = tl.load(quant[2] + tl.arange(0, 16))
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
         if X_DROPOUT:
@@ -85,16 +90,19 @@ def _mainloop_ptr(
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w_mask = mask_k[:, None] & mask_n[None, :]
         if W_GROUPED:
-            acc = grouped_dot(acc, x, ids, w_ptr + w_offs, w_mask, stride_wg, INPUT_PRECISION)
+            acc = grouped_dot(acc, x, ids, w_ptrs, w_mask, stride_wg, INPUT_PRECISION)
         else:
             if W_QUANT == DENSE:
-                w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)
-            else:
-                w = load_4bit(w_ptr, quant[0], quant[1], quant[2], quant[3], quant[4], w_offs, w_mask,
-                              W_QUANT, QBLOCK, QBLOCK2)
+                w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+            elif W_TRANS:  # dx: rows k0.. of the stored weight, columns n0..
+                w = load_4bit(w_ptr, quant, codebook, (k0 + offs_k).to(tl.int64), mask_k, n0, stride_wk,
+                              BLOCK_N, W_QUANT, QBLOCK, QBLOCK2)
+            else:  # forward: rows offs_n, columns k0.., transposed to [BLOCK_K, BLOCK_N]
+                w = load_4bit(w_ptr, quant, codebook, offs_n.to(tl.int64), mask_n, k0, stride_wn,
+                              BLOCK_K, W_QUANT, QBLOCK, QBLOCK2).T
             acc = tl.dot(x, w.to(x.dtype), acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
-        w_offs += BLOCK_K * stride_wk
+        w_ptrs += BLOCK_K * stride_wk
     if X_DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
     return acc
@@ -133,7 +141,8 @@ def _lora_gemm_kernel(
     W_GROUPED: tl.constexpr, B_GROUPED: tl.constexpr, HAS_SCALE_VEC: tl.constexpr,
     X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
     USE_TMA: tl.constexpr, TMA_OK: tl.constexpr, W_KMAJOR: tl.constexpr,
-    W_QUANT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    W_QUANT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """out [M, N] (rows in caller order) from X [M, K], W [(G,) N, K], T [M, R] fp32, B [(G,) N, R].
 
@@ -144,7 +153,8 @@ def _lora_gemm_kernel(
     words [M, cdiv(K, 32)] by token — written by the X_DROPOUT shrink, read by OUT_DROPOUT. USE_TMA needs
     TMA_OK (the launcher built descriptors: 16-byte aligned, unit inner stride) and no gather. M_BUCKET and
     TMA_OK also key the autotuner. W_QUANT (``weight4``: DENSE, ABSMAX, DOUBLE) reads W as 4-bit codes at w_ptr
-    with their block scales (qabs..qoff pointers, QBLOCK elements per absmax, QBLOCK2 absmax per absmax2).
+    with their block scales (qabs..qoff pointers, QBLOCK elements per absmax, QBLOCK2 absmax per absmax2); W_TRANS:
+    the operand is the stored weight's transpose (dx).
     """
     tl.static_assert(not (X_DROPOUT and HAS_LORA), "X_DROPOUT is the shrink's; the main GEMM takes OUT_DROPOUT")
     tl.static_assert(not USE_TMA or (TMA_OK and not HAS_PERM and not W_GROUPED and not X_DROPOUT))
@@ -177,9 +187,10 @@ def _lora_gemm_kernel(
             acc = _mainloop_tma(acc, x_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, BLOCK_K, W_KMAJOR,
                                 INPUT_PRECISION)
         else:
-            acc = _mainloop_ptr(acc, x_ptr, w_ptr, bits_ptr, quant, rows, ids, offs_n, mask_m, mask_n, K,
-                                stride_xm, stride_xk, stride_wg, stride_wn, stride_wk, stride_bits, dropout_p, seed,
-                                BLOCK_M, BLOCK_K, W_GROUPED, X_DROPOUT, W_QUANT, QBLOCK, QBLOCK2, INPUT_PRECISION)
+            acc = _mainloop_ptr(acc, x_ptr, w_ptr, bits_ptr, quant, rows, ids, pid_n * BLOCK_N, offs_n, mask_m, mask_n,
+                                K, stride_xm, stride_xk, stride_wg, stride_wn, stride_wk, stride_bits, dropout_p,
+                                seed, BLOCK_M, BLOCK_N, BLOCK_K, W_GROUPED, X_DROPOUT, W_QUANT, W_TRANS, QBLOCK,
+                                QBLOCK2, INPUT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
@@ -207,6 +218,7 @@ def gemm_configs(shrink: bool):
         (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
         (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 5), (64, 256, 64, 8, 3),
         (32, 128, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 4), (32, 64, 128, 4, 5),
+        (16, 64, 128, 4, 4),  # decode tile whose dequantised 4-bit W fits registers
         # fp32 without tf32 (FMA, operands in registers): short K steps
         (64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (128, 64, 16, 8, 3), (128, 128, 16, 8, 2),
     ]
