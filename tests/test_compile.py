@@ -103,3 +103,15 @@ def test_tiny_llama_matches_eager():
     assert {k.removeprefix("_orig_mod.") for k in grads} == ref_grads.keys()
     for name, g in grads.items():
         assert_close(g, ref_grads[name.removeprefix("_orig_mod.")], torch.float32, name)
+
+
+def test_linear4bit_matches_eager():
+    torch.manual_seed(0)
+    model = nn.Sequential(fastlora.Linear4bit(64, 96, r=4, alpha=8, dropout=0.2, compute_dtype=torch.float32),
+                          nn.GELU(), fastlora.Linear4bit(96, 40, r=4, alpha=8, blocksize=32,
+                                                         double_quant=False, compute_dtype=torch.float32))
+    for layer in model[::2]:
+        nn.init.normal_(layer.lora_B)
+    x = torch.randn(6, 64)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert_runs_match(run(compiled, x, seed=3), run(model, x, seed=3))
