@@ -24,7 +24,7 @@ class LoRAFunction(torch.autograd.Function):
                                        list(quant), list(qblocks))
         ctx.save_for_backward(x, weight, lora_A, lora_B, t, bits, scale_vec, perm, ids, seg, *quant)
         ctx.scaling, ctx.dropout_p, ctx.qblocks = scaling, dropout_p, qblocks
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
@@ -34,6 +34,6 @@ class LoRAFunction(torch.autograd.Function):
         dx, dA, dB = _ops.lora_backward(dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, scale_vec, perm, ids,
                                         seg, ctx.dropout_p, need[0], need[3], need[4], quant, list(ctx.qblocks))
         dw = (dy.t() @ x.to(dy.dtype)).to(weight.dtype) if need[1] else None
-        db = dy.sum(0).to(weight.dtype) if ctx.has_bias and need[2] else None
+        db = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None
         return (dx if need[0] else None, dw, db, dA if need[3] else None, dB if need[4] else None,
                 None, None, None, None, None, None, None, None, None)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import triton
+import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastlora.kernels.dropout import _dropout_mask_kernel
@@ -21,6 +22,7 @@ from fastlora.kernels.grad import _lora_grad_kernel, grad_configs
 from fastlora.kernels.weight4 import ABSMAX, DENSE, DOUBLE
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 # Tests set this so every buffer a kernel should fully write starts as NaN.
 POISON = os.environ.get("FASTLORA_POISON") == "1"
 
@@ -96,9 +98,12 @@ FMA_BUDGET = 80
 MAX_W4_PER_THREAD = 64
 W4_BUDGET = 160
 W4_BUDGET_MMA_SYNC = 80
+# ... and accumulator + W + X elements per thread when fp32 X tiles are converted in registers (8-24 bytes past it).
+W4_BUDGET_WIDE_X = 88
 
 
-def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict, elt: int, hopper: bool = True) -> bool:
+def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict, elt: int, hopper: bool = True,
+                        x_elt: int | None = None) -> bool:
     """Whether a GEMM-core config stays within the register file: the accumulator, plus what each variant keeps
     live beside it (dropout masks, the per-adapter loop, the Philox draw of the dropout shrink)."""
     threads = 32 * num_warps
@@ -111,6 +116,8 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
         budget = W4_BUDGET if hopper else W4_BUDGET_MMA_SYNC
         if w > MAX_W4_PER_THREAD or acc + w > budget or (bm < 64 and bk < 64):
             return False
+        if (x_elt or elt) > elt and acc + w + bm * bk // threads > W4_BUDGET_WIDE_X:
+            return False  # fp32 X tiles converted to the compute dtype in registers
     if elt == 4 and flags["INPUT_PRECISION"] == "ieee":
         operands = (bm * bk + bk * block_n) // threads
         return acc + operands <= FMA_BUDGET and acc + 2 * bm * bk // threads <= MAX_ACC_PER_THREAD
@@ -143,7 +150,8 @@ class Packed4bit:
     its transpose, addressed through the strides of the logical matrix like a dense tensor.
 
     data: the packed bytes (uint8, two codes per byte); absmax fp32 [nblocks] or, with double quant, uint8 with
-    absmax2 fp32, code2 fp32 [256] and offset fp32 (0-d); code the fp32 [16] codebook.
+    absmax2 fp32, code2 fp32 [256] and offset fp32 (0-d); code the fp32 [16] codebook; compute: the dtype the
+    dequantised tiles (and the X tiles beside them) are multiplied in.
     """
 
     data: torch.Tensor
@@ -155,6 +163,7 @@ class Packed4bit:
     blocksize: int
     blocksize2: int
     stored: tuple[int, int]
+    compute: torch.dtype
     transposed: bool = False
 
     @property
@@ -192,8 +201,9 @@ def _prune_gemm(configs, named_args, **kwargs):
         bn = c.kwargs.get("BLOCK_N", kwargs.get("BLOCK_N"))
         if c.kwargs["USE_TMA"] and not kwargs["TMA_OK"]:
             continue
-        if not gemm_fits_registers(c.kwargs, c.num_warps, block_n=bn, flags=kwargs, elt=x.element_size(),
-                                   hopper=hopper):
+        elt = x.element_size() if not kwargs["W_QUANT"] else kwargs["W_COMPUTE"].primitive_bitwidth // 8
+        if not gemm_fits_registers(c.kwargs, c.num_warps, block_n=bn, flags=kwargs, elt=elt, hopper=hopper,
+                                   x_elt=x.element_size()):
             continue
         smem = gemm_smem(c.kwargs, c.num_stages, elt=x.element_size(), out_elt=out.element_size(), block_n=bn,
                          block_r=kwargs["BLOCK_R"], lora=kwargs["HAS_LORA"])
@@ -248,7 +258,7 @@ def _with_tma_hook(configs):
 
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LORA", "W_GROUPED", "B_GROUPED", "X_DROPOUT", "OUT_DROPOUT",
-             "TMA_OK", "W_KMAJOR", "W_QUANT", "W_TRANS"]
+             "TMA_OK", "W_KMAJOR", "W_QUANT", "W_TRANS", "W_COMPUTE"]
 _gemm_tuned = triton.autotune(_with_tma_hook(gemm_configs(shrink=False)), key=_GEMM_KEY,
                               prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_kernel)
 _shrink_tuned = triton.autotune(gemm_configs(shrink=True), key=_GEMM_KEY,
@@ -340,6 +350,7 @@ def gemm(
         HAS_PERM=perm is not None, W_GROUPED=w_grouped, B_GROUPED=b_grouped, HAS_SCALE_VEC=scale_vec is not None,
         X_DROPOUT=x_dropout, OUT_DROPOUT=out_dropout, TMA_OK=x_desc is not None, W_KMAJOR=w_kmajor,
         W_QUANT=DENSE.value if quant is None else quant.w_quant, W_TRANS=bool(quant and quant.transposed),
+        W_COMPUTE=_TL_DTYPES[quant.compute if quant else x.dtype],
         QBLOCK=quant.blocksize if quant else 1,
         QBLOCK2=quant.blocksize2 if quant else 1, INPUT_PRECISION=input_precision(x.dtype, x.device),
     )

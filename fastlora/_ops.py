@@ -6,8 +6,9 @@ returns the keep-mask it drew, packed one bit per element ([M, cdiv(K, 32)] int3
 backward reads it instead of drawing it again.
 
 A 4-bit base (QLoRA) passes its packed bytes as ``weight`` with ``quant`` = [absmax, code] or, double-quantised,
-[absmax, code, absmax2, code2, offset] and ``qblocks`` = [blocksize, blocksize2]; N then comes from lora_B. A dense
-weight passes ``quant`` = [] and ``qblocks`` = [].
+[absmax, code, absmax2, code2, offset] and ``qblocks`` = [blocksize, blocksize2, compute] (compute: the index of
+the compute dtype in ``COMPUTE_DTYPES``); N then comes from lora_B. A dense weight passes ``quant`` = [] and
+``qblocks`` = [].
 """
 
 import torch
@@ -41,13 +42,17 @@ def _(x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, dropout_p,
     return x.new_empty(M, lora_B.shape[-2]), x.new_empty(M, lora_A.shape[-2], dtype=torch.float32), bits
 
 
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _weight(weight: Tensor, quant: list[Tensor], qblocks: list[int], N: int, K: int):
     """The W operand: ``weight`` itself (``quant`` empty), or its packed 4-bit form with the quantisation state."""
     if not quant:
         return weight
     absmax, code, *double = quant
     absmax2, code2, offset = double if double else (None, None, None)
-    return _launch.Packed4bit(weight, absmax, code, absmax2, code2, offset, qblocks[0], qblocks[1], (N, K))
+    return _launch.Packed4bit(weight, absmax, code, absmax2, code2, offset, qblocks[0], qblocks[1], (N, K),
+                              COMPUTE_DTYPES[qblocks[2]])
 
 
 @torch.library.custom_op("fastlora::lora_backward", mutates_args=())

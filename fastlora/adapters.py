@@ -17,8 +17,11 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
+from fastlora.linear4bit import Linear4bit, _is_bnb_4bit
 from fastlora.model import _set_submodule, freeze_base
 from fastlora.modules import GroupedLinear, Linear
+
+_SINGLE = (Linear, Linear4bit)  # one-adapter layers: what save_adapter writes and load_adapter fills
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -32,7 +35,8 @@ _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, 
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Write every ``fastlora.Linear`` adapter of ``model`` to directory ``path`` in PEFT's format.
+    """Write every ``fastlora.Linear`` / ``fastlora.Linear4bit`` adapter of ``model`` to directory ``path`` in
+    PEFT's format (a 4-bit model's adapter loads into PEFT over the same bitsandbytes base).
 
     The config's ``r``/``lora_alpha`` are the most common values; layers that differ get ``rank_pattern``/
     ``alpha_pattern`` entries (as PEFT writes them). ``lora_dropout`` is the most common dropout (it does not
@@ -40,9 +44,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """
     from safetensors.torch import save_file
 
-    layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, Linear)}
+    layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, _SINGLE)}
     if not layers:
-        raise ValueError("save_adapter found no fastlora.Linear in the model")
+        raise ValueError("save_adapter found no fastlora.Linear or fastlora.Linear4bit in the model")
     rslora = {mod.use_rslora for mod in layers.values()}
     if len(rslora) > 1:
         raise ValueError("save_adapter needs one use_rslora for all layers (PEFT's config has one); got both")
@@ -79,7 +83,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """Load a PEFT-format LoRA adapter from directory ``path`` into ``model``; return the layer names.
 
     Each layer named in the file must be an ``nn.Linear`` (wrapped into a ``fastlora.Linear`` sharing its
-    weight) or an unmerged ``fastlora.Linear`` (its adapter is replaced). Rank comes from the tensors, alpha
+    weight), a bitsandbytes ``Linear4bit`` (wrapped into a ``fastlora.Linear4bit`` sharing its packed weight), an
+    unmerged ``fastlora.Linear`` or a ``fastlora.Linear4bit`` (its adapter is replaced). Rank comes from the tensors, alpha
     from ``lora_alpha``/``alpha_pattern``, dropout and ``use_rslora`` from the config. Afterwards only the
     adapters of fastlora layers require grad (as ``inject``). DoRA, ``lora_bias``, ``fan_in_fan_out`` and
     ``modules_to_save`` adapters raise ``NotImplementedError``.
@@ -87,10 +92,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     config, weights = read_adapter(path)
     bases = {name: _base_of(model, name, a, b, path) for name, (a, b) in weights.items()}  # check all first
     for name, (a, b) in weights.items():
-        weight, bias = bases[name]
-        layer = Linear.from_linear(_as_linear(weight, bias), r=a.shape[0], alpha=_alpha(config, name),
-                                   dropout=float(config.get("lora_dropout", 0.0)),
-                                   use_rslora=bool(config.get("use_rslora", False)))
+        mod = bases[name]
+        kw = dict(r=a.shape[0], alpha=_alpha(config, name), dropout=float(config.get("lora_dropout", 0.0)),
+                  use_rslora=bool(config.get("use_rslora", False)))
+        if isinstance(mod, Linear4bit):  # new adapter parameters (fp32) over the same packed weight
+            layer = mod
+            layer._setup(mod.bias, compute_dtype=mod.compute_dtype, **kw)
+        elif _is_bnb_4bit(mod):
+            layer = Linear4bit.from_linear(mod, **kw)
+        else:
+            layer = Linear.from_linear(_as_linear(mod.weight, mod.bias), **kw)
         with torch.no_grad():
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
@@ -125,7 +136,10 @@ def load_adapters_grouped(model: nn.Module, paths, *, dropout: float = 0.0) -> l
     r_max = max(a.shape[0] for _, weights in loaded for a, _ in weights.values())
     n = len(paths)
     for name in names:
-        weight, bias = bases[name]
+        weight, bias = bases[name].weight, bases[name].bias
+        if isinstance(bases[name], Linear4bit) or _is_bnb_4bit(bases[name]):
+            raise NotImplementedError(f"{name!r} has a 4-bit base: load_adapters_grouped stacks adapters over "
+                                      "16/32-bit bases only (there is no grouped 4-bit layer)")
         N, K = weight.shape
         layer = GroupedLinear(K, N, bias is not None, num_adapters=n, r=r_max, dropout=dropout, device="meta",
                               dtype=weight.dtype)
@@ -194,12 +208,17 @@ def _base_of(model, name, a, b, source):
     if isinstance(mod, Linear):
         if mod.merged:
             raise ValueError(f"{name!r} is a merged fastlora.Linear; unmerge it before loading an adapter into it")
-    elif not isinstance(mod, nn.Linear):
-        raise ValueError(f"{source}: adapter layer {name!r} is a {type(mod).__name__}; it must be an nn.Linear "
-                         "or a fastlora.Linear")
-    N, K = mod.weight.shape
+    elif not isinstance(mod, (nn.Linear, Linear4bit)):
+        raise ValueError(f"{source}: adapter layer {name!r} is a {type(mod).__name__}; it must be an nn.Linear, "
+                         "a bitsandbytes Linear4bit, a fastlora.Linear or a fastlora.Linear4bit")
+    if isinstance(mod, Linear4bit):
+        N, K = mod.out_features, mod.in_features
+    elif _is_bnb_4bit(mod):  # its weight is the packed [N*K/2, 1] bytes
+        N, K = mod.out_features, mod.in_features
+    else:
+        N, K = mod.weight.shape
     _check_pair(name, a, b, N, K, source)
-    return mod.weight, mod.bias
+    return mod
 
 
 def _check_pair(name, a, b, N, K, source):
@@ -230,5 +249,5 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     """PEFT ``target_modules`` for ``names``: the last name components when they select exactly ``names``."""
     suffixes = sorted({name.rpartition(".")[2] for name in names})
     selected = [n for n, m in model.named_modules()
-                if isinstance(m, (nn.Linear, Linear)) and any(n == s or n.endswith("." + s) for s in suffixes)]
+                if isinstance(m, (nn.Linear, *_SINGLE)) and any(n == s or n.endswith("." + s) for s in suffixes)]
     return suffixes if sorted(selected) == sorted(names) else sorted(names)

@@ -11,7 +11,7 @@ import numbers
 
 import torch
 
-from fastlora import _launch, dispatch, reference
+from fastlora import _launch, _ops, dispatch, reference
 from fastlora._autograd import LoRAFunction
 from fastlora._compose import ComposedLoRAFunction
 from fastlora.grouping import AdapterBatch
@@ -76,8 +76,8 @@ def lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, c
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"x's last dimension must equal in_features = {K} (quant_state.shape "
                          f"{tuple(quant_state.shape)}); got x of shape {tuple(x.shape)}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"x must be a floating-point tensor; got {x.dtype}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32; got {x.dtype}")
     if K % quant_state.blocksize:
         raise ValueError(f"in_features = {K} must be a multiple of the quantisation blocksize {quant_state.blocksize}: "
                          "the fused 4-bit GEMM reads each weight row as whole blocks (quant_state.shape "
@@ -93,27 +93,28 @@ def lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, c
             raise TypeError(f"bias must be a tensor or None; got {type(bias).__name__}")
         _check_shape("bias", bias, (N,), "(out_features,)")
         _check_device("bias", bias, x)
+        if bias.dtype not in _DTYPES:
+            raise TypeError(f"bias must be float16, bfloat16 or float32; got {bias.dtype}")
     _check_shape("lora_A", lora_A, (None, K), "(r, in_features)")
     r = lora_A.shape[0]
     _check_shape("lora_B", lora_B, (N, r), "(out_features, r)")
     _check_adapters(x, lora_A, lora_B, r)
     s = _check_scaling(scaling)
     p = _check_dropout(dropout_p) if training else 0.0
-    in_dtype = x.dtype
-    x = x.to(compute_dtype)
-    bias = bias.to(compute_dtype) if bias is not None else None
-    if not _use_kernels(x, lora_A, lora_B):
+    if _autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    if not _use_kernels(x, lora_A, lora_B, extra_dtypes=(compute_dtype,)):
         w = quant.dequantize_4bit(weight, quant_state, dtype=compute_dtype)
-        y = reference.lora_linear(x, w, bias, lora_A, lora_B, s, dropout_p=p, training=training)
-        return y.to(in_dtype)
+        return reference.lora_linear(x, w, bias, lora_A, lora_B, s, dropout_p=p, training=training,
+                                     compute_dtype=compute_dtype)
     seed = _seed(seed) if p > 0 else 0
     st = quant_state
     tensors = [st.absmax, st.code] + ([st.absmax2, st.code2, st.offset] if st.double_quant else [])
-    qblocks = [st.blocksize, st.blocksize2 if st.double_quant else 1]
+    qblocks = [st.blocksize, st.blocksize2 if st.double_quant else 1, _ops.COMPUTE_DTYPES.index(compute_dtype)]
     with torch.autocast(x.device.type, enabled=False):
         y = LoRAFunction.apply(x.reshape(-1, K), weight.view(torch.uint8).reshape(-1), bias, lora_A, lora_B, s,
                                None, None, None, None, p, seed, tensors, qblocks)
-    return y.reshape(*x.shape[:-1], N).to(in_dtype)
+    return y.reshape(*x.shape[:-1], N)
 
 
 def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *, dropout_p=0.0, training=False,
@@ -188,14 +189,14 @@ def dropout_mask(shape, dropout_p: float, seed: int, device=None) -> torch.Tenso
     return _launch.dropout_mask(M, K, dropout_p, seed, device or "cpu").reshape(shape)
 
 
-def _use_kernels(x: torch.Tensor, *adapters: torch.Tensor) -> bool:
+def _use_kernels(x: torch.Tensor, *adapters: torch.Tensor, extra_dtypes=()) -> bool:
     """CUDA always; CPU only under the interpreter and never for bf16, whose tl.dot the interpreter
     computes wrongly (triton 3.6: relative error ~1e10), so bf16 on CPU takes the reference."""
     if x.device.type == "cuda":
         return True
     if not (_launch.INTERPRET and x.device.type == "cpu"):
         return False
-    dtypes = {x.dtype, *(t.dtype for t in adapters)}
+    dtypes = {x.dtype, *(t.dtype for t in adapters), *extra_dtypes}
     if torch.is_autocast_enabled("cpu"):
         dtypes.add(torch.get_autocast_dtype("cpu"))
     return torch.bfloat16 not in dtypes

@@ -17,12 +17,19 @@ def _dropped(x, dropout_p, training, dropout_mask):
     return x * dropout_mask.to(x.dtype) / (1.0 - dropout_p)
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, training=False, dropout_mask=None):
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, training=False, dropout_mask=None,
+                compute_dtype=None):
     """y = x W^T + b + scaling * (dropout(x) A^T) B^T, the low-rank branch in the adapters' dtype (as PEFT).
 
     ``dropout_mask`` (bool, x's shape) replaces torch's random dropout, so a test can use the kernels' mask.
+    ``compute_dtype`` (a quantised base, as bitsandbytes' Linear4bit): the base product x W^T + b runs in it and
+    comes back in x's dtype.
     """
-    base = F.linear(x, weight, bias)
+    if compute_dtype is None:
+        base = F.linear(x, weight, bias)
+    else:
+        cd = compute_dtype
+        base = F.linear(x.to(cd), weight.to(cd), None if bias is None else bias.to(cd)).to(x.dtype)
     xd = _dropped(x, dropout_p, training, dropout_mask).to(lora_A.dtype)
     low = F.linear(F.linear(xd, lora_A), lora_B)
     return base + (scaling * low).to(base.dtype)

@@ -66,13 +66,14 @@ def _mainloop_ptr(
     stride_xm, stride_xk, stride_wg, stride_wn, stride_wk, stride_bits, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_GROUPED: tl.constexpr,
     X_DROPOUT: tl.constexpr, W_QUANT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr,
-    QBLOCK2: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    QBLOCK2: tl.constexpr, W_COMPUTE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """acc += drop?(X[rows]) W^T with pointer loads (any strides, gathered rows). With X_DROPOUT the keep-mask
     is drawn here (Philox) and also written, packed, to bits (the shrink has one column tile, so once). With
     W_QUANT, W is fetched 4-bit and dequantised (``quant``: absmax, absmax2, code, code2, offset pointers) from the
     stored [N, K] weight (forward) or, W_TRANS, its transpose (dx); the stored row length is the unit stride's
-    partner (stride_wn, or stride_wk when W_TRANS)."""
+    partner (stride_wn, or stride_wk when W_TRANS). The 4-bit product runs in W_COMPUTE (bitsandbytes'
+    compute dtype), X tiles cast to it in registers, whatever X's own dtype."""
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
@@ -93,14 +94,17 @@ def _mainloop_ptr(
             acc = grouped_dot(acc, x, ids, w_ptrs, w_mask, stride_wg, INPUT_PRECISION)
         else:
             if W_QUANT == DENSE:
-                w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+                w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(x.dtype)
             elif W_TRANS:  # dx: rows k0.. of the stored weight, columns n0..
                 w = load_4bit(w_ptr, quant, codebook, (k0 + offs_k).to(tl.int64), mask_k, n0, stride_wk,
                               BLOCK_N, W_QUANT, QBLOCK, QBLOCK2)
             else:  # forward: rows offs_n, columns k0.., transposed to [BLOCK_K, BLOCK_N]
                 w = load_4bit(w_ptr, quant, codebook, offs_n.to(tl.int64), mask_n, k0, stride_wn,
                               BLOCK_K, W_QUANT, QBLOCK, QBLOCK2).T
-            acc = tl.dot(x, w.to(x.dtype), acc, input_precision=INPUT_PRECISION)
+            if W_QUANT == DENSE:
+                acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+            else:
+                acc = tl.dot(x.to(W_COMPUTE), w.to(W_COMPUTE), acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if X_DROPOUT:
@@ -142,7 +146,7 @@ def _lora_gemm_kernel(
     X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
     USE_TMA: tl.constexpr, TMA_OK: tl.constexpr, W_KMAJOR: tl.constexpr,
     W_QUANT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    W_COMPUTE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """out [M, N] (rows in caller order) from X [M, K], W [(G,) N, K], T [M, R] fp32, B [(G,) N, R].
 
@@ -153,8 +157,9 @@ def _lora_gemm_kernel(
     words [M, cdiv(K, 32)] by token — written by the X_DROPOUT shrink, read by OUT_DROPOUT. USE_TMA needs
     TMA_OK (the launcher built descriptors: 16-byte aligned, unit inner stride) and no gather. M_BUCKET and
     TMA_OK also key the autotuner. W_QUANT (``weight4``: DENSE, ABSMAX, DOUBLE) reads W as 4-bit codes at w_ptr
-    with their block scales (qabs..qoff pointers, QBLOCK elements per absmax, QBLOCK2 absmax per absmax2); W_TRANS:
-    the operand is the stored weight's transpose (dx).
+    with their block scales (qabs..qoff pointers, QBLOCK elements per absmax, QBLOCK2 absmax per absmax2) and
+    multiplies in W_COMPUTE; W_TRANS: the operand is the stored weight's transpose (dx). The low-rank term stays
+    in X's dtype (an fp32 X under a bf16 4-bit base: exact adapter products, as PEFT's QLoRA computes them).
     """
     tl.static_assert(not (X_DROPOUT and HAS_LORA), "X_DROPOUT is the shrink's; the main GEMM takes OUT_DROPOUT")
     tl.static_assert(not USE_TMA or (TMA_OK and not HAS_PERM and not W_GROUPED and not X_DROPOUT))
@@ -190,7 +195,7 @@ def _lora_gemm_kernel(
             acc = _mainloop_ptr(acc, x_ptr, w_ptr, bits_ptr, quant, rows, ids, pid_n * BLOCK_N, offs_n, mask_m, mask_n,
                                 K, stride_xm, stride_xk, stride_wg, stride_wn, stride_wk, stride_bits, dropout_p,
                                 seed, BLOCK_M, BLOCK_N, BLOCK_K, W_GROUPED, X_DROPOUT, W_QUANT, W_TRANS, QBLOCK,
-                                QBLOCK2, INPUT_PRECISION)
+                                QBLOCK2, W_COMPUTE, INPUT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 

@@ -185,3 +185,25 @@ def test_errors_name_the_argument(device):
         fastlora.Linear4bit(96, 8)
     with pytest.raises(TypeError, match="nn.Linear or a bitsandbytes"):
         fastlora.Linear4bit.from_linear(torch.nn.Conv1d(2, 2, 1))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["nodrop", "drop"])
+def test_fp32_activations_keep_exact_adapter_math(p, device):
+    # fp32 x over an fp16-compute base (QLoRA after prepare_model_for_kbit_training): the base product is cast to
+    # fp16 inside the kernel, the low-rank branch and the adapter gradients stay fp32 (PEFT's semantics).
+    x, packed, state, b, a, bb = make_4bit(33, 128, 40, 8, device=device)
+    x, a, bb = (t.detach().requires_grad_() for t in (x, a, bb))
+    y = fastlora.lora_linear_4bit(x, packed, state, b, a, bb, 1.5, compute_dtype=torch.float16, dropout_p=p,
+                                  training=p > 0, seed=4)
+    mask = fastlora.dropout_mask(x.shape, p, 4, x.device) if p > 0 else None
+    w = quant.dequantize_4bit(packed, state, dtype=torch.float64)
+    xr, br, ar, bbr = f64(x, b, a, bb)
+    yr = reference.lora_linear(xr, w, br, ar, bbr, 1.5, dropout_p=p, training=p > 0, dropout_mask=mask)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    yr.backward(dy.double())
+    assert y.dtype == torch.float32
+    assert_close(y, yr, torch.float16, "y")
+    assert_close(x.grad, xr.grad, torch.float16, "dx")
+    assert_close(a.grad, ar.grad, torch.float32, "dA (fp32 exact)")
+    assert_close(bb.grad, bbr.grad, torch.float32, "dB (fp32 exact)")

@@ -147,10 +147,6 @@ def test_from_peft_matches_peft(saved, case):
             assert rel_error(got, ref) <= 2 * peft_err, f"{name}: {rel_error(got, ref):.3e} > 2 x {peft_err:.3e}"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "Linear4bit casts x to compute_dtype before the low-rank branch and rounds base + low-rank to it; PEFT feeds "
-    "x in its own dtype (fp32) to the fp32 adapters and adds in x's dtype: measured y 4.5x, dx 10x, dA/dB ~2e4x "
-    "PEFT's error against float64 (PEFT's adapter gradients are fp32-exact, fastlora's bf16-rounded)"))
 def test_layer_with_fp32_activations_is_as_accurate_as_peft(saved):
     """fp32 activations, bf16 compute (QLoRA after prepare_model_for_kbit_training, or an fp32 model): PEFT runs
     the base in bf16 (x rounded, the result cast back to fp32) and the low-rank branch on the fp32 x."""
@@ -252,12 +248,6 @@ def test_from_peft_plain_lora_linear_over_bnb():
     assert_close(model(x), expected, FP32, "fastlora.Linear4bit vs PEFT lora.Linear over bitsandbytes")
 
 
-XFAIL_ADAPTER_FILES = pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "fastlora/adapters.py handles fastlora.Linear only: save_adapter finds no layer in a Linear4bit model, and "
-    "load_adapter checks lora_A against a bitsandbytes layer's packed weight shape [N*K/2, 1]"))
-
-
-@XFAIL_ADAPTER_FILES
 def test_save_adapter_loads_in_peft(saved, tmp_path):
     from peft import PeftModel
 
@@ -268,14 +258,13 @@ def test_save_adapter_loads_in_peft(saved, tmp_path):
     assert_close(peft_model(tokens()).logits, expected, BF16, "PEFT with the adapter fastlora saved")
 
 
-@XFAIL_ADAPTER_FILES
 def test_load_adapter_saved_by_peft(saved, tmp_path):
     peft_model = peft_qlora(saved, SOME, dtype=BF16)
     expected = peft_model(tokens()).logits.detach()
     peft_model.save_pretrained(tmp_path)
     model = load_4bit(saved, dtype=BF16)
     names = fastlora.load_adapter(model, tmp_path)
-    assert names == names_4bit(model) and len(names) == 6
+    assert sorted(names) == sorted(names_4bit(model)) and len(names) == 6
     assert_close(model(tokens()).logits, expected, BF16, "fastlora with the adapter PEFT saved")
     fastlora.save_adapter(model, tmp_path / "again")  # and back: the same tensors
     assert fastlora.load_adapter(model, tmp_path / "again") == names
