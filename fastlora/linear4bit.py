@@ -17,7 +17,8 @@ _STATE = ("absmax", "code", "absmax2", "code2", "offset")
 
 class Linear4bit(nn.Module):
     """A 4-bit base linear (bitsandbytes' packed format) with a LoRA adapter:
-    y = x deq(W)^T + b + (alpha/r) (dropout(x) A^T) B^T, computed in ``compute_dtype``, returned in x's dtype.
+    y = x deq(W)^T + b + (alpha/r) (dropout(x) A^T) B^T; the base product in ``compute_dtype``, the low-rank
+    branch in x's dtype, y in x's dtype (PEFT's LoRA over bitsandbytes' Linear4bit).
 
     ``weight`` holds the packed codes (uint8, frozen), ``quant_state`` the block scales; W is dequantised tile by
     tile inside the fused GEMM, forward and backward. ``lora_A`` (r, in) and ``lora_B`` (out, r) are fp32 (as in
