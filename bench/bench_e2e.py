@@ -5,6 +5,12 @@ Competitors: ``peft`` (get_peft_model, adapters kept in the model dtype), ``fast
 the package has it, else each nn.Linear wrapped with fastlora.Linear.from_linear) and ``reference``
 (fastlora.reference in every layer). All start from the same base weights and the same adapters (B nonzero),
 and the first step's loss and adapter-gradient norm are compared with the reference's before timing.
+
+QLoRA variant (ids ``e2e-qlora-...``): every base linear but lm_head quantised once to 4 bits (NF4, double
+quant, blocksize 64) in a bitsandbytes Linear4bit, the model's dtype as compute dtype, fp32 adapters.
+Competitors ``qlora-peft`` (get_peft_model over the bitsandbytes layers), ``qlora-fastlora`` (fastlora.inject
+wrapping them in fastlora.Linear4bit) and ``reference`` (the dequantised weights in nn.Linear layers,
+fastlora.reference with fp32 adapters): see ``competitors.inject_4bit``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import pytest
 import torch
 
 IMPLS = ("reference", "peft", "fastlora")
+QLORA_IMPLS = ("reference", "qlora-peft", "qlora-fastlora")
 # The first step's loss and LoRA gradient norm against the reference model's (bf16 rounding compounds over
 # the layers, so the bound is looser than a single layer's).
 E2E_TOLERANCE = 5e-2
@@ -28,16 +35,21 @@ class Case:
     dtype: str
     R: int
     impl: str
+    qlora: bool = False  # 4-bit base linears
+
+    @property
+    def group(self) -> str:
+        e = harness.grid().e2e
+        return f"e2e-{'qlora-' if self.qlora else ''}{self.dtype}-L{e['layers']}-B{e['batch']}-S{e['seq']}-r{self.R}"
 
     @property
     def id(self) -> str:
-        e = harness.grid().e2e
-        return f"e2e-{self.dtype}-L{e['layers']}-B{e['batch']}-S{e['seq']}-r{self.R}-{self.impl}"
+        return f"{self.group}-{self.impl}"
 
 
-CASES = [Case(dtype, R, impl) for dtype in harness.grid().dtypes for R in harness.grid().e2e["ranks"]
-         for impl in IMPLS]
-_FIRST: dict = {}  # (dtype, R) -> (loss, grad norm) of the reference model
+CASES = [Case(dtype, R, impl, qlora) for qlora in (False, True) for dtype in harness.grid().dtypes
+         for R in harness.grid().e2e["ranks"] for impl in (QLORA_IMPLS if qlora else IMPLS)]
+_FIRST: dict = {}  # (qlora, dtype, R) -> (loss, grad norm) of the reference model
 
 
 def _model(case: Case, impl: str):
@@ -48,7 +60,8 @@ def _model(case: Case, impl: str):
     torch.manual_seed(0)
     with torch.device(harness.device()):
         model = LlamaForCausalLM._from_config(cfg, dtype=harness.DTYPES[case.dtype])
-    model, how = competitors.inject(model, impl, case.R, 2 * case.R)
+    inject = competitors.inject_4bit if case.qlora else competitors.inject
+    model, how = inject(model, impl, case.R, 2 * case.R)
     with torch.no_grad():
         for key, A, B in competitors.adapter_pairs(model):
             g = torch.Generator(device="cpu").manual_seed(zlib.crc32(key.encode()))
@@ -66,7 +79,7 @@ def _first_step(model, ids):
 
 
 def _reference_first(case: Case, ids):
-    key = (case.dtype, case.R)
+    key = (case.qlora, case.dtype, case.R)
     if key not in _FIRST:
         model, _ = _model(case, "reference")
         _FIRST[key] = _first_step(model, ids)
@@ -77,8 +90,10 @@ def _reference_first(case: Case, ids):
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_e2e(benchmark, request, case: Case):
     pytest.importorskip("transformers", reason="the end-to-end model is built from a transformers config")
-    if case.impl == "peft" and not harness.have_peft():
+    if case.impl in ("peft", "qlora-peft") and not harness.have_peft():
         pytest.skip("peft is not installed")
+    if case.impl == "qlora-peft" and harness.bnb_unavailable():
+        pytest.skip(harness.bnb_unavailable())
     e = harness.grid().e2e
     gen = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, e["config"]["vocab_size"], (e["batch"], e["seq"]), generator=gen).to(harness.device())
@@ -107,11 +122,11 @@ def test_e2e(benchmark, request, case: Case):
 
     tokens = e["batch"] * e["seq"]
     tps = tokens / (timing.median_ms * 1e-3)
-    benchmark.group = f"e2e-{case.dtype}-r{case.R}"
+    benchmark.group = case.group
     benchmark.extra_info.update(harness.provenance())
     benchmark.extra_info.update(dict(
-        suite="e2e", mode="train", dtype=case.dtype, R=case.R, impl=case.impl, injected_by=how,
-        model=dict(e["config"], layers=e["layers"]), batch=e["batch"], seq=e["seq"], tokens=tokens,
+        suite="qlora-e2e" if case.qlora else "e2e", mode="train", dtype=case.dtype, R=case.R, impl=case.impl,
+        injected_by=how, model=dict(e["config"], layers=e["layers"]), batch=e["batch"], seq=e["seq"], tokens=tokens,
         median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps,
         timing=timing.method, tokens_per_s=tps, peak_mem_bytes=peak,
         trainable_params=sum(p.numel() for p in params), rel_err=errs))

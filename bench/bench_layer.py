@@ -74,20 +74,6 @@ def _problem(c: Case) -> competitors.Problem:
     return _PROBLEM[key]
 
 
-def _step(impl: competitors.Impl, train: bool):
-    """The timed callable on one (x, dy) ring entry."""
-    if not train:
-        def fwd(entry):
-            with torch.no_grad():
-                return impl.forward(entry[0])
-        return fwd
-
-    def fwd_bwd(entry):
-        x, dy = entry
-        return torch.autograd.grad(impl.forward(x), [x, *impl.params], dy)
-    return fwd_bwd
-
-
 def _check(c: Case, pb: competitors.Problem, impl: competitors.Impl, x: torch.Tensor, dy: torch.Tensor):
     """Compare output and gradients with a float32 reference run on the same dropout mask."""
     dtype, p, seed = pb.dtype, (c.dropout if c.train else 0.0), 1234
@@ -130,22 +116,10 @@ def _floor_ms(c: Case) -> float:
     if key not in _MS:
         pb = _problem(c)
         impl = competitors.layer_impl("linear", pb, c.dropout, c.train)
-        ring = _ring(c, pb)
-        step = _step(impl, c.train)
+        ring = harness.input_ring(c.M, c.K, c.N, pb.dtype, c.train)
+        step = harness.layer_step(impl.forward, impl.params, c.train)
         _MS[key] = harness.measure(lambda: step(ring.next())).median_ms
     return _MS[key]
-
-
-def _ring(c: Case, pb: competitors.Problem) -> harness.Ring:
-    dev, dtype = pb.device, pb.dtype
-
-    def make():
-        x = torch.randn(c.M, c.K, dtype=dtype, device=dev).requires_grad_(c.train)
-        dy = torch.randn(c.M, c.N, dtype=dtype, device=dev) if c.train else None
-        return x, dy
-
-    elt = torch.finfo(dtype).bits // 8
-    return harness.Ring(make, elt * c.M * (c.K + (c.N if c.train else 0)))
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
@@ -154,9 +128,9 @@ def test_layer(benchmark, request, case: Case):
         pytest.skip("peft is not installed")
     pb = _problem(case)
     impl = competitors.layer_impl(case.impl, pb, case.dropout, case.train)
-    ring = _ring(case, pb)
+    ring = harness.input_ring(case.M, case.K, case.N, pb.dtype, case.train)
     errs = _check(case, pb, impl, *ring.items[0])
-    step = _step(impl, case.train)
+    step = harness.layer_step(impl.forward, impl.params, case.train)
     timing = harness.measure(lambda: step(ring.next()))
     _MS[(case.group, case.impl)] = timing.median_ms
     peak, extra = harness.peak_memory(lambda: step(ring.items[0]))

@@ -6,6 +6,11 @@ an add), ``cublas`` (addmm for the base, then an in-place addmm_ of the low-rank
 ``fastlora`` (fastlora.Linear). Multi-adapter: ``linear``, ``fastlora-single`` (one adapter for all tokens:
 the grouped floor), ``fastlora-grouped``, ``peft-mixed`` (PEFT's adapter_names mixed batch) and ``loop``
 (one low-rank product per adapter over its rows, row indices built once per batch).
+
+QLoRA (a 4-bit base: NF4, double quant, blocksize 64, quantised once; fp32 adapters as in PEFT's QLoRA):
+``linear`` (nn.Linear on the dequantised W in the compute dtype, no LoRA: the floor), ``qlora-peft`` (PEFT's
+LoRA over a bitsandbytes Linear4bit), ``qlora-dequant`` (W dequantised every call, forward and again in
+backward, then addmm and the low-rank addmm_) and ``qlora-fastlora`` (fastlora.Linear4bit).
 """
 
 from __future__ import annotations
@@ -13,15 +18,20 @@ from __future__ import annotations
 import collections
 import copy
 
+import harness
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import fastlora
-from fastlora import reference
+from fastlora import quant, reference
 
 LAYER = ("linear", "merged", "peft", "reference", "cublas", "fastlora")
 GROUPED = ("linear", "fastlora-single", "peft-mixed", "loop", "fastlora-grouped")
+QLORA = ("linear", "qlora-peft", "qlora-dequant", "qlora-fastlora")
+# QLoRA's usual format (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+# bnb_4bit_use_double_quant=True)); bitsandbytes' default blocksize.
+QUANT = dict(quant_type="nf4", blocksize=64, double_quant=True)
 
 
 class Problem:
@@ -55,9 +65,10 @@ class Problem:
 class Impl:
     """``forward(x)`` (any dropout drawn from torch's RNG or fastlora's seed); ``params`` the trainable tensors."""
 
-    def __init__(self, forward, params, checked_forward=None):
+    def __init__(self, forward, params, checked_forward=None, info=None):
         self.forward = forward
         self.params = list(params)
+        self.info = info or {}  # recorded in the case's extra_info
         # forward(x, seed) whose dropout mask the check can rebuild; None: forward after torch.manual_seed(seed)
         self.checked_forward = checked_forward
 
@@ -158,14 +169,136 @@ def _peft_layer(pb: Problem, dropout: float, names: list[str]):
     return layer
 
 
-class ReferenceLinear(nn.Module):
-    """A LoRA linear computed by ``fastlora.reference`` (the end-to-end baseline that needs no PEFT)."""
+def quantize(W: torch.Tensor) -> tuple[torch.Tensor, quant.QuantState4bit]:
+    """W [N, K] in ``QUANT``'s format: bitsandbytes' quantiser where it runs (what a QLoRA user's model holds),
+    else fastlora.quant's (the same format; on CPU the same bytes)."""
+    if harness.bnb_unavailable() is None:
+        import bitsandbytes.functional as bnbF
 
-    def __init__(self, linear: nn.Linear, r: int, alpha: float):
+        packed, state = bnbF.quantize_4bit(W, blocksize=QUANT["blocksize"], quant_type=QUANT["quant_type"],
+                                           compress_statistics=QUANT["double_quant"])
+        return packed, quant.QuantState4bit.from_bnb(state)
+    return quant.quantize_4bit(W, **QUANT)
+
+
+def bnb_linear4bit(packed: torch.Tensor, state: quant.QuantState4bit, bias: torch.Tensor | None,
+                   compute_dtype: torch.dtype) -> nn.Module:
+    """A ``bitsandbytes.nn.Linear4bit`` over copies of ``packed`` and ``state`` (bitsandbytes' CPU inference path
+    may repack its weight in place, which must not reach the other competitors) and the frozen ``bias``."""
+    import bitsandbytes as bnb
+
+    N, K = state.shape
+    layer = bnb.nn.Linear4bit(K, N, bias=bias is not None, compute_dtype=compute_dtype,
+                              compress_statistics=state.double_quant, quant_type=state.quant_type, device="meta")
+    layer.weight = bnb.nn.Params4bit(packed.clone(), requires_grad=False, quant_state=copy.deepcopy(state).to_bnb(),
+                                     blocksize=state.blocksize, compress_statistics=state.double_quant,
+                                     quant_type=state.quant_type, module=layer, bnb_quantized=True)
+    layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    return layer
+
+
+class QProblem:
+    """A ``Problem`` whose W is quantised once (``quantize``); every competitor computes with what it decodes to.
+
+    ``W`` the dequantised weight in the compute dtype (``pb.dtype``, the activations' dtype), ``W32`` in float32
+    (the check's reference), ``A`` and ``B`` the adapters in float32 (PEFT's QLoRA keeps them so).
+    """
+
+    def __init__(self, pb: Problem):
+        self.pb = pb
+        self.packed, self.state = quantize(pb.W)
+        self.W = quant.dequantize_4bit(self.packed, self.state, dtype=pb.dtype)
+        self.W32 = quant.dequantize_4bit(self.packed, self.state, dtype=torch.float32)
+        self.A, self.B = pb.A.float(), pb.B.float()
+        self.w_bytes = sum(t.numel() * t.element_size() for t in (
+            self.packed, self.state.absmax, self.state.absmax2, self.state.offset) if t is not None)
+
+    def dequantizer(self) -> tuple:
+        """(W(), how): the compute-dtype W decoded anew on each call, by bitsandbytes where it runs."""
+        if harness.bnb_unavailable() is None:
+            import bitsandbytes.functional as bnbF
+
+            state = self.state.to_bnb()
+            return (lambda: bnbF.dequantize_4bit(self.packed, state)), "bitsandbytes.functional.dequantize_4bit"
+        dtype = self.pb.dtype
+        return (lambda: quant.dequantize_4bit(self.packed, self.state, dtype=dtype)), "fastlora.quant.dequantize_4bit"
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """x W^T + b with W = dequant() decoded in forward and again in backward (W is never saved), as
+    bitsandbytes' matmul_4bit and Unsloth do; the bias and W frozen."""
+
+    @staticmethod
+    def forward(ctx, x2, bias, dequant):
+        ctx.dequant = dequant
+        return torch.addmm(bias, x2, dequant().t())
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy @ ctx.dequant(), None, None
+
+
+def qlora_impl(name: str, qp: QProblem, train: bool) -> Impl:
+    """The QLoRA competitors (dropout 0); ``Impl.info`` says how each was built where that varies."""
+    pb = qp.pb
+    b, s, dtype = pb.b, pb.scaling, pb.dtype
+    if name == "linear":
+        return Impl(lambda x: F.linear(x, qp.W, b), [])
+    A = qp.A.clone().requires_grad_(train)
+    B = qp.B.clone().requires_grad_(train)
+    if name == "qlora-dequant":
+        dequant, how = qp.dequantizer()
+
+        def composed(x):
+            x2 = x.reshape(-1, pb.K)
+            y = _DequantMatmul.apply(x2, b, dequant)
+            y.addmm_(x2 @ A.to(dtype).t(), B.to(dtype).t(), alpha=s)  # adapters cast to bf16, as Unsloth does
+            return y.reshape(*x.shape[:-1], pb.N)
+        return Impl(composed, [A, B], info=dict(dequantized_by=how))
+    if name == "qlora-fastlora":
+        if harness.bnb_unavailable() is None:
+            base, how = bnb_linear4bit(qp.packed, qp.state, b, dtype), "Linear4bit.from_linear(bitsandbytes Linear4bit)"
+        else:
+            base, how = pb.base_linear(), "Linear4bit.from_linear(nn.Linear): fastlora.quant, checked byte-equal"
+        mod = fastlora.Linear4bit.from_linear(base, r=pb.R, alpha=pb.alpha, compute_dtype=dtype, **QUANT)
+        if not (torch.equal(mod.weight.data, qp.packed) and torch.equal(mod.quant_state.absmax, qp.state.absmax)):
+            raise AssertionError("qlora-fastlora does not hold the weights every other competitor decodes")
+        with torch.no_grad():
+            mod.lora_A.copy_(A)
+            mod.lora_B.copy_(B)
+        mod.train(train)
+        mod.lora_A.requires_grad_(train)
+        mod.lora_B.requires_grad_(train)
+        return Impl(mod, [mod.lora_A, mod.lora_B], info=dict(built_by=how))
+    if name == "qlora-peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = nn.Sequential(collections.OrderedDict(proj=bnb_linear4bit(qp.packed, qp.state, b, dtype)))
+        model.is_loaded_in_4bit = True  # what from_pretrained sets; PEFT then wraps in its bnb Linear4bit
+        layer = get_peft_model(model, LoraConfig(r=pb.R, lora_alpha=pb.alpha, lora_dropout=0.0,
+                                                 target_modules=["proj"])).base_model.model.proj
+        if type(layer).__module__ != "peft.tuners.lora.bnb":
+            raise AssertionError(f"PEFT wrapped the bitsandbytes layer in {type(layer)}, not its bnb Linear4bit")
+        params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        with torch.no_grad():
+            params[0].copy_(A)
+            params[1].copy_(B)
+        for t in params:
+            t.requires_grad_(train)
+        layer.train(train)
+        return Impl(layer, params)
+    raise ValueError(f"unknown QLoRA competitor {name!r}")
+
+
+class ReferenceLinear(nn.Module):
+    """A LoRA linear computed by ``fastlora.reference`` (the end-to-end baseline that needs no PEFT); adapters in
+    ``adapter_dtype`` (default the weight's)."""
+
+    def __init__(self, linear: nn.Linear, r: int, alpha: float, adapter_dtype: torch.dtype | None = None):
         super().__init__()
         self.weight = linear.weight.requires_grad_(False)
         self.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
-        kw = dict(device=linear.weight.device, dtype=linear.weight.dtype)
+        kw = dict(device=linear.weight.device, dtype=adapter_dtype or linear.weight.dtype)
         self.lora_A = nn.Parameter(torch.zeros(r, linear.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(linear.out_features, r, **kw))
         self.scaling = alpha / r
@@ -192,6 +325,51 @@ def inject(model: nn.Module, impl: str, r: int, alpha: float) -> tuple[nn.Module
                 if isinstance(child, nn.Linear) and name != "lm_head":
                     setattr(module, name, wrap(child))
         how = f"bench: {'fastlora.Linear.from_linear' if impl == 'fastlora' else 'ReferenceLinear'} on each nn.Linear"
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model, how
+
+
+def inject_4bit(model: nn.Module, impl: str, r: int, alpha: float) -> tuple[nn.Module, str]:
+    """QLoRA on every nn.Linear but ``lm_head``: each base quantised once (``quantize``) into a bitsandbytes
+    Linear4bit with the model's dtype as compute dtype (what ``from_pretrained`` with ``load_in_4bit`` builds),
+    then LoRA with fp32 adapters. ``impl``: ``qlora-peft`` (get_peft_model, bitsandbytes needed),
+    ``qlora-fastlora`` (fastlora.inject; without bitsandbytes each nn.Linear becomes a fastlora.Linear4bit in the
+    bench), ``reference`` (the dequantised W in an nn.Linear, fastlora.reference with fp32 adapters)."""
+    dtype = next(model.parameters()).dtype
+    bnb = harness.bnb_unavailable() is None
+    if impl == "qlora-peft" and not bnb:
+        raise RuntimeError(harness.bnb_unavailable())
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear) or name == "lm_head":
+                continue
+            if impl == "qlora-fastlora" and not bnb:
+                new = fastlora.Linear4bit.from_linear(child, r=r, alpha=alpha, compute_dtype=dtype, **QUANT)
+            else:
+                packed, state = quantize(child.weight.detach())
+                if impl == "reference":
+                    with torch.no_grad():
+                        child.weight.copy_(quant.dequantize_4bit(packed, state, dtype=dtype))
+                    new = ReferenceLinear(child, r, alpha, adapter_dtype=torch.float32)
+                else:
+                    new = bnb_linear4bit(packed, state, child.bias, dtype)
+            setattr(module, name, new)
+    if impl == "qlora-peft":
+        from peft import LoraConfig, get_peft_model
+
+        model.is_loaded_in_4bit = True  # as from_pretrained(load_in_4bit) leaves it: PEFT's bnb Linear4bit wraps
+        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear")
+        model, how = get_peft_model(model, cfg), "peft.get_peft_model(all-linear) over bitsandbytes Linear4bit"
+    elif impl == "qlora-fastlora" and bnb:
+        fastlora.inject(model, "all-linear", r=r, alpha=alpha)
+        how = "fastlora.inject(all-linear) over bitsandbytes Linear4bit"
+    elif impl == "qlora-fastlora":
+        how = "bench: fastlora.Linear4bit.from_linear on each nn.Linear (no bitsandbytes: fastlora.quant)"
+    elif impl == "reference":
+        how = "bench: ReferenceLinear (fp32 adapters) on each dequantised nn.Linear"
+    else:
+        raise ValueError(f"unknown QLoRA end-to-end competitor {impl!r}")
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     return model, how

@@ -10,6 +10,7 @@ wall-clock loop of a few calls: those numbers check the plumbing and mean nothin
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import itertools
 import math
 import os
@@ -46,6 +47,7 @@ class Grid:
     grouped_shape: tuple[int, int]
     grouped_rank: int
     e2e: dict
+    qlora_ranks: tuple[int, ...]  # the QLoRA layer suite (bench_qlora.py): the layer grid's shapes and tokens
 
 
 _LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -53,16 +55,18 @@ _LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=
 GRIDS = {
     "full": Grid("full", ("bf16", "fp16"), ((4096, 4096), (4096, 14336), (14336, 4096)), (8, 16, 64),
                  (1, 16, 128, 1024, 4096, 16384), (0.0, 0.1), (1, 4, 32, 128), (32, 1024, 8192), (4096, 4096), 16,
-                 dict(config=_LLAMA_8B, layers=4, batch=4, seq=2048, ranks=(16, 64))),
+                 dict(config=_LLAMA_8B, layers=4, batch=4, seq=2048, ranks=(16, 64)), (8, 16, 64)),
     "default": Grid("default", ("bf16",), ((4096, 4096), (4096, 14336), (14336, 4096)), (8, 16, 64),
                     (1, 16, 128, 1024, 4096, 16384), (0.0, 0.1), (1, 4, 32, 128), (32, 1024, 8192), (4096, 4096),
-                    16, dict(config=_LLAMA_8B, layers=4, batch=4, seq=2048, ranks=(16,))),
+                    16, dict(config=_LLAMA_8B, layers=4, batch=4, seq=2048, ranks=(16,)), (16, 64)),
     "quick": Grid("quick", ("bf16",), ((4096, 4096), (4096, 14336)), (16,), (1, 128, 4096), (0.0,), (4, 32),
-                  (1024,), (4096, 4096), 16, dict(config=_LLAMA_8B, layers=2, batch=2, seq=1024, ranks=(16,))),
+                  (1024,), (4096, 4096), 16, dict(config=_LLAMA_8B, layers=2, batch=2, seq=1024, ranks=(16,)),
+                  (16,)),
     # fp16: triton 3.6's interpreter gets bf16 tl.dot wrong (errors ~1e10 on a bare 16x16 dot, not fastlora's).
     "smoke": Grid("smoke", ("fp16",), ((64, 64), (64, 96)), (8,), (1, 16), (0.0, 0.1), (1, 4), (32,), (64, 64), 8,
                   dict(config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=128), layers=1, batch=2, seq=8, ranks=(8,))),
+                                   num_key_value_heads=2, vocab_size=128), layers=1, batch=2, seq=8, ranks=(8,)),
+                  (8,)),
 }
 
 
@@ -167,6 +171,33 @@ class Ring:
         return next(self._it)
 
 
+def input_ring(M: int, K: int, N: int, dtype: torch.dtype, train: bool) -> Ring:
+    """A ring of (x [M, K], dy [M, N] or None) on the bench device; x requires grad when training."""
+    dev = device()
+
+    def make():
+        x = torch.randn(M, K, dtype=dtype, device=dev).requires_grad_(train)
+        dy = torch.randn(M, N, dtype=dtype, device=dev) if train else None
+        return x, dy
+
+    return Ring(make, (torch.finfo(dtype).bits // 8) * M * (K + (N if train else 0)))
+
+
+def layer_step(forward, params, train: bool):
+    """The timed callable on one ``input_ring`` entry: forward under no_grad, or forward and
+    ``torch.autograd.grad`` for x and ``params``."""
+    if not train:
+        def fwd(entry):
+            with torch.no_grad():
+                return forward(entry[0])
+        return fwd
+
+    def fwd_bwd(entry):
+        x, dy = entry
+        return torch.autograd.grad(forward(x), [x, *params], dy)
+    return fwd_bwd
+
+
 def peak_memory(fn) -> tuple[int | None, int | None]:
     """(peak bytes allocated while running ``fn`` once, that peak minus what was allocated before)."""
     if not CUDA:
@@ -191,12 +222,16 @@ def flops(M, K, N, R, train: bool, lora: bool = True) -> int:
     return (2 * base + 3 * low) if train else (base + low)
 
 
-def bytes_moved(M, K, N, R, elt: int, train: bool, lora: bool = True) -> int:
-    """Compulsory HBM traffic: read x, W, bias, A, B, write y; training adds read dy, W, x, A, B, write dx, dA, dB."""
-    ab = (R * K + N * R) if lora else 0
-    fwd = M * K + N * K + N + ab + M * N
-    bwd = M * N + N * K + M * K + ab + M * K + ab
-    return elt * (fwd + (bwd if train else 0))
+def bytes_moved(M, K, N, R, elt: int, train: bool, lora: bool = True, w_bytes: int | None = None,
+                adapter_elt: int | None = None) -> int:
+    """Compulsory HBM traffic: read x, W, bias, A, B, write y; training adds read dy, W, x, A, B, write dx, dA, dB.
+    ``elt`` bytes per element; ``w_bytes`` one read of W (default elt N K; a 4-bit W: its codes and scales);
+    ``adapter_elt`` bytes per adapter element (default elt; fp32 adapters under 16-bit activations: 4)."""
+    w = elt * N * K if w_bytes is None else w_bytes
+    ab = (R * K + N * R) * (elt if adapter_elt is None else adapter_elt) if lora else 0
+    fwd = elt * (M * K + N + M * N) + w + ab
+    bwd = elt * (M * N + M * K + M * K) + w + 2 * ab
+    return fwd + (bwd if train else 0)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -231,12 +266,11 @@ def provenance() -> dict:
         "git_sha": git_sha(),
         "grid": grid().name,
     }
-    try:
-        import peft
-
-        info["peft"] = peft.__version__
-    except ImportError:
-        info["peft"] = None
+    for name in ("peft", "bitsandbytes"):  # read from the installed metadata, without importing them
+        try:
+            info[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            info[name] = None
     return info
 
 
@@ -260,6 +294,27 @@ def have_peft() -> bool:
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def bnb_unavailable() -> str | None:
+    """None when bitsandbytes is installed and quantises and dequantises a 4-bit weight on the bench device; else
+    why not (the QLoRA cases skip its competitors with this reason)."""
+    try:
+        import bitsandbytes.functional as bnbF
+    except ImportError as e:
+        return (f"bitsandbytes cannot be imported ({e}); pip install 'bitsandbytes>=0.50', or carry its wheel to "
+                "the GPU machine (docs/benchmarks.md, QLoRA)")
+    try:
+        w = torch.randn(64, 64, device=device(), dtype=torch.float16)
+        packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        bnbF.dequantize_4bit(packed, state)
+        sync()
+    except Exception as e:  # a missing CUDA binary, an unsupported device: the reason names it
+        import bitsandbytes
+
+        return f"bitsandbytes {bitsandbytes.__version__} cannot run on {device()}: {type(e).__name__}: {e}"[:300]
+    return None
 
 
 def record(benchmark, request, *, timing: Timing, flop: int, nbytes: int, summary_extra: str = "", **extra):

@@ -10,6 +10,10 @@ run) are merged; a case present twice keeps the later file's entry. Figures:
     layer-memory-<dtype>.png           training: peak memory above the inputs vs tokens
     grouped-<dtype>.png                multi-adapter: time and ratio to nn.Linear vs number of adapters
     e2e-<dtype>.png                    Llama-shaped training step: tokens/s per competitor
+    qlora-speedup-<mode>-<dtype>.png   QLoRA layer (4-bit base): speedup over PEFT's QLoRA, the issue's target dotted
+    qlora-vs-linear-<mode>-<dtype>.png QLoRA layer: time / bf16 nn.Linear time on the dequantised W
+    qlora-memory-<dtype>.png           QLoRA layer, training: peak memory above the inputs
+    qlora-e2e-<dtype>.png              Llama-shaped QLoRA training step: tokens/s per competitor
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ import argparse
 import json
 import textwrap
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter, ScalarFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 STYLE = {
     "linear": ("black", "o", "nn.Linear (no LoRA)"),
@@ -37,9 +42,31 @@ STYLE = {
     "fastlora-grouped": ("tab:blue", "*", "fastlora grouped"),
     "peft-mixed": ("tab:orange", "^", "PEFT mixed batch"),
     "loop": ("tab:brown", "v", "loop over adapters"),
+    "qlora-peft": ("tab:orange", "^", "PEFT QLoRA"),
+    "qlora-dequant": ("tab:purple", "D", "dequantise + addmm + addmm_"),
+    "qlora-fastlora": ("tab:blue", "*", "fastlora.Linear4bit"),
 }
 MODE_TITLE = {"fwd": "forward (inference)", "train": "forward + backward, dropout 0",
               "train-drop0.1": "forward + backward, dropout 0.1"}
+
+
+@dataclass(frozen=True)
+class LayerSuite:
+    """How one single-layer suite is drawn: file prefix, title, the PEFT competitor (speedup baseline) and the
+    baseline when PEFT did not run, and target lines {(metric, mode or None): y} with their label."""
+
+    prefix: str
+    title: str
+    peft: str
+    fallback: str
+    targets: dict = field(default_factory=dict)
+    target_label: str = ""
+
+
+DENSE = LayerSuite("layer", "LoRA linear", "peft", "reference")
+# docs/benchmarks.md, QLoRA: issue 12's targets (H100, bf16 compute); the forward one applies from M = 1024 on.
+QLORA = LayerSuite("qlora", "QLoRA linear (NF4 base, double quant, blocksize 64, fp32 adapters)", "qlora-peft",
+                   "qlora-dequant", {("speedup", "train"): 1.5, ("vs-linear", "fwd"): 1.15}, "target (issue 12)")
 
 
 def load(paths: list[Path]) -> tuple[list[dict], dict]:
@@ -83,9 +110,7 @@ def finish(fig, meta: dict, title: str, path: Path) -> Path:
 def _logy(ax):
     """Log y axis with plain tick labels (ratios and MiB read better as 0.5, 2, 30 than as 10^x)."""
     ax.set_yscale("log")
-    fmt = ScalarFormatter()
-    fmt.set_scientific(False)
-    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
@@ -99,7 +124,7 @@ def _line(ax, xs, ys, impl):
     ax.plot(xs, ys, color=color, marker=marker, label=label, linewidth=1.5, markersize=5)
 
 
-def layer_panels(rows: list[dict], meta: dict, out: Path, metric: str) -> list[Path]:
+def layer_panels(rows: list[dict], meta: dict, out: Path, metric: str, suite: LayerSuite = DENSE) -> list[Path]:
     """One figure per (mode, dtype); panels (K, N) x r; y from ``metric``: 'speedup' or 'vs-linear'."""
     written = []
     by_fig = defaultdict(list)
@@ -107,8 +132,8 @@ def layer_panels(rows: list[dict], meta: dict, out: Path, metric: str) -> list[P
         by_fig[(r["mode"], r["dtype"])].append(r)
     for (mode, dtype), rs in sorted(by_fig.items()):
         ms = {(r["K"], r["N"], r["R"], r["M"], r["impl"]): r["median_ms"] for r in rs}
-        base_impl = "linear" if metric == "vs-linear" else ("peft" if any(r["impl"] == "peft" for r in rs)
-                                                            else "reference")
+        base_impl = "linear" if metric == "vs-linear" else (
+            suite.peft if any(r["impl"] == suite.peft for r in rs) else suite.fallback)
         shapes = sorted({(r["K"], r["N"]) for r in rs})
         ranks = sorted({r["R"] for r in rs})
         fig, axes = plt.subplots(len(shapes), len(ranks), figsize=(max(6.0, 4.2 * len(ranks)), 3.2 * len(shapes) + 0.8),
@@ -126,6 +151,9 @@ def layer_panels(rows: list[dict], meta: dict, out: Path, metric: str) -> list[P
                     if pts:
                         _line(ax, *zip(*pts, strict=True), impl)
                 ax.axhline(1.0, color=STYLE[base_impl][0], linestyle="--", linewidth=1)
+                target = suite.targets.get((metric, mode)) if base_impl in ("linear", suite.peft) else None
+                if target:
+                    ax.axhline(target, color="tab:red", linestyle=":", linewidth=1.2, label=suite.target_label)
                 _logx(ax)
                 _logy(ax)
                 ax.set_title(f"K={K} N={N} r={R}", fontsize=10)
@@ -137,12 +165,12 @@ def layer_panels(rows: list[dict], meta: dict, out: Path, metric: str) -> list[P
                 ax.grid(True, alpha=0.3)
         axes[0][0].legend(fontsize=8)
         what = "speedup over " + STYLE[base_impl][2] if metric == "speedup" else "cost relative to nn.Linear"
-        title = f"LoRA linear, {MODE_TITLE.get(mode, mode)}, {dtype}: {what}"
-        written.append(finish(fig, meta, title, out / f"layer-{metric}-{mode}-{dtype}.png"))
+        title = f"{suite.title}, {MODE_TITLE.get(mode, mode)}, {dtype}: {what}"
+        written.append(finish(fig, meta, title, out / f"{suite.prefix}-{metric}-{mode}-{dtype}.png"))
     return written
 
 
-def layer_memory(rows: list[dict], meta: dict, out: Path) -> list[Path]:
+def layer_memory(rows: list[dict], meta: dict, out: Path, suite: LayerSuite = DENSE) -> list[Path]:
     written = []
     rows = [r for r in rows if r["mode"] == "train" and r.get("extra_mem_bytes") is not None]
     for dtype in sorted({r["dtype"] for r in rows}):
@@ -168,8 +196,8 @@ def layer_memory(rows: list[dict], meta: dict, out: Path) -> list[Path]:
                     ax.set_xlabel("tokens M")
                 ax.grid(True, alpha=0.3)
         axes[0][0].legend(fontsize=8)
-        title = f"LoRA linear, forward + backward (dropout 0), {dtype}: peak memory of one step"
-        written.append(finish(fig, meta, title, out / f"layer-memory-{dtype}.png"))
+        title = f"{suite.title}, forward + backward (dropout 0), {dtype}: peak memory of one step"
+        written.append(finish(fig, meta, title, out / f"{suite.prefix}-memory-{dtype}.png"))
     return written
 
 
@@ -206,12 +234,14 @@ def grouped(rows: list[dict], meta: dict, out: Path) -> list[Path]:
     return written
 
 
-def e2e(rows: list[dict], meta: dict, out: Path) -> list[Path]:
+def e2e(rows: list[dict], meta: dict, out: Path, qlora: bool = False) -> list[Path]:
     written = []
+    peft_impl = "qlora-peft" if qlora else "peft"
     for dtype in sorted({r["dtype"] for r in rows}):
         rs = [r for r in rows if r["dtype"] == dtype]
         ranks = sorted({r["R"] for r in rs})
-        impls = [i for i in ("reference", "peft", "fastlora") if any(r["impl"] == i for r in rs)]
+        order = ("reference", "qlora-peft", "qlora-fastlora") if qlora else ("reference", "peft", "fastlora")
+        impls = [i for i in order if any(r["impl"] == i for r in rs)]
         fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 1.2 * len(ranks) * len(impls)), 4.5))
         width = 0.8 / max(len(impls), 1)
         for k, impl in enumerate(impls):
@@ -221,8 +251,8 @@ def e2e(rows: list[dict], meta: dict, out: Path) -> list[Path]:
                     continue
                 tps = hit[0]["tokens_per_s"]
                 bar = ax.bar(j + k * width, tps, width, color=STYLE[impl][0], label=STYLE[impl][2] if j == 0 else None)
-                peft = [r["tokens_per_s"] for r in rs if r["R"] == R and r["impl"] == "peft"]
-                if peft and impl != "peft":
+                peft = [r["tokens_per_s"] for r in rs if r["R"] == R and r["impl"] == peft_impl]
+                if peft and impl != peft_impl:
                     ax.bar_label(bar, labels=[f"{tps / peft[0]:.2f}x"], fontsize=8)
         ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(ranks))], [f"r={R}" for R in ranks])
         ax.set_ylabel("training tokens / s")
@@ -230,10 +260,11 @@ def e2e(rows: list[dict], meta: dict, out: Path) -> list[Path]:
         ax.grid(True, axis="y", alpha=0.3)
         r0 = rs[0]
         m = r0["model"]
-        title = (f"Llama-shaped training step, {dtype}: {m['layers']} layers, hidden {m['hidden_size']}, "
-                 f"MLP {m['intermediate_size']}, batch {r0['batch']} x {r0['seq']} tokens\n"
-                 "(bar labels: speedup over PEFT)")
-        written.append(finish(fig, meta, title, out / f"e2e-{dtype}.png"))
+        base = ", 4-bit NF4 base linears (reference: dequantised weights)" if qlora else ""
+        title = (f"Llama-shaped {'QLoRA ' if qlora else ''}training step, {dtype}{base}: {m['layers']} layers, "
+                 f"hidden {m['hidden_size']}, MLP {m['intermediate_size']}, batch {r0['batch']} x {r0['seq']} tokens\n"
+                 f"(bar labels: speedup over {STYLE[peft_impl][2]})")
+        written.append(finish(fig, meta, title, out / f"{'qlora-' if qlora else ''}e2e-{dtype}.png"))
     return written
 
 
@@ -259,6 +290,10 @@ def main(argv=None) -> int:
     written += mem
     written += grouped(suite["grouped"], meta, args.out)
     written += e2e(suite["e2e"], meta, args.out)
+    written += layer_panels(suite["qlora"], meta, args.out, "speedup", QLORA)
+    written += layer_panels(suite["qlora"], meta, args.out, "vs-linear", QLORA)
+    written += layer_memory(suite["qlora"], meta, args.out, QLORA)
+    written += e2e(suite["qlora-e2e"], meta, args.out, qlora=True)
     for path in written:
         print(f"plot: wrote {path}")
     return 0

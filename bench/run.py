@@ -5,6 +5,7 @@
     python bench/run.py --full               # default grid + fp16 + a second rank end to end
     python bench/run.py --shard 2/3          # one of three slices of the grid (fits a 10-minute limit)
     python bench/run.py --suite layer --filter "fwd and K4096-N4096"
+    python bench/run.py --suite qlora,e2e --filter qlora   # the QLoRA cases only (4-bit base, layer and e2e)
 
 Wraps ``pytest bench/ --benchmark-json=bench/results/<device>-<date>.json`` (one progress line per case),
 then ``bench/plot.py``. Without CUDA it sets TRITON_INTERPRET=1, runs tiny shapes with few repetitions and
@@ -27,7 +28,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 PUBLISHED_IMG = ROOT / "docs" / "img" / "bench"
-SUITES = ("layer", "grouped", "e2e")
+SUITES = ("layer", "grouped", "e2e", "qlora")
 
 
 def parse_args(argv=None):
