@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import bench_layer
 import competitors
 import harness
 import pytest
@@ -23,26 +24,12 @@ MODES = ("fwd", "train")
 
 
 @dataclass(frozen=True)
-class Case:
-    mode: str
-    dtype: str
-    K: int
-    N: int
-    R: int
-    M: int
-    impl: str
-
-    @property
-    def train(self) -> bool:
-        return self.mode == "train"
+class Case(bench_layer.Case):
+    """The layer suite's case (modes fwd / train, no dropout), its groups marked as QLoRA."""
 
     @property
     def group(self) -> str:
-        return f"qlora-{self.mode}-{self.dtype}-K{self.K}-N{self.N}-r{self.R}-M{self.M}"
-
-    @property
-    def id(self) -> str:
-        return f"{self.group}-{self.impl}"
+        return f"qlora-{super().group}"
 
 
 def _cases():

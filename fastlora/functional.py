@@ -28,12 +28,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, trai
     """
     _check_x_weight_bias(x, weight, bias)
     N, K = weight.shape
-    _check_shape("lora_A", lora_A, (None, K), "(r, in_features)")
-    r = lora_A.shape[0]
-    _check_shape("lora_B", lora_B, (N, r), "(out_features, r)")
-    _check_adapters(x, lora_A, lora_B, r)
-    s = _check_scaling(scaling)
-    p = _check_dropout(dropout_p) if training else 0.0
+    s, p = _check_lora(x, lora_A, lora_B, N, K, scaling, dropout_p, training)
     if not _use_kernels(x, lora_A, lora_B):
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, s, dropout_p=p, training=training)
     x, weight, bias = _autocast(x, weight, bias)
@@ -95,12 +90,7 @@ def lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, c
         _check_device("bias", bias, x)
         if bias.dtype not in _DTYPES:
             raise TypeError(f"bias must be float16, bfloat16 or float32; got {bias.dtype}")
-    _check_shape("lora_A", lora_A, (None, K), "(r, in_features)")
-    r = lora_A.shape[0]
-    _check_shape("lora_B", lora_B, (N, r), "(out_features, r)")
-    _check_adapters(x, lora_A, lora_B, r)
-    s = _check_scaling(scaling)
-    p = _check_dropout(dropout_p) if training else 0.0
+    s, p = _check_lora(x, lora_A, lora_B, N, K, scaling, dropout_p, training)
     if _autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
     if not _use_kernels(x, lora_A, lora_B, extra_dtypes=(compute_dtype,)):
@@ -249,6 +239,15 @@ def _check_x_weight_bias(x, weight, bias):
         if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
             raise TypeError(f"x, weight and bias must share a dtype (or run under torch.autocast); got x "
                             f"{x.dtype}, weight {weight.dtype}, bias {None if bias is None else bias.dtype}")
+
+
+def _check_lora(x, lora_A, lora_B, N, K, scaling, dropout_p, training) -> tuple[float, float]:
+    """Check one adapter (lora_A [r, K], lora_B [N, r]) for an N x K base; return (scaling, effective dropout)."""
+    _check_shape("lora_A", lora_A, (None, K), "(r, in_features)")
+    r = lora_A.shape[0]
+    _check_shape("lora_B", lora_B, (N, r), "(out_features, r)")
+    _check_adapters(x, lora_A, lora_B, r)
+    return _check_scaling(scaling), (_check_dropout(dropout_p) if training else 0.0)
 
 
 def _check_adapters(x, lora_A, lora_B, r):
