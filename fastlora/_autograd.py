@@ -18,7 +18,8 @@ class LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, seg, dropout_p, seed):
-        y, t, bits = _ops.lora_forward(x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, dropout_p, seed)
+        y, t, bits = _ops.lora_forward(x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, seg, dropout_p,
+                                       seed)
         ctx.save_for_backward(x, weight, lora_A, lora_B, t, bits, scale_vec, perm, ids, seg)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
         ctx.has_bias = bias is not None

@@ -229,6 +229,7 @@ def gemm(
     scale_vec: torch.Tensor | None = None,
     perm: torch.Tensor | None = None,
     ids: torch.Tensor | None = None,
+    seg: torch.Tensor | None = None,
     x_dropout: bool = False,
     out_dropout: bool = False,
     dropout_p: float = 0.0,
@@ -238,8 +239,9 @@ def gemm(
 ) -> torch.Tensor:
     """out [M, N] = drop?(x) w^T + bias + scale * drop?(t b^T), see ``_lora_gemm_kernel``.
 
-    x [M, K]; w [N, K] or, grouped by ``ids``, [G, N, K]; t [M, R]; b [N, R] or [G, N, R]; perm/ids [M]
-    (sorted order -> token, adapter id of each sorted row). ``shrink`` marks N = R (a rank-sized output).
+    x [M, K]; w [N, K] or, grouped, [G, N, K]; t [M, R]; b [N, R] or [G, N, R]; perm/ids [M] (sorted order ->
+    token, adapter id of each sorted row); seg [G + 1] (the segment offsets, needed with a grouped w: its tiles
+    are cut at them). ``shrink`` marks N = R (a rank-sized output).
     ``bits``: the packed dropout keep-mask [M, cdiv(K, 32)] int32, written by an ``x_dropout`` shrink (pass
     ``dropout_bits(M, K)``) and read by an ``out_dropout`` main GEMM.
     """
@@ -254,6 +256,8 @@ def gemm(
     b_grouped = has_lora and b.dim() == 3
     if (x_dropout or out_dropout) and bits is None:
         raise AssertionError("dropout needs the packed mask buffer")
+    if w_grouped and seg is None:
+        raise AssertionError("a grouped w needs the segment offsets")
     cap = target_capability(x.device)
     want_tma = (config or {}).get("USE_TMA", cap is not None and cap[0] >= 9)
     tma = want_tma and not shrink and perm is None and not w_grouped
@@ -261,10 +265,10 @@ def gemm(
     dummy = out
     args = (
         x, w, bias if bias is not None else dummy, t if has_lora else dummy, b if has_lora else dummy, out,
-        perm if perm is not None else dummy, ids if ids is not None else dummy,
+        perm if perm is not None else dummy, ids if ids is not None else dummy, seg if seg is not None else dummy,
         scale_vec if scale_vec is not None else dummy, bits if bits is not None else dummy,
         x_desc, w_desc, out_desc,
-        M, N, K, R, m_bucket(M),
+        M, N, K, R, w.shape[0] if w_grouped else 1, m_bucket(M),
         x.stride(0), x.stride(1),
         w.stride(0) if w_grouped else 0, w.stride(-2), w.stride(-1),
         t.stride(0) if has_lora else 0, t.stride(1) if has_lora else 0,
@@ -282,8 +286,9 @@ def gemm(
     if shrink:
         flags["BLOCK_N"] = block_r(R)
 
-    def grid(meta):
-        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+    def grid(meta):  # a grouped w cuts row tiles at its G adapter segments: at most G more
+        row_tiles = triton.cdiv(M, meta["BLOCK_M"]) + (w.shape[0] if w_grouped else 0)
+        tiles = row_tiles * triton.cdiv(N, meta["BLOCK_N"])
         return (min(tiles, num_sms(x.device)) if meta["USE_TMA"] else tiles,)
 
     if config is None and not INTERPRET:
