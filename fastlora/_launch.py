@@ -83,17 +83,28 @@ def _device_props(device_index: int) -> dict:
 
 # The main GEMM walks R in chunks of this many (T chunk registers; 64 spilled at BLOCK_M 128 on sm_90).
 LORA_CHUNK = 32
-# Register budget in fp32 elements per thread. Every rule below removes configs that spilled in the static sm_90
-# report (bench/sm90.py; numbers in docs/perf-notes.md).
+# Register budget in fp32 elements per thread. Every rule below removes configs that spilled in the static sm_90 /
+# sm_80 report (bench/sm90.py; numbers in docs/perf-notes.md).
 MAX_ACC_PER_THREAD = 128
+# Before Hopper, mma.sync keeps both operands' fragments in registers beside the accumulator (wgmma reads B from shared
+# memory): on sm_80 every LoRA main GEMM at 128 accumulator elements (128x256 and 256x128 with 8 warps, 128x128 with
+# 4) spilled 8-80 bytes.
+MMA_SYNC_MAX_ACC = 64
 # fp32 without tf32 runs tl.dot on FMA units with both operand tiles in registers: accumulator + operand elements
 # per thread past this spilled 16-2248 bytes.
 FMA_BUDGET = 80
 
 
-def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict, elt: int) -> bool:
-    """Whether a GEMM-core config stays within the register file: the accumulator, plus what each variant keeps
-    live beside it (dropout masks, the per-adapter loop, the Philox draw of the dropout shrink)."""
+def _mma_sync(capability: tuple[int, int] | None) -> bool:
+    """Whether Triton's dots run as mma.sync there: before Hopper and on sm_120 (wgmma is 9.x, tcgen05 10.x-11.x)."""
+    return capability is not None and (capability[0] < 9 or capability[0] >= 12)
+
+
+def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict, elt: int,
+                        capability: tuple[int, int] | None) -> bool:
+    """Whether a GEMM-core config stays within the register file of ``capability`` (None: no limit from the MMA
+    generation): the accumulator, plus what each variant keeps live beside it (dropout masks, the per-adapter loop,
+    the Philox draw of the dropout shrink)."""
     threads = 32 * num_warps
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     acc = bm * block_n // threads
@@ -102,11 +113,17 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
     if elt == 4 and flags["INPUT_PRECISION"] == "ieee":
         operands = (bm * bk + bk * block_n) // threads
         return acc + operands <= FMA_BUDGET and acc + 2 * bm * bk // threads <= MAX_ACC_PER_THREAD
-    if bk < 32 or acc > MAX_ACC_PER_THREAD:
-        return False  # BLOCK_K 16 tiles exist for the FMA path only
-    full = acc == MAX_ACC_PER_THREAD
+    mma_sync = _mma_sync(capability)
+    if acc > (MMA_SYNC_MAX_ACC if mma_sync else MAX_ACC_PER_THREAD):
+        return False
+    shrink = "BLOCK_N" in flags  # the launcher fixes the shrink's BLOCK_N (N = R)
+    if not shrink and bk * elt < 128:
+        return False  # K steps under 128 bytes are the FMA path's tiles (fp16 grouped 32x64x32: 8 B of stack on sm_90)
+    if shrink and num_warps == 8 and bk == 32 and (bm * bk < 8 * threads or (mma_sync and acc < MMA_SYNC_MAX_ACC)):
+        return False  # small 8-warp shrinks: 8 B of stack at 48-128 regs (sm_90 32x16x32; sm_80 128x16x32, 64x64x32)
+    full = acc * elt // 2 >= MAX_ACC_PER_THREAD  # tf32 operand fragments take twice the registers of 16-bit ones
     if full and (flags["B_GROUPED"] or (flags["OUT_DROPOUT"] and flags["BLOCK_R"] >= 32)):
-        return False  # 8-56 bytes spilled
+        return False  # 8-56 bytes spilled (16 B for tf32 dx at 128x64x64 / 4 warps, 64 accumulator elements)
     if flags["X_DROPOUT"]:  # Philox state per x element: 384-930 bytes spilled past this
         return bm >= 64 and acc + 2 * bm * bk // threads <= MAX_ACC_PER_THREAD
     return True
@@ -128,12 +145,16 @@ def gemm_smem(cfg: dict, num_stages: int, *, elt: int, out_elt: int, block_n: in
 def _prune_gemm(configs, named_args, **kwargs):
     x, out = named_args["x_ptr"], named_args["out_ptr"]
     limit = _smem_limit(x.device)
+    capability = target_capability(x.device)
     kept = []
     for c in configs:
         bn = c.kwargs.get("BLOCK_N", kwargs.get("BLOCK_N"))
         if c.kwargs["USE_TMA"] and not kwargs["TMA_OK"]:
             continue
-        if not gemm_fits_registers(c.kwargs, c.num_warps, block_n=bn, flags=kwargs, elt=x.element_size()):
+        if x.shape[0] == 1 and c.kwargs["BLOCK_M"] * bn >= MAX_ACC_PER_THREAD * 32 * c.num_warps:
+            continue  # a full accumulator for one row; 8 B of stack at 128x256 in the M = 1 specialisation
+        if not gemm_fits_registers(c.kwargs, c.num_warps, block_n=bn, flags=kwargs, elt=x.element_size(),
+                                   capability=capability):
             continue
         smem = gemm_smem(c.kwargs, c.num_stages, elt=x.element_size(), out_elt=out.element_size(), block_n=bn,
                          block_r=kwargs["BLOCK_R"], lora=kwargs["HAS_LORA"])
