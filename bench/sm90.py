@@ -16,25 +16,27 @@ loads) and cp.async.bulk.tensor (TMA).
 
 Checks (``check``): no compile error, no spill, shared memory within the target's per-block limit; on sm_90
 also wgmma in every GEMM-family variant with BLOCK_M >= 64 and pipelined loads (cp.async or TMA) in every
-variant. fp32 without tf32 ('ieee') runs its dots on FMA units: no wgmma expected there, and a stack of up to
-``FMA_STACK_ALLOWANCE`` bytes is tolerated. Run it without ``TRITON_INTERPRET`` (interpreted kernels cannot
+variant. fp32 runs both ways the launchers choose: 'tf32' (``torch.backends.cuda.matmul.allow_tf32`` set, tensor
+cores, checked like bf16) and 'ieee' (the default, FMA units: no wgmma expected there, and a stack of up to
+``FMA_STACK_ALLOWANCE`` bytes is tolerated). Run it without ``TRITON_INTERPRET`` (interpreted kernels cannot
 compile) and without ``FASTLORA_POISON``. Needs the triton wheel (it ships ptxas and cuobjdump); tested with
 triton 3.6, whose internals it patches (the active driver, ``JITFunction.run``, ``Autotuner.run``) and restores
 on exit.
 
-Grids (``cases``). full (default): the default bench grid's (K, N) shapes and token counts, bf16/fp16/fp32, r in
+Grids (``cases``). full (default): the default bench grid's (K, N) shapes and token counts, bf16/fp16/fp32/tf32, r in
 the bench ranks plus {16, 64, 256}: inference, and training with dropout 0 and 0.1, with bias; training without
 bias at r = 16 once per dtype; grouped, 32 adapters at r = 16 on the grouped bench shape and token counts, with
 and without bias. Only M's specialisation (1 or not), N, K alignment and the constexprs change what compiles;
-Triton's cache makes the repeats cheap; 15 (sm_80) to 18 (sm_90) minutes on 2 cores, empty cache.
+Triton's cache makes the repeats cheap; 15 (sm_80) to 18 (sm_90) minutes on 2 cores, empty cache, measured before
+tf32 joined the grid.
 ci (~3 minutes on 2 cores, empty cache): M = 4096 and M = 16 (small-M configs), K = N = 4096. Every flag
 combination of the forward and backward kernels (dense/grouped x dropout 0/0.1 x bias on/off, inference and
 training) for bf16 at r = 16, dense and grouped; then training with bias and dropout 0.1 for bf16 at r = 256,
-fp16 at r = 64 and fp32 at r = 256; and fp16 grouped inference at r = 16 (its own tile issues). The flags left
-out there repeat combinations already compiled; every flag at every dtype x rank takes ~7 minutes. M = 1, its
-own specialisation of every kernel (about 40% of the full tier's variants), is left to the full tier. Every
-autotune config the pruning keeps compiles, so the largest and smallest tiles are always in. Cases run in
-``--jobs`` worker processes (default one per CPU), one task per (dtype, dense/grouped, r); the workers share
+fp16 at r = 64 and fp32 at r = 256 (ieee and tf32); and fp16 grouped inference at r = 16 (its own tile issues).
+The flags left out there repeat combinations already compiled; every flag at every dtype x rank takes ~7 minutes.
+M = 1, its own specialisation of every kernel (about 40% of the full tier's variants), is left to the full tier.
+Every autotune config the pruning keeps compiles, so the largest and smallest tiles are always in. Cases run in
+``--jobs`` worker processes (default one per CPU), one task per (dtype, tf32, dense/grouped, r); the workers share
 Triton's disk cache.
 """
 
@@ -145,7 +147,7 @@ def compile_only(capability: int):
         raise RuntimeError("compile_only needs TRITON_INTERPRET unset: interpreted kernels cannot compile")
     rec = _Recorder(capability)
     saved = (_jit.JITFunction.run, _autotuner.Autotuner.run, getattr(_driver, "_active", None),
-             functional._use_kernels, _launch.target_capability, dispatch.get_policy())
+             functional._use_kernels, _launch.target_capability, _launch.input_precision, dispatch.get_policy())
     jit_run, capability_pair = saved[0], (capability // 10, capability % 10)
 
     def run(self, *args, grid=None, warmup=False, **kwargs):
@@ -174,14 +176,30 @@ def compile_only(capability: int):
     _autotuner.Autotuner.run = autotune_run
     functional._use_kernels = lambda *a, **k: True
     _launch.target_capability = lambda device: capability_pair
+    _launch.input_precision = _cuda_input_precision
     dispatch.set_policy("fused")
     try:
         yield rec
     finally:
         (_jit.JITFunction.run, _autotuner.Autotuner.run, _driver._active, functional._use_kernels,
-         _launch.target_capability) = saved[:5]
-        dispatch.set_policy(saved[5])
+         _launch.target_capability, _launch.input_precision) = saved[:6]
+        dispatch.set_policy(saved[6])
         _clear_launch_caches()
+
+
+def _cuda_input_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """``_launch.input_precision`` as on a CUDA device, for the CPU tensors that stand in for one."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+@contextlib.contextmanager
+def _allow_tf32(on: bool):
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class _Recorder:
@@ -239,7 +257,8 @@ def stats(compiled) -> dict:
 
 @dataclass(frozen=True)
 class Case:
-    """One public call: forward (+ backward when ``train``) of a dense or grouped (``G`` > 1) LoRA layer."""
+    """One public call: forward (+ backward when ``train``) of a dense or grouped (``G`` > 1) LoRA layer; ``tf32``:
+    fp32 with ``torch.backends.cuda.matmul.allow_tf32`` set."""
 
     dtype: str
     M: int
@@ -250,12 +269,13 @@ class Case:
     bias: bool = True
     train: bool = True
     G: int = 1
+    tf32: bool = False
     quant: str = ""  # "nf4": a 4-bit base (fastlora.lora_linear_4bit, double quant, blocksize 64)
 
     def __str__(self):
         kind = f"grouped{self.G}" if self.G > 1 else f"{self.quant}-dense" if self.quant else "dense"
         mode = f"train-p{self.p:g}" if self.train else "infer"
-        return (f"{kind}-{mode} {self.dtype} M{self.M}-K{self.K}-N{self.N}-R{self.r}"
+        return (f"{kind}-{mode} {self.dtype}{'-tf32' if self.tf32 else ''} M{self.M}-K{self.K}-N{self.N}-R{self.r}"
                 f"{'' if self.bias else '-nobias'}")
 
     def run(self):
@@ -268,7 +288,7 @@ class Case:
         a = torch.empty(*lead, self.r, self.K, dtype=adt, requires_grad=self.train)
         bb = torch.empty(*lead, self.N, self.r, dtype=adt, requires_grad=self.train)
         kw = dict(dropout_p=self.p, training=self.train, seed=1)
-        with torch.set_grad_enabled(self.train):
+        with torch.set_grad_enabled(self.train), _allow_tf32(self.tf32):
             if self.G > 1:
                 ids = torch.arange(self.M) % self.G
                 y = fastlora.grouped_lora_linear(x, w, b, a, bb, 2.0, ids, **kw)
@@ -282,11 +302,12 @@ class Case:
 
 
 def _calls(dtype: str, M: int, K: int, N: int, r: int, G: int = 1, ps=(0.0, 0.1), biases=(True, False),
-           infer: bool = True, quant: str = "") -> list[Case]:
+           infer: bool = True, tf32: bool = False, quant: str = "") -> list[Case]:
     """Training at each dropout in ``ps`` and (``infer``) inference, with and without bias as ``biases`` says."""
+    kw = dict(G=G, tf32=tf32, quant=quant)
     return [c for bias in biases
-            for c in ((Case(dtype, M, K, N, r, bias=bias, train=False, G=G, quant=quant),) if infer else ())
-            + tuple(Case(dtype, M, K, N, r, p, bias, G=G, quant=quant) for p in ps)]
+            for c in ((Case(dtype, M, K, N, r, bias=bias, train=False, **kw),) if infer else ())
+            + tuple(Case(dtype, M, K, N, r, p, bias, **kw) for p in ps)]
 
 
 def cases(tier: str) -> list[Case]:
@@ -298,17 +319,19 @@ def cases(tier: str) -> list[Case]:
             *_calls("bf16", M, 4096, 4096, 256, ps=(0.1,), biases=(True,), infer=False),
             *_calls("fp16", M, 4096, 4096, 16, G=32, ps=(), biases=(True,)),
             *_calls("fp32", M, 4096, 4096, 256, ps=(0.1,), biases=(True,), infer=False),
+            *_calls("fp32", M, 4096, 4096, 256, ps=(0.1,), biases=(True,), infer=False, tf32=True),
             *_calls("bf16", M, 4096, 4096, 16, biases=(True,), quant="nf4"),
         )]
     g = harness.GRIDS["default"]
     out = []
-    for dtype in ("bf16", "fp16", "fp32"):
+    for dtype, tf32 in (("bf16", False), ("fp16", False), ("fp32", False), ("fp32", True)):
         for r in sorted({*g.ranks, 16, 64, 256}):
-            out += [c for K, N in g.shapes for M in g.tokens for c in _calls(dtype, M, K, N, r, biases=(True,))]
+            out += [c for K, N in g.shapes for M in g.tokens
+                    for c in _calls(dtype, M, K, N, r, biases=(True,), tf32=tf32)]
         K, N = g.shapes[0]
-        out += [Case(dtype, g.tokens[-1], K, N, 16, p, bias=False) for p in (0.0, 0.1)]
+        out += [Case(dtype, g.tokens[-1], K, N, 16, p, bias=False, tf32=tf32) for p in (0.0, 0.1)]
         K, N = g.grouped_shape
-        out += [c for M in g.grouped_tokens for c in _calls(dtype, M, K, N, g.grouped_rank, G=32)]
+        out += [c for M in g.grouped_tokens for c in _calls(dtype, M, K, N, g.grouped_rank, G=32, tf32=tf32)]
         if dtype != "fp32":  # QLoRA computes in 16 bits
             out += [c for K, N in g.shapes for M in g.tokens for c in _calls(dtype, M, K, N, 16, biases=(True,),
                                                                              quant="nf4")]
@@ -328,10 +351,10 @@ def compile_cases(case_list: list[Case], capability: int) -> list[Variant]:
 
 
 def report(case_list: list[Case], capability: int, jobs: int) -> list[Variant]:
-    """``compile_cases`` spread over ``jobs`` fresh processes, one task per (dtype, dense/grouped, r)."""
+    """``compile_cases`` spread over ``jobs`` fresh processes, one task per (dtype, tf32, dense/grouped, r)."""
     groups: dict[tuple, list[Case]] = {}
     for case in case_list:  # tasks that share few kernels; a repeat in another process reads Triton's disk cache
-        groups.setdefault((case.dtype, case.G, case.r, case.quant), []).append(case)
+        groups.setdefault((case.dtype, case.tf32, case.G, case.r, case.quant), []).append(case)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         parts = list(pool.map(compile_cases, groups.values(), [capability] * len(groups)))

@@ -20,8 +20,8 @@ class LoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, seg, dropout_p, seed,
                 quant=(), qblocks=()):
-        y, t, bits = _ops.lora_forward(x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, dropout_p, seed,
-                                       list(quant), list(qblocks))
+        y, t, bits = _ops.lora_forward(x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, seg, dropout_p,
+                                       seed, list(quant), list(qblocks))
         ctx.save_for_backward(x, weight, lora_A, lora_B, t, bits, scale_vec, perm, ids, seg, *quant)
         ctx.scaling, ctx.dropout_p, ctx.qblocks = scaling, dropout_p, qblocks
         ctx.bias_dtype = bias.dtype if bias is not None else None

@@ -87,9 +87,13 @@ def _device_props(device_index: int) -> dict:
 
 # The main GEMM walks R in chunks of this many (T chunk registers; 64 spilled at BLOCK_M 128 on sm_90).
 LORA_CHUNK = 32
-# Register budget in fp32 elements per thread. Every rule below removes configs that spilled in the static sm_90
-# report (bench/sm90.py; numbers in docs/perf-notes.md).
+# Register budget in fp32 elements per thread. Every rule below removes configs that spilled in the static sm_90 /
+# sm_80 report (bench/sm90.py; numbers in docs/perf-notes.md).
 MAX_ACC_PER_THREAD = 128
+# Before Hopper, mma.sync keeps both operands' fragments in registers beside the accumulator (wgmma reads B from shared
+# memory): on sm_80 every LoRA main GEMM at 128 accumulator elements (128x256 and 256x128 with 8 warps, 128x128 with
+# 4) spilled 8-80 bytes.
+MMA_SYNC_MAX_ACC = 64
 # fp32 without tf32 runs tl.dot on FMA units with both operand tiles in registers: accumulator + operand elements
 # per thread past this spilled 16-2248 bytes.
 FMA_BUDGET = 80
@@ -102,10 +106,17 @@ W4_BUDGET_MMA_SYNC = 80
 W4_BUDGET_WIDE_X = 88
 
 
-def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict, elt: int, hopper: bool = True,
-                        x_elt: int | None = None) -> bool:
-    """Whether a GEMM-core config stays within the register file: the accumulator, plus what each variant keeps
-    live beside it (dropout masks, the per-adapter loop, the Philox draw of the dropout shrink)."""
+def _mma_sync(capability: tuple[int, int] | None) -> bool:
+    """Whether Triton's dots run as mma.sync there: before Hopper and on sm_120 (wgmma is 9.x, tcgen05 10.x-11.x)."""
+    return capability is not None and (capability[0] < 9 or capability[0] >= 12)
+
+
+def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict, elt: int,
+                        capability: tuple[int, int] | None, x_elt: int | None = None) -> bool:
+    """Whether a GEMM-core config stays within the register file of ``capability`` (None: no limit from the MMA
+    generation): the accumulator, plus what each variant keeps live beside it (dropout masks, the per-adapter loop,
+    the Philox draw of the dropout shrink, a dequantised 4-bit W tile). ``elt``: the bytes of the dot's operands;
+    ``x_elt``: of X as loaded, when wider (fp32 activations over a 4-bit base)."""
     threads = 32 * num_warps
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     acc = bm * block_n // threads
@@ -113,7 +124,7 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
         return False  # the mask is packed 32 columns to a word
     if flags.get("W_QUANT"):  # the dequantised W tile is in registers beside the accumulator
         w = bk * block_n // threads
-        budget = W4_BUDGET if hopper else W4_BUDGET_MMA_SYNC
+        budget = W4_BUDGET_MMA_SYNC if _mma_sync(capability) else W4_BUDGET
         if w > MAX_W4_PER_THREAD or acc + w > budget or (bm < 64 and bk < 64):
             return False
         if (x_elt or elt) > elt and acc + w + bm * bk // threads > W4_BUDGET_WIDE_X:
@@ -121,11 +132,17 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
     if elt == 4 and flags["INPUT_PRECISION"] == "ieee":
         operands = (bm * bk + bk * block_n) // threads
         return acc + operands <= FMA_BUDGET and acc + 2 * bm * bk // threads <= MAX_ACC_PER_THREAD
-    if bk < 32 or acc > MAX_ACC_PER_THREAD:
-        return False  # BLOCK_K 16 tiles exist for the FMA path only
-    full = acc == MAX_ACC_PER_THREAD
+    mma_sync = _mma_sync(capability)
+    if acc > (MMA_SYNC_MAX_ACC if mma_sync else MAX_ACC_PER_THREAD):
+        return False
+    shrink = "BLOCK_N" in flags  # the launcher fixes the shrink's BLOCK_N (N = R)
+    if not shrink and bk * elt < 128:
+        return False  # K steps under 128 bytes are the FMA path's tiles (fp16 grouped 32x64x32: 8 B of stack on sm_90)
+    if shrink and num_warps == 8 and bk == 32 and (bm * bk < 8 * threads or (mma_sync and acc < MMA_SYNC_MAX_ACC)):
+        return False  # small 8-warp shrinks: 8 B of stack at 48-128 regs (sm_90 32x16x32; sm_80 128x16x32, 64x64x32)
+    full = acc * elt // 2 >= MAX_ACC_PER_THREAD  # tf32 operand fragments take twice the registers of 16-bit ones
     if full and (flags["B_GROUPED"] or (flags["OUT_DROPOUT"] and flags["BLOCK_R"] >= 32)):
-        return False  # 8-56 bytes spilled
+        return False  # 8-56 bytes spilled (16 B for tf32 dx at 128x64x64 / 4 warps, 64 accumulator elements)
     if flags["X_DROPOUT"]:  # Philox state per x element: 384-930 bytes spilled past this
         return bm >= 64 and acc + 2 * bm * bk // threads <= MAX_ACC_PER_THREAD
     return True
@@ -194,15 +211,16 @@ class Packed4bit:
 def _prune_gemm(configs, named_args, **kwargs):
     x, out = named_args["x_ptr"], named_args["out_ptr"]
     limit = _smem_limit(x.device)
-    cap = target_capability(x.device)
-    hopper = cap is None or cap[0] >= 9
+    capability = target_capability(x.device)
     kept = []
     for c in configs:
         bn = c.kwargs.get("BLOCK_N", kwargs.get("BLOCK_N"))
         if c.kwargs["USE_TMA"] and not kwargs["TMA_OK"]:
             continue
+        if x.shape[0] == 1 and c.kwargs["BLOCK_M"] * bn >= MAX_ACC_PER_THREAD * 32 * c.num_warps:
+            continue  # a full accumulator for one row; 8 B of stack at 128x256 in the M = 1 specialisation
         elt = x.element_size() if not kwargs["W_QUANT"] else kwargs["W_COMPUTE"].primitive_bitwidth // 8
-        if not gemm_fits_registers(c.kwargs, c.num_warps, block_n=bn, flags=kwargs, elt=elt, hopper=hopper,
+        if not gemm_fits_registers(c.kwargs, c.num_warps, block_n=bn, flags=kwargs, elt=elt, capability=capability,
                                    x_elt=x.element_size()):
             continue
         smem = gemm_smem(c.kwargs, c.num_stages, elt=x.element_size(), out_elt=out.element_size(), block_n=bn,
@@ -299,6 +317,7 @@ def gemm(
     scale_vec: torch.Tensor | None = None,
     perm: torch.Tensor | None = None,
     ids: torch.Tensor | None = None,
+    seg: torch.Tensor | None = None,
     x_dropout: bool = False,
     out_dropout: bool = False,
     dropout_p: float = 0.0,
@@ -308,8 +327,9 @@ def gemm(
 ) -> torch.Tensor:
     """out [M, N] = drop?(x) w^T + bias + scale * drop?(t b^T), see ``_lora_gemm_kernel``.
 
-    x [M, K]; w [N, K] (a tensor or a ``Packed4bit``) or, grouped by ``ids``, [G, N, K]; t [M, R]; b [N, R] or [G, N, R]; perm/ids [M]
-    (sorted order -> token, adapter id of each sorted row). ``shrink`` marks N = R (a rank-sized output).
+    x [M, K]; w [N, K] (a tensor or a ``Packed4bit``) or, grouped, [G, N, K]; t [M, R]; b [N, R] or [G, N, R];
+    perm/ids [M] (sorted order -> token, adapter id of each sorted row); seg [G + 1] (the segment offsets, needed
+    with a grouped w: its tiles are cut at them). ``shrink`` marks N = R (a rank-sized output).
     ``bits``: the packed dropout keep-mask [M, cdiv(K, 32)] int32, written by an ``x_dropout`` shrink (pass
     ``dropout_bits(M, K)``) and read by an ``out_dropout`` main GEMM.
     """
@@ -324,6 +344,8 @@ def gemm(
     b_grouped = has_lora and b.dim() == 3
     if (x_dropout or out_dropout) and bits is None:
         raise AssertionError("dropout needs the packed mask buffer")
+    if w_grouped and seg is None:
+        raise AssertionError("a grouped w needs the segment offsets")
     quant = w if isinstance(w, Packed4bit) else None
     cap = target_capability(x.device)
     want_tma = (config or {}).get("USE_TMA", cap is not None and cap[0] >= 9)
@@ -333,10 +355,11 @@ def gemm(
     args = (
         x, w if quant is None else quant.data, bias if bias is not None else dummy, t if has_lora else dummy,
         b if has_lora else dummy, out, perm if perm is not None else dummy, ids if ids is not None else dummy,
+        seg if seg is not None else dummy,
         scale_vec if scale_vec is not None else dummy, bits if bits is not None else dummy,
         *(quant.pointers() if quant is not None else (dummy,) * 5),
         x_desc, w_desc, out_desc,
-        M, N, K, R, m_bucket(M),
+        M, N, K, R, w.shape[0] if w_grouped else 1, m_bucket(M),
         x.stride(0), x.stride(1),
         w.stride(0) if w_grouped else 0, w.stride(-2), w.stride(-1),
         t.stride(0) if has_lora else 0, t.stride(1) if has_lora else 0,
@@ -357,8 +380,9 @@ def gemm(
     if shrink:
         flags["BLOCK_N"] = block_r(R)
 
-    def grid(meta):
-        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+    def grid(meta):  # a grouped w cuts row tiles at its G adapter segments: at most G more
+        row_tiles = triton.cdiv(M, meta["BLOCK_M"]) + (w.shape[0] if w_grouped else 0)
+        tiles = row_tiles * triton.cdiv(N, meta["BLOCK_N"])
         return (min(tiles, num_sms(x.device)) if meta["USE_TMA"] else tiles,)
 
     if config is None and not INTERPRET:

@@ -20,14 +20,14 @@ from fastlora import _launch
 @torch.library.custom_op("fastlora::lora_forward", mutates_args=())
 def lora_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
-    scale_vec: Tensor | None, perm: Tensor | None, ids: Tensor | None, dropout_p: float, seed: int,
+    scale_vec: Tensor | None, perm: Tensor | None, ids: Tensor | None, seg: Tensor | None, dropout_p: float, seed: int,
     quant: list[Tensor], qblocks: list[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [M, N], T [M, R] fp32, bits): T = drop(x) A^T, y = x W^T + b + s T B^T; bits is the packed keep-mask
     (empty without dropout)."""
     M, K = x.shape
     bits = _launch.dropout_bits(M, K, x.device) if dropout_p > 0 else x.new_empty(0, dtype=torch.int32)
-    t = _launch.gemm(x, lora_A, out_dtype=torch.float32, shrink=True, perm=perm, ids=ids,
+    t = _launch.gemm(x, lora_A, out_dtype=torch.float32, shrink=True, perm=perm, ids=ids, seg=seg,
                      x_dropout=dropout_p > 0, dropout_p=dropout_p, seed=seed, bits=bits if dropout_p > 0 else None)
     w = _weight(weight, quant, qblocks, lora_B.shape[-2], K)
     y = _launch.gemm(x, w, out_dtype=x.dtype, bias=bias, t=t, b=lora_B, scaling=scaling,
@@ -36,7 +36,7 @@ def lora_forward(
 
 
 @lora_forward.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, dropout_p, seed, quant, qblocks):
+def _(x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, seg, dropout_p, seed, quant, qblocks):
     M, K = x.shape
     bits = x.new_empty(M, -(-K // 32), dtype=torch.int32) if dropout_p > 0 else x.new_empty(0, dtype=torch.int32)
     return x.new_empty(M, lora_B.shape[-2]), x.new_empty(M, lora_A.shape[-2], dtype=torch.float32), bits
@@ -71,7 +71,8 @@ def lora_backward(
     p = dropout_p
     dx, dA, dB = (dy.new_empty(0) for _ in range(3))  # distinct: custom-op outputs may not alias
     if need_dx or need_dA:
-        u = _launch.gemm(dy, lora_B.transpose(-1, -2), out_dtype=torch.float32, shrink=True, perm=perm, ids=ids)
+        u = _launch.gemm(dy, lora_B.transpose(-1, -2), out_dtype=torch.float32, shrink=True, perm=perm, ids=ids,
+                         seg=seg)
     if need_dx:
         w = _weight(weight, quant, qblocks, dy.shape[1], x.shape[1])
         dx = _launch.gemm(dy, w.t(), out_dtype=x.dtype, t=u, b=lora_A.transpose(-1, -2), scaling=scaling,

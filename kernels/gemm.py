@@ -8,9 +8,11 @@ Every matrix product of fastlora's forward and backward with a large reduction r
               dx = dy W + s D*(U A)       main:    X=dy, W=W^T,  T=U, B=A^T, OUT_DROPOUT (reads the packed mask)
 
 Transposes are stride swaps, never copies. With W_QUANT the W operand is a bitsandbytes 4-bit weight (packed
-codes + absmax, ``weight4.py``) dequantised per K tile in registers; its strides are those of the logical [N, K]. With W_GROUPED (grouped shrink) W is a stack [G, N, K] and
-row m uses W[ids[m]]; with B_GROUPED (grouped main) B is a stack [G, N, R]. With HAS_PERM, row m of the
-tile space is token perm[m] (tokens sorted by adapter), so X is gathered and out scattered in place.
+codes + block scales, ``weight4.py``) dequantised per K tile in registers. With HAS_PERM, row m of the tile space is token perm[m] (tokens
+sorted by adapter), so X is gathered and out scattered in place. With W_GROUPED (grouped shrink) W is a stack
+[G, N, K]; the sorted rows are cut into tiles at the adapter segment offsets, so each tile runs the ordinary
+(pipelined) K loop on one adapter's W, and base-only rows come out zero. With B_GROUPED (grouped main) B is a
+stack [G, N, R], read per adapter present in the tile (``grouped_dot``).
 
 Each tile's accumulator starts as the low-rank term (R in chunks of BLOCK_R, masked when OUT_DROPOUT), then
 the K loop adds X W^T into it: one BLOCK_M x BLOCK_N fp32 accumulator, never two. Operands come through
@@ -21,7 +23,7 @@ with a persistent grid that walks tiles in the same grouped order.
 import triton
 import triton.language as tl
 
-from .tiles import grouped_dot, load_dropped, tile_mn, unpack_keep
+from .tiles import grouped_dot, load_dropped, segment_tile, tile_mn, unpack_keep
 from .weight4 import DENSE, load_4bit
 
 
@@ -62,11 +64,11 @@ def _lowrank(
 
 @triton.jit
 def _mainloop_ptr(
-    acc, x_ptr, w_ptr, bits_ptr, quant, rows, ids, n0, offs_n, mask_m, mask_n, K,
-    stride_xm, stride_xk, stride_wg, stride_wn, stride_wk, stride_bits, dropout_p, seed,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_GROUPED: tl.constexpr,
-    X_DROPOUT: tl.constexpr, W_QUANT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr,
-    QBLOCK2: tl.constexpr, W_COMPUTE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    acc, x_ptr, w_ptr, bits_ptr, quant, rows, n0, offs_n, mask_m, mask_n, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_bits, dropout_p, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_DROPOUT: tl.constexpr,
+    W_QUANT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
+    W_COMPUTE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """acc += drop?(X[rows]) W^T with pointer loads (any strides, gathered rows). With X_DROPOUT the keep-mask
     is drawn here (Philox) and also written, packed, to bits (the shrink has one column tile, so once). With
@@ -89,22 +91,17 @@ def _mainloop_ptr(
                      mask=mask_m[:, None] & (offs_w < tl.cdiv(K, 32))[None, :])
         else:
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w_mask = mask_k[:, None] & mask_n[None, :]
-        if W_GROUPED:
-            acc = grouped_dot(acc, x, ids, w_ptrs, w_mask, stride_wg, INPUT_PRECISION)
+        if W_QUANT == DENSE:
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(x, w.to(x.dtype), acc, input_precision=INPUT_PRECISION)
         else:
-            if W_QUANT == DENSE:
-                w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(x.dtype)
-            elif W_TRANS:  # dx: rows k0.. of the stored weight, columns n0..
+            if W_TRANS:  # dx: rows k0.. of the stored weight, columns n0..
                 w = load_4bit(w_ptr, quant, codebook, (k0 + offs_k).to(tl.int64), mask_k, n0, stride_wk,
                               BLOCK_N, W_QUANT, QBLOCK, QBLOCK2)
             else:  # forward: rows offs_n, columns k0.., transposed to [BLOCK_K, BLOCK_N]
                 w = load_4bit(w_ptr, quant, codebook, offs_n.to(tl.int64), mask_n, k0, stride_wn,
                               BLOCK_K, W_QUANT, QBLOCK, QBLOCK2).T
-            if W_QUANT == DENSE:
-                acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-            else:
-                acc = tl.dot(x.to(W_COMPUTE), w.to(W_COMPUTE), acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(x.to(W_COMPUTE), w.to(W_COMPUTE), acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if X_DROPOUT:
@@ -128,10 +125,10 @@ def _mainloop_tma(acc, x_desc, w_desc, off_m, off_n, K, BLOCK_K: tl.constexpr, W
 
 @triton.jit
 def _lora_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, out_ptr, perm_ptr, ids_ptr, scale_ptr, bits_ptr,
+    x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, out_ptr, perm_ptr, ids_ptr, seg_ptr, scale_ptr, bits_ptr,
     qabs_ptr, qabs2_ptr, qcode_ptr, qcode2_ptr, qoff_ptr,
     x_desc, w_desc, out_desc,
-    M, N, K, R, M_BUCKET,
+    M, N, K, R, G, M_BUCKET,
     stride_xm, stride_xk,
     stride_wg, stride_wn, stride_wk,
     stride_tm, stride_tr,
@@ -151,32 +148,44 @@ def _lora_gemm_kernel(
     """out [M, N] (rows in caller order) from X [M, K], W [(G,) N, K], T [M, R] fp32, B [(G,) N, R].
 
     Grid: (programs,), each walking tiles pid, pid + programs, ... in GROUP_M-grouped order; programs is the
-    tile count (one tile each) or, with USE_TMA, the SM count (persistent). Accumulates in fp32; products run
-    in X's dtype (tf32 or ieee for fp32 per INPUT_PRECISION). ids: sorted adapter id per tile row (-1 = base
-    only); scale_ptr: per-adapter scaling (HAS_SCALE_VEC) else ``scaling``. bits: the dropout keep-mask, int32
-    words [M, cdiv(K, 32)] by token — written by the X_DROPOUT shrink, read by OUT_DROPOUT. USE_TMA needs
-    TMA_OK (the launcher built descriptors: 16-byte aligned, unit inner stride) and no gather. M_BUCKET and
-    TMA_OK also key the autotuner. W_QUANT (``weight4``: DENSE, ABSMAX, DOUBLE) reads W as 4-bit codes at w_ptr
-    with their block scales (qabs..qoff pointers, QBLOCK elements per absmax, QBLOCK2 absmax per absmax2) and
-    multiplies in W_COMPUTE; W_TRANS: the operand is the stored weight's transpose (dx). The low-rank term stays
-    in X's dtype (an fp32 X under a bf16 4-bit base: exact adapter products, as PEFT's QLoRA computes them).
+    tile count (one tile each) or, with USE_TMA, the SM count (persistent). With W_GROUPED the row tiles are
+    cut at the adapter segments seg [G + 1] instead: (cdiv(M, BLOCK_M) + G) * cdiv(N, BLOCK_N) tiles, the
+    surplus ones empty. Accumulates in fp32; products run in X's dtype (tf32 or ieee for fp32 per
+    INPUT_PRECISION). ids: sorted adapter id per tile row (-1 = base only); scale_ptr: per-adapter scaling
+    (HAS_SCALE_VEC) else ``scaling``. bits: the dropout keep-mask, int32 words [M, cdiv(K, 32)] by token —
+    written by the X_DROPOUT shrink, read by OUT_DROPOUT. USE_TMA needs TMA_OK (the launcher built descriptors:
+    16-byte aligned, unit inner stride) and no gather. M_BUCKET and TMA_OK also key the autotuner. W_QUANT
+    (``weight4``: DENSE, ABSMAX, DOUBLE) reads W as 4-bit codes at w_ptr with their block scales (qabs..qoff
+    pointers, QBLOCK elements per absmax, QBLOCK2 absmax per absmax2) and multiplies in W_COMPUTE; W_TRANS: the
+    operand is the stored weight's transpose (dx). The low-rank term stays in X's dtype (an fp32 X under a bf16
+    4-bit base: exact adapter products, as PEFT's QLoRA computes them).
     """
     tl.static_assert(not (X_DROPOUT and HAS_LORA), "X_DROPOUT is the shrink's; the main GEMM takes OUT_DROPOUT")
     tl.static_assert(not USE_TMA or (TMA_OK and not HAS_PERM and not W_GROUPED and not X_DROPOUT))
     tl.static_assert(W_QUANT == DENSE or not (USE_TMA or W_GROUPED), "4-bit W: pointer loads, one weight")
     quant = (qabs_ptr, qabs2_ptr, qcode_ptr, qcode2_ptr, qoff_ptr)
-    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = (tl.cdiv(M, BLOCK_M) + (G if W_GROUPED else 0)) * num_n
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=USE_TMA):
-        pid_m, pid_n = tile_mn(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        w_base = w_ptr
+        k_len = K
+        if W_GROUPED:  # one adapter per tile: its W, or an empty K loop for base-only rows (their T is zero)
+            row0, row_end, g = segment_tile(tile // num_n, seg_ptr, G, BLOCK_M)
+            pid_n = tile % num_n
+            w_base += tl.maximum(g, 0).to(tl.int64) * stride_wg
+            k_len = tl.where(g >= 0, K, 0)
+        else:
+            pid_m, pid_n = tile_mn(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            row0, row_end = pid_m * BLOCK_M, M
+        offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m = offs_m < M
+        mask_m = offs_m < row_end
         mask_n = offs_n < N
         if HAS_PERM:
             rows = tl.load(perm_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
         else:
             rows = offs_m.to(tl.int64)
-        if W_GROUPED or B_GROUPED or HAS_SCALE_VEC:
+        if B_GROUPED or HAS_SCALE_VEC:
             ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=-1)
         else:
             ids = offs_m  # unused
@@ -189,18 +198,17 @@ def _lora_gemm_kernel(
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if USE_TMA:
-            acc = _mainloop_tma(acc, x_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, BLOCK_K, W_KMAJOR,
-                                INPUT_PRECISION)
+            acc = _mainloop_tma(acc, x_desc, w_desc, row0, pid_n * BLOCK_N, K, BLOCK_K, W_KMAJOR, INPUT_PRECISION)
         else:
-            acc = _mainloop_ptr(acc, x_ptr, w_ptr, bits_ptr, quant, rows, ids, pid_n * BLOCK_N, offs_n, mask_m, mask_n,
-                                K, stride_xm, stride_xk, stride_wg, stride_wn, stride_wk, stride_bits, dropout_p,
-                                seed, BLOCK_M, BLOCK_N, BLOCK_K, W_GROUPED, X_DROPOUT, W_QUANT, W_TRANS, QBLOCK,
-                                QBLOCK2, W_COMPUTE, INPUT_PRECISION)
+            acc = _mainloop_ptr(acc, x_ptr, w_base, bits_ptr, quant, rows, pid_n * BLOCK_N, offs_n, mask_m, mask_n,
+                                k_len, stride_xm, stride_xk, stride_wn, stride_wk, stride_bits, dropout_p, seed,
+                                BLOCK_M, BLOCK_N, BLOCK_K, X_DROPOUT, W_QUANT, W_TRANS, QBLOCK, QBLOCK2, W_COMPUTE,
+                                INPUT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
         if USE_TMA:
-            out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(out_ptr.dtype.element_ty))
+            out_desc.store([row0, pid_n * BLOCK_N], acc.to(out_ptr.dtype.element_ty))
         else:
             out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

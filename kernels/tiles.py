@@ -1,10 +1,13 @@
-"""Jitted helpers shared by every fastlora kernel: tile order, dropout mask (drawn and packed), the per-adapter dot."""
+"""Jitted helpers shared by every fastlora kernel: tile order (dense, or cut at adapter segments), dropout mask
+(drawn and packed), the per-adapter dot."""
 
 import triton
 import triton.language as tl
 
 # Sentinel larger than any adapter id; ids are < 2**31 - 1.
 NO_ADAPTER = tl.constexpr(2**30)
+# Segment offsets read per step when a tile looks up its adapter.
+SEG_CHUNK = tl.constexpr(64)
 
 
 @triton.jit
@@ -19,6 +22,31 @@ def tile_mn(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     pid_m = first_m + (pid % per_group) % size_m
     pid_n = (pid % per_group) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def segment_tile(tile, seg_ptr, G, BLOCK_M: tl.constexpr):
+    """(first row, end row, adapter) of row tile ``tile`` over rows sorted by adapter, cut at segment boundaries.
+
+    Segment 0 holds the base-only rows [0, seg[0]) (adapter -1), segment g + 1 adapter g's rows [seg[g], seg[g+1]);
+    each is cut into cdiv(rows, BLOCK_M) tiles, numbered in segment order, so no tile mixes adapters and there
+    are at most cdiv(M, BLOCK_M) + G of them. A tile past the last gets an empty row range and adapter -1.
+    """
+    done = 0  # segments that end at or before this tile
+    before = 0  # tiles in those segments
+    total = 0  # tiles in the segments scanned so far
+    for s0 in range(0, G + 1, SEG_CHUNK):
+        s = s0 + tl.arange(0, SEG_CHUNK)
+        lo = tl.load(seg_ptr + s - 1, mask=(s >= 1) & (s <= G), other=0)
+        hi = tl.load(seg_ptr + s, mask=s <= G, other=0)
+        count = tl.cdiv(hi - lo, BLOCK_M)  # [SEG_CHUNK] tiles per segment, 0 past G
+        passed = ((total + tl.cumsum(count, 0)) <= tile) & (s <= G)
+        done += tl.sum(passed.to(tl.int32))
+        before += tl.sum(tl.where(passed, count, 0))
+        total += tl.sum(count)
+    first = tl.load(seg_ptr + done - 1, mask=done >= 1, other=0)
+    end = tl.load(seg_ptr + done, mask=done <= G, other=0)
+    return first + (tile - before) * BLOCK_M, end, tl.where(done <= G, done - 1, -1)
 
 
 @triton.jit

@@ -1,5 +1,6 @@
 """Kernel branches the public-API tests do not reach on their own: the TMA persistent main GEMM (forced under
-the interpreter, which runs tensor descriptors) and the packed dropout mask the forward hands to backward."""
+the interpreter, which runs tensor descriptors), the packed dropout mask the forward hands to backward, and the
+grouped shrink's segment-aligned tiles."""
 
 import pytest
 import torch
@@ -55,14 +56,14 @@ def test_unaligned_falls_back_to_pointers(device, tma_default):
 def test_forward_saves_the_packed_kernel_mask(M, K, device):
     x, w, b, a, bb = make_dense(M, K, 24, 4, torch.float32, device)
     p, seed = 0.3, 77
-    _, _, bits = _ops.lora_forward(x, w, b, a, bb, 1.0, None, None, None, p, seed, [], [])
+    _, _, bits = _ops.lora_forward(x, w, b, a, bb, 1.0, None, None, None, None, p, seed, [], [])
     assert bits.shape == (M, -(-K // 32)) and bits.dtype == torch.int32
     cols = torch.arange(K, device=device)
     unpacked = ((bits[:, cols // 32] >> (cols % 32)) & 1).bool()
     assert torch.equal(unpacked, fastlora.dropout_mask((M, K), p, seed, device))
     pad = (bits[:, -1] >> (K % 32)) if K % 32 else torch.zeros(M, dtype=torch.int32, device=device)
     assert not pad.any(), "bits past K must be zero"
-    _, _, none = _ops.lora_forward(x, w, b, a, bb, 1.0, None, None, None, 0.0, seed, [], [])
+    _, _, none = _ops.lora_forward(x, w, b, a, bb, 1.0, None, None, None, None, 0.0, seed, [], [])
     assert none.numel() == 0
 
 
@@ -72,3 +73,22 @@ def test_grouped_dropout_mask_follows_tokens(device):
     outs, refs = run_grouped(x, w, b, a, bb, torch.tensor([0.5, 2.0, -1.0]), ids, p=0.25, seed=21)
     for name, o, r in zip(NAMES, outs, refs, strict=True):
         assert_close(o, r, torch.float32, name)
+
+
+def test_grouped_shrink_tiles_at_adapter_segments(device):
+    # More adapters than one scan step of the offsets (SEG_CHUNK = 64), most of them empty, segments shorter and
+    # longer than a 16-row tile; base-only rows must come out exactly zero although every output starts as NaN.
+    M, K, R, n = 150, 40, 4, 70
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(-1, n, (M,), generator=g)
+    ids[:40] = 66
+    x = torch.randn(M, K, generator=g).to(device)
+    a = torch.randn(n, R, K, generator=g).to(device)
+    batch = fastlora.AdapterBatch.build(ids.to(device), n)
+    t = _launch.gemm(x, a, out_dtype=torch.float32, shrink=True, perm=batch.perm, ids=batch.sorted_ids,
+                     seg=batch.seg_offsets)
+    used = ids >= 0
+    ref = torch.zeros(M, R, dtype=torch.float64)
+    ref[used] = torch.einsum("mk,mrk->mr", x.cpu().double()[used], a.cpu().double()[ids[used]])
+    assert torch.equal(t.cpu()[~used], torch.zeros(int((~used).sum()), R))
+    assert_close(t, ref.to(device), torch.float32, "T")

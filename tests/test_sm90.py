@@ -1,9 +1,10 @@
 """Static compile checks for the H100 (sm_90) and A100 (sm_80), no GPU needed: ``bench/sm90.py --tier ci``.
 
 Every kernel variant that fastlora's public calls launch (dense and grouped, dropout and bias on and off,
-forward and backward, bf16/fp16/fp32, r in {16, 64, 256}, every autotune config the pruning keeps) is compiled
-for the target and must not fail to compile, spill registers or exceed the per-block shared memory; on sm_90
-GEMM tiles with BLOCK_M >= 64 must use wgmma and every kernel must pipeline its loads (cp.async or TMA).
+forward and backward, bf16/fp16/fp32 (tf32 and ieee), r in {16, 64, 256}, every autotune config the pruning
+keeps) is compiled for the target and must not fail to compile, spill registers or exceed the per-block shared
+memory; on sm_90 GEMM tiles with BLOCK_M >= 64 must use wgmma and every kernel must pipeline its loads (cp.async
+or TMA).
 The report runs in a subprocess without TRITON_INTERPRET, which conftest sets for this process.
 """
 
@@ -32,20 +33,7 @@ def sm90():
         sys.path.remove(str(BENCH))
 
 
-# Open (issue 9), measured 2026-11-23 on the ci tier (sm_90: 390 variants, sm_80: 342). sm_90: 38 grouped shrink
-# variants (W_GROUPED, with and without dropout: the per-adapter loads in grouped_dot are not pipelined, no cp.async)
-# and one grouped fp16 inference tile (BLOCK_M 32, mma.sync, 8 B of stack). sm_80: 11 spills of 8-80 B, mostly the
-# large dense tiles at 255 registers (128x256 and 256x128 with 8 warps, 128x128 with 4) that fit on sm_90, plus two
-# small shrink tiles (one grouped). strict: the test turns red when they are fixed, so the mark gets removed;
-# raises: a report that does not run at all is a plain failure, never an expected one.
-SM90_OPEN = pytest.mark.xfail(strict=True, reason="grouped shrink loads not pipelined; one 8-byte stack (issue 9)",
-                              raises=AssertionError)
-SM80_OPEN = pytest.mark.xfail(strict=True, reason="large dense tiles spill on sm_80 (issue 9)",
-                              raises=AssertionError)
-
-
-@pytest.mark.parametrize("capability", [pytest.param(90, marks=SM90_OPEN), pytest.param(80, marks=SM80_OPEN)],
-                         ids=["sm90", "sm80"])
+@pytest.mark.parametrize("capability", [90, 80], ids=["sm90", "sm80"])
 def test_compile_report(sm90, capability, tmp_path):
     missing = [t for t in ("ptxas", "cuobjdump") if not (TOOLS / t).exists()]
     if missing:
@@ -90,8 +78,10 @@ def _record(**changes):
     (90, {**FMA, "spill_bytes": 16}, None),
     (90, {**FMA, "spill_bytes": 64}, "SPILL"),
     (90, {"constexprs": {"BLOCK_M": 128, "INPUT_PRECISION": "ieee"}, "wgmma": 0, "mma_sync": 16}, "NO-WGMMA"),
+    (90, {"case": "dense-train-p0 fp32-tf32 M4096-K4096-N4096-R16", "spill_bytes": 16,
+          "constexprs": {"BLOCK_M": 128, "INPUT_PRECISION": "tf32"}}, "SPILL"),
 ], ids=["clean", "clean-sm80", "small-tile-mma-sync", "spill", "spill-sm80", "smem", "smem-sm80", "no-wgmma",
-        "no-pipeline", "error", "fma-small-stack", "fma-spill", "bf16-ieee-no-wgmma"])
+        "no-pipeline", "error", "fma-small-stack", "fma-spill", "bf16-ieee-no-wgmma", "tf32-no-fma-allowance"])
 def test_check_fails_on_bad_records(sm90, capability, changes, expected):
     failures = sm90.check([_record(**changes)], capability)
     if expected is None:
