@@ -138,13 +138,15 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
     shrink = "BLOCK_N" in flags  # the launcher fixes the shrink's BLOCK_N (N = R)
     if not shrink and bk * elt < 128:
         return False  # K steps under 128 bytes are the FMA path's tiles (fp16 grouped 32x64x32: 8 B of stack on sm_90)
+    if flags["B_GROUPED"] and bm < 64 and elt == 4:
+        return False  # tf32 grouped main GEMM at 32x64x32 (mma.sync): 8-16 B of stack at 96 registers
     if shrink and num_warps == 8 and bk == 32 and (bm * bk < 8 * threads or (mma_sync and acc < MMA_SYNC_MAX_ACC)):
         return False  # small 8-warp shrinks: 8 B of stack at 48-128 regs (sm_90 32x16x32; sm_80 128x16x32, 64x64x32)
     full = acc * elt // 2 >= MAX_ACC_PER_THREAD  # tf32 operand fragments take twice the registers of 16-bit ones
     if full and (flags["B_GROUPED"] or (flags["OUT_DROPOUT"] and flags["BLOCK_R"] >= 32)):
         return False  # 8-56 bytes spilled (16 B for tf32 dx at 128x64x64 / 4 warps, 64 accumulator elements)
-    if flags["X_DROPOUT"]:  # Philox state per x element: 384-930 bytes spilled past this
-        return bm >= 64 and acc + 2 * bm * bk // threads <= MAX_ACC_PER_THREAD
+    if flags["X_DROPOUT"]:  # Philox state per x element: 384-930 bytes spilled past this (tf32: 16-48 B at 64x64x64)
+        return bm >= 64 and acc + 2 * bm * bk * (elt // 2) // threads <= MAX_ACC_PER_THREAD
     return True
 
 
