@@ -95,13 +95,7 @@ def _check(c: Case, pb: competitors.Problem, impl: competitors.Impl, x: torch.Te
     else:
         ref = reference.lora_linear(xr, pb.W.float(), pb.b.float(), Ar, Br, pb.scaling, dropout_p=p,
                                     training=c.train, dropout_mask=mask)
-    errs = {"y": harness.check_close(f"{c.id} y", y, ref, dtype)}
-    if c.train:
-        got = torch.autograd.grad(y, [x, *impl.params], dy)
-        want = torch.autograd.grad(ref, [xr, Ar, Br][:len(got)], dy.float())
-        for name, g, w in zip(("dx", "dA", "dB")[:len(got)], got, want, strict=True):
-            errs[name] = harness.check_close(f"{c.id} {name}", g, w, dtype)
-    return errs
+    return harness.check_layer(c.id, y, ref, dtype, c.train, [x, *impl.params], [xr, Ar, Br], dy)
 
 
 def _fastlora_mask(x, p, seed):

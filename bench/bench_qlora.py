@@ -65,13 +65,7 @@ def _check(c: Case, qp: competitors.QProblem, impl: competitors.Impl, x: torch.T
         ref = F.linear(xr, qp.W32, b32)
     else:
         ref = reference.lora_linear(xr, qp.W32, b32, Ar, Br, qp.pb.scaling)
-    errs = {"y": harness.check_close(f"{c.id} y", y, ref, dtype)}
-    if c.train:
-        got = torch.autograd.grad(y, [x, *impl.params], dy)
-        want = torch.autograd.grad(ref, [xr, Ar, Br][:len(got)], dy.float())
-        for name, g, w in zip(("dx", "dA", "dB")[:len(got)], got, want, strict=True):
-            errs[name] = harness.check_close(f"{c.id} {name}", g, w, dtype)
-    return errs
+    return harness.check_layer(c.id, y, ref, dtype, c.train, [x, *impl.params], [xr, Ar, Br], dy)
 
 
 def _floor_ms(c: Case) -> float:

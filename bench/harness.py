@@ -250,6 +250,18 @@ def check_close(name: str, y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtyp
     return err
 
 
+def check_layer(cid: str, y, ref, dtype, train: bool, inputs, ref_inputs, dy) -> dict:
+    """Relative errors of a layer's output and, when ``train``, of its gradients for ``inputs`` (x and the
+    trainable tensors) against the reference's for ``ref_inputs`` (x, A, B in float32; nn.Linear has x only)."""
+    errs = {"y": check_close(f"{cid} y", y, ref, dtype)}
+    if train:
+        got = torch.autograd.grad(y, inputs, dy)
+        want = torch.autograd.grad(ref, ref_inputs[:len(got)], dy.float())
+        for name, g, w in zip(("dx", "dA", "dB")[:len(got)], got, want, strict=True):
+            errs[name] = check_close(f"{cid} {name}", g, w, dtype)
+    return errs
+
+
 # ------------------------------------------------------------------------------------------------ provenance
 
 
