@@ -211,9 +211,7 @@ def _base_of(model, name, a, b, source):
     elif not isinstance(mod, (nn.Linear, Linear4bit)):
         raise ValueError(f"{source}: adapter layer {name!r} is a {type(mod).__name__}; it must be an nn.Linear, "
                          "a bitsandbytes Linear4bit, a fastlora.Linear or a fastlora.Linear4bit")
-    if isinstance(mod, Linear4bit):
-        N, K = mod.out_features, mod.in_features
-    elif _is_bnb_4bit(mod):  # its weight is the packed [N*K/2, 1] bytes
+    if isinstance(mod, Linear4bit) or _is_bnb_4bit(mod):  # the weight is the packed [N*K/2, 1] bytes
         N, K = mod.out_features, mod.in_features
     else:
         N, K = mod.weight.shape

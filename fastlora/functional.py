@@ -11,7 +11,7 @@ import numbers
 
 import torch
 
-from fastlora import _launch, _ops, dispatch, reference
+from fastlora import _launch, _ops, dispatch, quant, reference
 from fastlora._autograd import LoRAFunction
 from fastlora._compose import ComposedLoRAFunction
 from fastlora.grouping import AdapterBatch
@@ -53,12 +53,12 @@ def lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, c
     """``lora_linear`` over a bitsandbytes 4-bit base: y = x deq(W)^T + b + scaling * (dropout(x) A^T) B^T.
 
     weight: the packed codes (uint8, (N*K + 1) // 2 bytes, any shape, as bitsandbytes stores them); quant_state:
-    a ``fastlora.quant.QuantState4bit`` describing W [N, K]. x and bias are cast to ``compute_dtype`` (as
-    bitsandbytes' Linear4bit does), the adapters keep their dtype (PEFT's QLoRA keeps them fp32); y comes back in
-    x's dtype. W is dequantised tile by tile inside the GEMM (forward and dx), never written out in 16 bits.
+    a ``fastlora.quant.QuantState4bit`` describing W [N, K]. As bitsandbytes' Linear4bit under PEFT's LoRA layer:
+    the base product x deq(W)^T + b runs in ``compute_dtype``, the low-rank branch in x's dtype with the adapters
+    as they are (PEFT's QLoRA keeps them fp32), and y comes back in x's dtype; under torch.autocast x is first
+    cast to the autocast dtype. W is dequantised tile by tile inside the GEMM (forward and dx), never written out
+    in 16 bits.
     """
-    from fastlora import quant
-
     if not isinstance(quant_state, quant.QuantState4bit):
         raise TypeError(f"quant_state must be a fastlora.quant.QuantState4bit; got {type(quant_state).__name__}")
     quant_state.validate()
