@@ -59,8 +59,8 @@ FMA = dict(case="dense-train-p0 fp32 M4096-K4096-N4096-R16", wgmma=0,
 def _record(**changes):
     rec = dict(kernel="_lora_gemm_kernel", capability=90, case="dense-train-p0 bf16 M4096-K4096-N4096-R16",
                constexprs={"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "HAS_BIAS": True}, num_warps=8,
-               num_stages=3, regs=168, spill_bytes=0, shared=98304, wgmma=8, mma_sync=0, cp_async=0, tma=6,
-               error=None)
+               num_stages=3, regs=168, spill_bytes=0, loop_spills=0, shared=98304, wgmma=8, mma_sync=0, cp_async=0,
+               tma=6, error=None)
     return {**rec, **changes}
 
 
@@ -77,11 +77,13 @@ def _record(**changes):
     (90, {"error": "CompilationError: out of resource"}, "ERROR"),
     (90, {**FMA, "spill_bytes": 16}, None),
     (90, {**FMA, "spill_bytes": 64}, "SPILL"),
+    (90, {**FMA, "spill_bytes": 16, "loop_spills": 2}, "SPILL"),
     (90, {"constexprs": {"BLOCK_M": 128, "INPUT_PRECISION": "ieee"}, "wgmma": 0, "mma_sync": 16}, "NO-WGMMA"),
     (90, {"case": "dense-train-p0 fp32-tf32 M4096-K4096-N4096-R16", "spill_bytes": 16,
           "constexprs": {"BLOCK_M": 128, "INPUT_PRECISION": "tf32"}}, "SPILL"),
 ], ids=["clean", "clean-sm80", "small-tile-mma-sync", "spill", "spill-sm80", "smem", "smem-sm80", "no-wgmma",
-        "no-pipeline", "error", "fma-small-stack", "fma-spill", "bf16-ieee-no-wgmma", "tf32-no-fma-allowance"])
+        "no-pipeline", "error", "fma-small-stack", "fma-spill", "fma-spill-in-k-loop", "bf16-ieee-no-wgmma",
+        "tf32-no-fma-allowance"])
 def test_check_fails_on_bad_records(sm90, capability, changes, expected):
     failures = sm90.check([_record(**changes)], capability)
     if expected is None:
@@ -92,3 +94,24 @@ def test_check_fails_on_bad_records(sm90, capability, changes, expected):
 
 def test_check_fails_when_nothing_compiled(sm90):
     assert sm90.check([], 90)
+
+
+def _sass(*lines: str) -> str:
+    """cuobjdump-style SASS: one instruction per 16-byte slot from address 0."""
+    return "\n".join(f"        /*{16 * i:04x}*/                   {text} ;" for i, text in enumerate(lines))
+
+
+def test_loop_spills_counts_only_the_k_loops(sm90):
+    sass = _sass(
+        "STL [R1], R0",  # 0x00: before the loops (cold)
+        "FFMA R2, R3, R4, R2",  # 0x10: outer loop (tiles) starts; K loop below
+        "LDL R5, [R1]",  # 0x20: inside the K loop
+        "FFMA R6, R7, R8, R6",  # 0x30
+        "@!P0 BRA 0x20",  # 0x40: K loop back edge
+        "LDL R9, [R1+0x4]",  # 0x50: epilogue, outer loop only
+        "@P1 BRA 0x10",  # 0x60: outer loop back edge
+        "EXIT",
+    )
+    assert sm90.loop_spills(sass) == 1
+    assert sm90.loop_spills(_sass("STL [R1], R0", "FFMA R2, R3, R4, R2", "@!P0 BRA 0x10", "LDL R0, [R1]")) == 0
+    assert sm90.loop_spills(_sass("STL [R1], R0", "IADD3 R2, R2, 0x1, RZ", "LDL R0, [R1]", "@!P0 BRA 0x10")) == 0
