@@ -95,8 +95,10 @@ MAX_ACC_PER_THREAD = 128
 # 4) spilled 8-80 bytes.
 MMA_SYNC_MAX_ACC = 64
 # fp32 without tf32 runs tl.dot on FMA units with both operand tiles in registers: accumulator + operand elements
-# per thread past this spilled 16-2248 bytes.
-FMA_BUDGET = 80
+# per thread past this spilled 16-2248 bytes; in the GEMM core also at 80 (128x128x16 / 8 warps: 8-48 bytes at 255
+# registers), while every gradient-kernel tile up to 80 compiled clean.
+FMA_BUDGET = 72
+FMA_GRAD_BUDGET = 80
 # 4-bit W (QLoRA): dequantised W elements per thread, and accumulator + W elements per thread; past these, tiles
 # spilled 8-72 bytes on sm_90 and 40-3024 bytes on sm_80 (mma.sync keeps operand fragments in registers too).
 MAX_W4_PER_THREAD = 64
@@ -104,6 +106,11 @@ W4_BUDGET = 160
 W4_BUDGET_MMA_SYNC = 80
 # ... and accumulator + W + X elements per thread when fp32 X tiles are converted in registers (8-24 bytes past it).
 W4_BUDGET_WIDE_X = 88
+
+
+def _is_fma(elt: int, input_precision: str) -> bool:
+    """Whether tl.dot runs on FMA units: 4-byte operands without tf32."""
+    return elt == 4 and input_precision == "ieee"
 
 
 def _mma_sync(capability: tuple[int, int] | None) -> bool:
@@ -129,13 +136,21 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
             return False
         if (x_elt or elt) > elt and acc + w + bm * bk // threads > W4_BUDGET_WIDE_X:
             return False  # fp32 X tiles converted to the compute dtype in registers
-    if elt == 4 and flags["INPUT_PRECISION"] == "ieee":
+    if _is_fma(elt, flags["INPUT_PRECISION"]):
         operands = (bm * bk + bk * block_n) // threads
         return acc + operands <= FMA_BUDGET and acc + 2 * bm * bk // threads <= MAX_ACC_PER_THREAD
     mma_sync = _mma_sync(capability)
     if acc > (MMA_SYNC_MAX_ACC if mma_sync else MAX_ACC_PER_THREAD):
         return False
     shrink = "BLOCK_N" in flags  # the launcher fixes the shrink's BLOCK_N (N = R)
+    if shrink and mma_sync and elt == 2 and bk >= 256:
+        return False  # 16x16x256 at r = 8, M = 16 (bf16, fp16): 8 B of stack at 255 registers on sm_80
+    if shrink and mma_sync and elt == 4 and num_warps == 4 and acc >= MMA_SYNC_MAX_ACC:
+        return False  # tf32 32x256x32 (r = 256): 8 B at 255 registers on sm_80 (64x256x32 / 8 warps compiles clean)
+    if shrink and mma_sync and elt == 4 and flags["X_DROPOUT"]:  # tf32 dropout shrink before Hopper: 4-warp
+        # 64x16x32 kept 8-24 B at 168 registers; the 8-warp tiles within these bounds compiled clean (r <= 64)
+        return (num_warps == 8 and bm >= 64 and acc <= MMA_SYNC_MAX_ACC
+                and acc + 4 * bm * bk // threads <= MAX_ACC_PER_THREAD)
     if not shrink and bk * elt < 128:
         return False  # K steps under 128 bytes are the FMA path's tiles (fp16 grouped 32x64x32: 8 B of stack on sm_90)
     if flags["B_GROUPED"] and bm < 64 and elt == 4:
@@ -244,13 +259,20 @@ def _prune_grad(configs, named_args, **kwargs):
     z = named_args["z_ptr"]
     limit = _smem_limit(z.device)
     br = kwargs["BLOCK_R"]
-    fma = z.element_size() == 4 and kwargs["INPUT_PRECISION"] == "ieee"
+    fma = _is_fma(z.element_size(), kwargs["INPUT_PRECISION"])
+    mma_sync = _mma_sync(target_capability(z.device))
 
     def fits(c):
         threads = 32 * c.num_warps
-        acc = c.kwargs["BLOCK_P"] * br // threads
+        bm, bp = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_P"]
+        acc = bp * br // threads
         if fma:
-            return acc + c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_P"] + br) // threads <= FMA_BUDGET
+            return acc + bm * (bp + br) // threads <= FMA_GRAD_BUDGET
+        if mma_sync:  # both operands' fragments in registers (sm_80, measured by bench/sm90.py):
+            if acc > MMA_SYNC_MAX_ACC or (kwargs["Z_DROPOUT"] and acc >= MMA_SYNC_MAX_ACC):
+                return False  # tf32 32x64 at r = 256: 8 B at 255 registers; 32x32 dropout at r = 256: 8 B at 128
+            if c.num_warps == 8 and bm * bp // threads >= 64:
+                return False  # 128x128 / 8 warps: 16 B at 128 registers (M = 16, r = 8)
         return acc <= MAX_ACC_PER_THREAD
 
     kept = [c for c in configs
