@@ -148,8 +148,9 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
     if shrink and mma_sync and elt == 4 and num_warps == 4 and acc >= MMA_SYNC_MAX_ACC:
         return False  # tf32 32x256x32 (r = 256): 8 B at 255 registers on sm_80 (64x256x32 / 8 warps compiles clean)
     if shrink and mma_sync and elt == 4 and flags["X_DROPOUT"]:  # tf32 dropout shrink before Hopper: 4-warp
-        # 64x16x32 kept 8-24 B at 168 registers; the 8-warp tiles within these bounds compiled clean (r <= 64)
-        return (num_warps == 8 and bm >= 64 and acc <= MMA_SYNC_MAX_ACC
+        # 64x16x32 kept 8-24 B at 168 registers, 64x256x32 / 8 warps 8 B at 255 (M = 1); the 8-warp tiles within
+        # these bounds compiled clean (32-128 rows, r = 8 ... 256, 80-243 registers)
+        return (num_warps == 8 and bm >= 32 and acc < MMA_SYNC_MAX_ACC
                 and acc + 4 * bm * bk // threads <= MAX_ACC_PER_THREAD)
     if not shrink and bk * elt < 128:
         return False  # K steps under 128 bytes are the FMA path's tiles (fp16 grouped 32x64x32: 8 B of stack on sm_90)
