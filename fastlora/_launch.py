@@ -317,15 +317,17 @@ def _tma_aligned(t: torch.Tensor) -> bool:
 
 
 def _descriptors(x, w, out, tma: bool):
-    """Host-side TMA descriptors (block shapes set per config) when the strides allow, else Nones."""
+    """Host-side TMA descriptors (block shapes set per config) when the strides allow, else Nones; and W_KMAJOR,
+    whether W's unit stride runs along K (the FMA pointer loop clamps W's columns only then)."""
+    kmajor = w.stride(-1) == 1
     if not tma or w.dim() != 2 or not _tma_aligned(x) or not _tma_aligned(out):
-        return None, None, None, True
+        return None, None, None, kmajor
     if _tma_aligned(w):
         wd, kmajor = TensorDescriptor.from_tensor(w, [16, 16]), True
     elif _tma_aligned(w.t()):
         wd, kmajor = TensorDescriptor.from_tensor(w.t(), [16, 16]), False
     else:
-        return None, None, None, True
+        return None, None, None, kmajor
     return TensorDescriptor.from_tensor(x, [16, 16]), wd, TensorDescriptor.from_tensor(out, [16, 16]), kmajor
 
 

@@ -67,8 +67,8 @@ def _mainloop_ptr(
     acc, x_ptr, w_ptr, bits_ptr, quant, rows, n0, offs_n, mask_m, mask_n, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bits, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_DROPOUT: tl.constexpr,
-    W_QUANT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
-    W_COMPUTE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    W_KMAJOR: tl.constexpr, W_QUANT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr,
+    QBLOCK2: tl.constexpr, W_COMPUTE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """acc += drop?(X[rows]) W^T with pointer loads (any strides, gathered rows). With X_DROPOUT the keep-mask
     is drawn here (Philox) and also written, packed, to bits (the shrink has one column tile, so once). With
@@ -77,22 +77,35 @@ def _mainloop_ptr(
     partner (stride_wn, or stride_wk when W_TRANS). The 4-bit product runs in W_COMPUTE (bitsandbytes'
     compute dtype), X tiles cast to it in registers, whatever X's own dtype."""
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
+    # FMA dots (fp32 without tf32): rows past the tile's end and, for a K-contiguous W, columns past N read row /
+    # column 0 (never stored) instead of being masked, so no row or column predicates stay live across the K loop
+    # (ptxas parked them on the stack). Tensor-core tiles keep the masks: there the clamp cost registers.
+    rows_x = rows
+    mask_xm = mask_m
+    cols_w = offs_n
+    mask_wn = mask_n
+    if INPUT_PRECISION == "ieee" and W_COMPUTE == tl.float32:
+        rows_x = tl.where(mask_m, rows, 0)
+        mask_xm = tl.full((BLOCK_M,), 1, tl.int1)
+        if W_KMAJOR:
+            cols_w = tl.where(mask_n, offs_n, 0)
+            mask_wn = tl.full((BLOCK_N,), 1, tl.int1)
+    x_ptrs = x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + cols_w.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
     if W_QUANT != DENSE:
         codebook = tl.load(quant[2] + tl.arange(0, 16))
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
         if X_DROPOUT:
-            x, words = load_dropped(x_ptr, rows, mask_m, k0, K, stride_xm, stride_xk, seed, dropout_p,
+            x, words = load_dropped(x_ptr, rows, rows_x, mask_xm, k0, K, stride_xm, stride_xk, seed, dropout_p,
                                     BLOCK_M, BLOCK_K)  # [BLOCK_M, BLOCK_K], [BLOCK_M, BLOCK_K // 32]
             offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
             tl.store(bits_ptr + rows[:, None] * stride_bits + offs_w[None, :], words,
                      mask=mask_m[:, None] & (offs_w < tl.cdiv(K, 32))[None, :])
         else:
-            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=mask_xm[:, None] & mask_k[None, :], other=0.0)
         if W_QUANT == DENSE:
-            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_wn[None, :], other=0.0)
             acc = tl.dot(x, w.to(x.dtype), acc, input_precision=INPUT_PRECISION)
         else:
             if W_TRANS:  # dx: rows k0.. of the stored weight, columns n0..
@@ -154,7 +167,7 @@ def _lora_gemm_kernel(
     INPUT_PRECISION). ids: sorted adapter id per tile row (-1 = base only); scale_ptr: per-adapter scaling
     (HAS_SCALE_VEC) else ``scaling``. bits: the dropout keep-mask, int32 words [M, cdiv(K, 32)] by token —
     written by the X_DROPOUT shrink, read by OUT_DROPOUT. USE_TMA needs TMA_OK (the launcher built descriptors:
-    16-byte aligned, unit inner stride) and no gather. M_BUCKET and TMA_OK also key the autotuner. W_QUANT
+    16-byte aligned, unit inner stride) and no gather. W_KMAJOR: W's unit stride runs along K. M_BUCKET and TMA_OK also key the autotuner. W_QUANT
     (``weight4``: DENSE, ABSMAX, DOUBLE) reads W as 4-bit codes at w_ptr with their block scales (qabs..qoff
     pointers, QBLOCK elements per absmax, QBLOCK2 absmax per absmax2) and multiplies in W_COMPUTE; W_TRANS: the
     operand is the stored weight's transpose (dx). The low-rank term stays in X's dtype (an fp32 X under a bf16
@@ -202,8 +215,8 @@ def _lora_gemm_kernel(
         else:
             acc = _mainloop_ptr(acc, x_ptr, w_base, bits_ptr, quant, rows, pid_n * BLOCK_N, offs_n, mask_m, mask_n,
                                 k_len, stride_xm, stride_xk, stride_wn, stride_wk, stride_bits, dropout_p, seed,
-                                BLOCK_M, BLOCK_N, BLOCK_K, X_DROPOUT, W_QUANT, W_TRANS, QBLOCK, QBLOCK2, W_COMPUTE,
-                                INPUT_PRECISION)
+                                BLOCK_M, BLOCK_N, BLOCK_K, X_DROPOUT, W_KMAJOR, W_QUANT, W_TRANS, QBLOCK, QBLOCK2,
+                                W_COMPUTE, INPUT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 

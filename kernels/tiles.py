@@ -67,10 +67,13 @@ def philox_keep(seed, offs, dropout_p):
 
 
 @triton.jit
-def load_dropped(ptr, rows, mask_m, k0, K, stride_m, stride_k, seed, dropout_p,
+def load_dropped(ptr, rows, rows_in, mask_m, k0, K, stride_m, stride_k, seed, dropout_p,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """(X tile [BLOCK_M, BLOCK_K] at columns k0.. with dropped elements zeroed (unscaled), its keep-mask packed
     to [BLOCK_M, BLOCK_K // 32] int32 words, bit j of word w = column k0 + 32w + j).
+
+    ``rows``: the token indices the mask is drawn for; ``rows_in``/``mask_m``: the rows read and their mask (the
+    caller may clamp rows past the tile's end to a valid row instead of masking them; they are never stored).
 
     Same mask as ``dropout_keep``, drawn in 3-D [rows, words, 32] so the packing reduces the last axis of a
     tensor laid out for it: triton 3.6 fails to lower a reshape + sum of a 2-D mask that also feeds a dot.
@@ -78,7 +81,8 @@ def load_dropped(ptr, rows, mask_m, k0, K, stride_m, stride_k, seed, dropout_p,
     cols = k0 + (tl.arange(0, BLOCK_K // 32) * 32)[None, :, None] + tl.arange(0, 32)[None, None, :]  # [1, W, 32]
     in_k = cols < K
     keep = philox_keep(seed, rows[:, None, None] * K + cols, dropout_p) & in_k
-    x = tl.load(ptr + rows[:, None, None] * stride_m + cols * stride_k, mask=mask_m[:, None, None] & in_k, other=0.0)
+    x = tl.load(ptr + rows_in[:, None, None] * stride_m + cols * stride_k, mask=mask_m[:, None, None] & in_k,
+                other=0.0)
     x = tl.where(keep, x, tl.zeros_like(x))
     words = tl.sum(keep.to(tl.int32) << tl.arange(0, 32)[None, None, :], axis=2)  # disjoint bits: sum == or
     return tl.reshape(x, (BLOCK_M, BLOCK_K)), words
