@@ -21,9 +21,9 @@ cores, checked like bf16) and 'ieee' (the default, FMA units: no wgmma expected 
 ``FMA_STACK_ALLOWANCE`` bytes is tolerated when none of its spills sits in a K loop). Each record with a stack also
 counts the LDL/STL instructions inside its K loops (``loop_spills``, from the SASS): ptxas's own register target
 (128 registers at 8 warps, 168 at 4) tends to park a few loop-invariant values there, outside the loop. Run it
-without ``TRITON_INTERPRET`` (interpreted kernels cannot compile) and without ``FASTLORA_POISON``. Needs the triton wheel (it ships ptxas and cuobjdump); tested with
-triton 3.6, whose internals it patches (the active driver, ``JITFunction.run``, ``Autotuner.run``) and restores
-on exit.
+without ``TRITON_INTERPRET`` (interpreted kernels cannot compile) and without ``FASTLORA_POISON``. Needs the
+triton wheel (it ships ptxas and cuobjdump); tested with triton 3.6, whose internals it patches (the active driver,
+``JITFunction.run``, ``Autotuner.run``) and restores on exit.
 
 Grids (``cases``). full (default): the default bench grid's (K, N) shapes and token counts, bf16/fp16/fp32/tf32, r in
 the bench ranks plus {16, 64, 256}: inference, and training with dropout 0 and 0.1, with bias; training without
@@ -264,6 +264,8 @@ def stats(compiled) -> dict:
 
 _SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
 _MULTIPLY_ADDS = re.compile(r"\b(?:HGMMA|HMMA|IMMA|FFMA)\b")
+_LOCAL_MEMORY = re.compile(r"\b(?:LDL|STL)\b")
+_BACK_EDGE = re.compile(r"\bBRA\s+0x([0-9a-f]+)")
 
 
 def loop_spills(sass: str) -> int:
@@ -272,14 +274,14 @@ def loop_spills(sass: str) -> int:
     main loop, reloaded in the epilogue) costs a few instructions per tile; one inside costs them every K step."""
     code = [(int(addr, 16), text) for addr, text in _SASS.findall(sass)]
     loops = [(int(m.group(1), 16), addr) for addr, text in code
-             if (m := re.search(r"\bBRA\s+0x([0-9a-f]+)", text)) and int(m.group(1), 16) < addr]
+             if (m := _BACK_EDGE.search(text)) and int(m.group(1), 16) < addr]
 
     def has_mma(lo, hi):
         return any(lo <= a <= hi and _MULTIPLY_ADDS.search(t) for a, t in code)
 
     hot = [(lo, hi) for lo, hi in loops if has_mma(lo, hi)]
     inner = [(lo, hi) for lo, hi in hot if not any((l2, h2) != (lo, hi) and lo <= l2 and h2 <= hi for l2, h2 in hot)]
-    return sum(1 for a, t in code if re.search(r"\b(?:LDL|STL)\b", t) and any(lo <= a <= hi for lo, hi in inner))
+    return sum(1 for a, t in code if _LOCAL_MEMORY.search(t) and any(lo <= a <= hi for lo, hi in inner))
 
 
 # ------------------------------------------------------------------------------------------------ cases

@@ -84,9 +84,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
 
     Each layer named in the file must be an ``nn.Linear`` (wrapped into a ``fastlora.Linear`` sharing its
     weight), a bitsandbytes ``Linear4bit`` (wrapped into a ``fastlora.Linear4bit`` sharing its packed weight), an
-    unmerged ``fastlora.Linear`` or a ``fastlora.Linear4bit`` (its adapter is replaced). Rank comes from the tensors, alpha
-    from ``lora_alpha``/``alpha_pattern``, dropout and ``use_rslora`` from the config. Afterwards only the
-    adapters of fastlora layers require grad (as ``inject``). DoRA, ``lora_bias``, ``fan_in_fan_out`` and
+    unmerged ``fastlora.Linear`` or a ``fastlora.Linear4bit`` (its adapter is replaced). Rank comes from the
+    tensors, alpha from ``lora_alpha``/``alpha_pattern``, dropout and ``use_rslora`` from the config. Afterwards
+    only the adapters of fastlora layers require grad (as ``inject``). DoRA, ``lora_bias``, ``fan_in_fan_out`` and
     ``modules_to_save`` adapters raise ``NotImplementedError``.
     """
     config, weights = read_adapter(path)

@@ -8,11 +8,11 @@ Every matrix product of fastlora's forward and backward with a large reduction r
               dx = dy W + s D*(U A)       main:    X=dy, W=W^T,  T=U, B=A^T, OUT_DROPOUT (reads the packed mask)
 
 Transposes are stride swaps, never copies. With W_QUANT the W operand is a bitsandbytes 4-bit weight (packed
-codes + block scales, ``weight4.py``) dequantised per K tile in registers. With HAS_PERM, row m of the tile space is token perm[m] (tokens
-sorted by adapter), so X is gathered and out scattered in place. With W_GROUPED (grouped shrink) W is a stack
-[G, N, K]; the sorted rows are cut into tiles at the adapter segment offsets, so each tile runs the ordinary
-(pipelined) K loop on one adapter's W, and base-only rows come out zero. With B_GROUPED (grouped main) B is a
-stack [G, N, R], read per adapter present in the tile (``grouped_dot``).
+codes + block scales, ``weight4.py``) dequantised per K tile in registers. With HAS_PERM, row m of the tile
+space is token perm[m] (tokens sorted by adapter), so X is gathered and out scattered in place. With W_GROUPED
+(grouped shrink) W is a stack [G, N, K]; the sorted rows are cut into tiles at the adapter segment offsets, so
+each tile runs the ordinary (pipelined) K loop on one adapter's W, and base-only rows come out zero. With
+B_GROUPED (grouped main) B is a stack [G, N, R], read per adapter present in the tile (``grouped_dot``).
 
 Each tile's accumulator starts as the low-rank term (R in chunks of BLOCK_R, masked when OUT_DROPOUT), then
 the K loop adds X W^T into it: one BLOCK_M x BLOCK_N fp32 accumulator, never two. Operands come through
@@ -167,11 +167,11 @@ def _lora_gemm_kernel(
     INPUT_PRECISION). ids: sorted adapter id per tile row (-1 = base only); scale_ptr: per-adapter scaling
     (HAS_SCALE_VEC) else ``scaling``. bits: the dropout keep-mask, int32 words [M, cdiv(K, 32)] by token —
     written by the X_DROPOUT shrink, read by OUT_DROPOUT. USE_TMA needs TMA_OK (the launcher built descriptors:
-    16-byte aligned, unit inner stride) and no gather. W_KMAJOR: W's unit stride runs along K. M_BUCKET and TMA_OK also key the autotuner. W_QUANT
+    16-byte aligned, unit inner stride) and no gather. M_BUCKET and TMA_OK also key the autotuner. W_QUANT
     (``weight4``: DENSE, ABSMAX, DOUBLE) reads W as 4-bit codes at w_ptr with their block scales (qabs..qoff
     pointers, QBLOCK elements per absmax, QBLOCK2 absmax per absmax2) and multiplies in W_COMPUTE; W_TRANS: the
     operand is the stored weight's transpose (dx). The low-rank term stays in X's dtype (an fp32 X under a bf16
-    4-bit base: exact adapter products, as PEFT's QLoRA computes them).
+    4-bit base: exact adapter products, as PEFT's QLoRA computes them). W_KMAJOR: W's unit stride runs along K.
     """
     tl.static_assert(not (X_DROPOUT and HAS_LORA), "X_DROPOUT is the shrink's; the main GEMM takes OUT_DROPOUT")
     tl.static_assert(not USE_TMA or (TMA_OK and not HAS_PERM and not W_GROUPED and not X_DROPOUT))
