@@ -87,6 +87,9 @@ def _device_props(device_index: int) -> dict:
 
 # The main GEMM walks R in chunks of this many (T chunk registers; 64 spilled at BLOCK_M 128 on sm_90).
 LORA_CHUNK = 32
+# ... and on the FMA path (fp32 without tf32), where both chunks sit in registers: at 32 its 8-warp main tiles
+# kept 8-16 bytes of stack at R = 64 (255 registers).
+FMA_LORA_CHUNK = 16
 # Register budget in fp32 elements per thread. Every rule below removes configs that spilled in the static sm_90 /
 # sm_80 report (bench/sm90.py; numbers in docs/perf-notes.md).
 MAX_ACC_PER_THREAD = 128
@@ -96,7 +99,7 @@ MAX_ACC_PER_THREAD = 128
 MMA_SYNC_MAX_ACC = 64
 # fp32 without tf32 runs tl.dot on FMA units with both operand tiles in registers: accumulator + operand elements
 # per thread past this spilled 16-2248 bytes; in the GEMM core also at 80 (128x128x16 / 8 warps: 8-48 bytes at 255
-# registers), while every gradient-kernel tile up to 80 compiled clean.
+# registers, no longer a candidate), while every gradient-kernel tile up to 80 compiled clean.
 FMA_BUDGET = 72
 FMA_GRAD_BUDGET = 80
 # 4-bit W (QLoRA): dequantised W elements per thread, and accumulator + W elements per thread; past these, tiles
@@ -106,6 +109,13 @@ W4_BUDGET = 160
 W4_BUDGET_MMA_SYNC = 80
 # ... and accumulator + W + X elements per thread when fp32 X tiles are converted in registers (8-24 bytes past it).
 W4_BUDGET_WIDE_X = 88
+
+
+# ptxas options for the FMA path's GEMM-core kernels: one block per SM is enough (--minnctapersm=1). Left to its own
+# occupancy target (two or three blocks per SM: 80-168 registers) ptxas parked 8-48 bytes of loop-invariant values
+# on the stack in 19 (sm_90) and 23 (sm_80) FMA variants; with this, the one-trip tile loop (kernels/gemm.py) and
+# FMA_LORA_CHUNK, in none (docs/perf-notes.md). Appended to the user's PTXAS_OPTIONS, if any.
+FMA_PTXAS_OPTIONS = "--minnctapersm=1"
 
 
 def _is_fma(elt: int, input_precision: str) -> bool:
@@ -152,8 +162,8 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
         # these bounds compiled clean (32-128 rows, r = 8 ... 256, 80-243 registers)
         return (num_warps == 8 and bm >= 32 and acc < MMA_SYNC_MAX_ACC
                 and acc + 4 * bm * bk // threads <= MAX_ACC_PER_THREAD)
-    if not shrink and bk * elt < 128:
-        return False  # K steps under 128 bytes are the FMA path's tiles (fp16 grouped 32x64x32: 8 B of stack on sm_90)
+    if not shrink and bk <= 32:
+        return False  # the FMA path's main tiles (16-bit 32x64x32 grouped: 8 B of stack; tensor cores take 64+)
     if flags["B_GROUPED"] and bm < 64 and elt == 4:
         return False  # tf32 grouped main GEMM at 32x64x32 (mma.sync): 8-16 B of stack at 96 registers
     if shrink and num_warps == 8 and bk == 32 and (bm * bk < 8 * threads or (mma_sync and acc < MMA_SYNC_MAX_ACC)):
@@ -301,12 +311,13 @@ def _with_tma_hook(configs):
 
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LORA", "W_GROUPED", "B_GROUPED", "X_DROPOUT", "OUT_DROPOUT",
-             "TMA_OK", "W_KMAJOR", "W_QUANT", "W_TRANS", "W_COMPUTE"]
+             "TMA_OK", "W_KMAJOR", "W_QUANT", "W_TRANS", "W_COMPUTE", "INPUT_PRECISION"]
 _gemm_tuned = triton.autotune(_with_tma_hook(gemm_configs(shrink=False)), key=_GEMM_KEY,
                               prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_kernel)
 _shrink_tuned = triton.autotune(gemm_configs(shrink=True), key=_GEMM_KEY,
                                 prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_kernel)
-_grad_tuned = triton.autotune(grad_configs(), key=["M_BUCKET", "P", "BLOCK_R", "GROUPED", "Z_DROPOUT"],
+_grad_tuned = triton.autotune(grad_configs(),
+                              key=["M_BUCKET", "P", "BLOCK_R", "GROUPED", "Z_DROPOUT", "INPUT_PRECISION"],
                               prune_configs_by={"early_config_prune": _prune_grad})(_lora_grad_kernel)
 
 
@@ -395,17 +406,22 @@ def gemm(
         bits.stride(0) if bits is not None else 0,
         float(scaling), float(dropout_p), int(seed),
     )
+    precision = input_precision(x.dtype, x.device)
+    fma = _is_fma(x.element_size(), precision) and quant is None
     flags = dict(
-        BLOCK_R=min(block_r(R), LORA_CHUNK) if has_lora else 16, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
+        BLOCK_R=min(block_r(R), FMA_LORA_CHUNK if fma else LORA_CHUNK) if has_lora else 16,
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora,
         HAS_PERM=perm is not None, W_GROUPED=w_grouped, B_GROUPED=b_grouped, HAS_SCALE_VEC=scale_vec is not None,
         X_DROPOUT=x_dropout, OUT_DROPOUT=out_dropout, TMA_OK=x_desc is not None, W_KMAJOR=w_kmajor,
         W_QUANT=DENSE.value if quant is None else quant.w_quant, W_TRANS=bool(quant and quant.transposed),
         W_COMPUTE=_TL_DTYPES[quant.compute if quant else x.dtype],
         QBLOCK=quant.blocksize if quant else 1,
-        QBLOCK2=quant.blocksize2 if quant else 1, INPUT_PRECISION=input_precision(x.dtype, x.device),
+        QBLOCK2=quant.blocksize2 if quant else 1, INPUT_PRECISION=precision,
     )
     if shrink:
         flags["BLOCK_N"] = block_r(R)
+    if fma:
+        flags["ptx_options"] = " ".join(filter(None, [triton.knobs.nvidia.ptxas_options, FMA_PTXAS_OPTIONS]))
 
     def grid(meta):  # a grouped w cuts row tiles at its G adapter segments: at most G more
         row_tiles = triton.cdiv(M, meta["BLOCK_M"]) + (w.shape[0] if w_grouped else 0)

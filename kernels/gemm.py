@@ -179,7 +179,12 @@ def _lora_gemm_kernel(
     quant = (qabs_ptr, qabs2_ptr, qcode_ptr, qcode2_ptr, qoff_ptr)
     num_n = tl.cdiv(N, BLOCK_N)
     num_tiles = (tl.cdiv(M, BLOCK_M) + (G if W_GROUPED else 0)) * num_n
-    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=USE_TMA):
+    # Programs own one tile each unless persistent (TMA). On the FMA path (fp32 'ieee') the tile loop is written
+    # with one trip, which the compiler removes: ptxas kept per-program values live across it, on the stack.
+    # Tensor-core tiles keep the plain loop (with one trip, 10 small mma.sync tiles on sm_90 kept 8 B of stack).
+    one_tile = not USE_TMA and INPUT_PRECISION == "ieee" and W_COMPUTE == tl.float32
+    last = tl.program_id(0) + 1 if one_tile else num_tiles
+    for tile in tl.range(tl.program_id(0), last, 1 if one_tile else tl.num_programs(0), flatten=USE_TMA):
         w_base = w_ptr
         k_len = K
         if W_GROUPED:  # one adapter per tile: its W, or an empty K loop for base-only rows (their T is zero)
@@ -245,8 +250,8 @@ def gemm_configs(shrink: bool):
         (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 5), (64, 256, 64, 8, 3),
         (32, 128, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 4), (32, 64, 128, 4, 5),
         (16, 64, 128, 4, 4),  # decode tile whose dequantised 4-bit W fits registers
-        # fp32 without tf32 (FMA, operands in registers): short K steps
-        (64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (128, 64, 16, 8, 3), (128, 128, 16, 8, 2),
+        # fp32 without tf32 (FMA, operands in registers): K steps of 128 bytes
+        (128, 64, 32, 8, 4), (64, 64, 32, 8, 4), (32, 64, 32, 8, 3), (32, 64, 32, 4, 3),
     ]
     tma = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
            (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]

@@ -49,11 +49,18 @@ def test_compile_report(sm90, capability, tmp_path):
     failures = sm90.check(records, capability)
     summary = proc.stdout.strip().splitlines()[-2]
     assert not failures, f"{summary}\n{len(failures)} failing variants:\n" + "\n".join(failures)
+    # the FMA path's ptxas option reaches the compiler (Triton's ptx_options), and only there
+    from fastlora._launch import FMA_PTXAS_OPTIONS
+
+    gemm = [r for r in records if r["kernel"] == "_lora_gemm_kernel" and not r["constexprs"].get("W_QUANT")]
+    fma = [r for r in gemm if sm90.is_fma(r)]
+    assert fma and all(FMA_PTXAS_OPTIONS in (r["ptx_options"] or "") for r in fma)
+    assert not any(FMA_PTXAS_OPTIONS in (r["ptx_options"] or "") for r in gemm if not sm90.is_fma(r))
 
 
-# fp32 with input_precision 'ieee': FMA dots (no wgmma), a small stack allowance.
+# fp32 with input_precision 'ieee': FMA dots (no wgmma expected), no stack allowed either.
 FMA = dict(case="dense-train-p0 fp32 M4096-K4096-N4096-R16", wgmma=0,
-           constexprs={"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "INPUT_PRECISION": "ieee"})
+           constexprs={"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "INPUT_PRECISION": "ieee"})
 
 
 def _record(**changes):
@@ -75,15 +82,15 @@ def _record(**changes):
     (90, {"wgmma": 0, "mma_sync": 16}, "NO-WGMMA"),
     (90, {"tma": 0}, "NO-PIPELINE"),
     (90, {"error": "CompilationError: out of resource"}, "ERROR"),
-    (90, {**FMA, "spill_bytes": 16}, None),
-    (90, {**FMA, "spill_bytes": 64}, "SPILL"),
+    (90, FMA, None),
+    (90, {**FMA, "spill_bytes": 8}, "SPILL"),
     (90, {**FMA, "spill_bytes": 16, "loop_spills": 2}, "SPILL"),
     (90, {"constexprs": {"BLOCK_M": 128, "INPUT_PRECISION": "ieee"}, "wgmma": 0, "mma_sync": 16}, "NO-WGMMA"),
     (90, {"case": "dense-train-p0 fp32-tf32 M4096-K4096-N4096-R16", "spill_bytes": 16,
           "constexprs": {"BLOCK_M": 128, "INPUT_PRECISION": "tf32"}}, "SPILL"),
 ], ids=["clean", "clean-sm80", "small-tile-mma-sync", "spill", "spill-sm80", "smem", "smem-sm80", "no-wgmma",
-        "no-pipeline", "error", "fma-small-stack", "fma-spill", "fma-spill-in-k-loop", "bf16-ieee-no-wgmma",
-        "tf32-no-fma-allowance"])
+        "no-pipeline", "error", "fma-clean", "fma-stack", "fma-spill-in-k-loop", "bf16-ieee-no-wgmma",
+        "tf32-spill"])
 def test_check_fails_on_bad_records(sm90, capability, changes, expected):
     failures = sm90.check([_record(**changes)], capability)
     if expected is None:
