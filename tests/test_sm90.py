@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import triton
 
+from fastlora._launch import FMA_PTXAS_OPTIONS
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -50,8 +52,6 @@ def test_compile_report(sm90, capability, tmp_path):
     summary = proc.stdout.strip().splitlines()[-2]
     assert not failures, f"{summary}\n{len(failures)} failing variants:\n" + "\n".join(failures)
     # the FMA path's ptxas option reaches the compiler (Triton's ptx_options), and only there
-    from fastlora._launch import FMA_PTXAS_OPTIONS
-
     gemm = [r for r in records if r["kernel"] == "_lora_gemm_kernel" and not r["constexprs"].get("W_QUANT")]
     fma = [r for r in gemm if sm90.is_fma(r)]
     assert fma and all(FMA_PTXAS_OPTIONS in (r["ptx_options"] or "") for r in fma)
