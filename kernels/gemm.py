@@ -68,7 +68,7 @@ def _mainloop_ptr(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bits, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_DROPOUT: tl.constexpr,
     W_KMAJOR: tl.constexpr, W_QUANT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr,
-    QBLOCK2: tl.constexpr, W_COMPUTE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    QBLOCK2: tl.constexpr, W_COMPUTE: tl.constexpr, INPUT_PRECISION: tl.constexpr, FMA: tl.constexpr,
 ):
     """acc += drop?(X[rows]) W^T with pointer loads (any strides, gathered rows). With X_DROPOUT the keep-mask
     is drawn here (Philox) and also written, packed, to bits (the shrink has one column tile, so once). With
@@ -84,7 +84,7 @@ def _mainloop_ptr(
     mask_xm = mask_m
     cols_w = offs_n
     mask_wn = mask_n
-    if INPUT_PRECISION == "ieee" and W_COMPUTE == tl.float32:
+    if FMA:
         rows_x = tl.where(mask_m, rows, 0)
         mask_xm = tl.full((BLOCK_M,), 1, tl.int1)
         if W_KMAJOR:
@@ -182,7 +182,8 @@ def _lora_gemm_kernel(
     # Programs own one tile each unless persistent (TMA). On the FMA path (fp32 'ieee') the tile loop is written
     # with one trip, which the compiler removes: ptxas kept per-program values live across it, on the stack.
     # Tensor-core tiles keep the plain loop (with one trip, 10 small mma.sync tiles on sm_90 kept 8 B of stack).
-    one_tile = not USE_TMA and INPUT_PRECISION == "ieee" and W_COMPUTE == tl.float32
+    fma: tl.constexpr = INPUT_PRECISION == "ieee" and W_COMPUTE == tl.float32  # as the launcher's _is_fma
+    one_tile = not USE_TMA and fma
     last = tl.program_id(0) + 1 if one_tile else num_tiles
     for tile in tl.range(tl.program_id(0), last, 1 if one_tile else tl.num_programs(0), flatten=USE_TMA):
         w_base = w_ptr
@@ -221,7 +222,7 @@ def _lora_gemm_kernel(
             acc = _mainloop_ptr(acc, x_ptr, w_base, bits_ptr, quant, rows, pid_n * BLOCK_N, offs_n, mask_m, mask_n,
                                 k_len, stride_xm, stride_xk, stride_wn, stride_wk, stride_bits, dropout_p, seed,
                                 BLOCK_M, BLOCK_N, BLOCK_K, X_DROPOUT, W_KMAJOR, W_QUANT, W_TRANS, QBLOCK, QBLOCK2,
-                                W_COMPUTE, INPUT_PRECISION)
+                                W_COMPUTE, INPUT_PRECISION, fma)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
