@@ -27,13 +27,16 @@ internals it patches (the active driver, ``JITFunction.run``, ``Autotuner.run``)
 Grids (``cases``). full (default): the default bench grid's (K, N) shapes and token counts, bf16/fp16/fp32/tf32, r in
 the bench ranks plus {16, 64, 256}: inference, and training with dropout 0 and 0.1, with bias; training without
 bias at r = 16 once per dtype; grouped, 32 adapters at r = 16 on the grouped bench shape and token counts, with
-and without bias. Only M's specialisation (1 or not), N, K alignment and the constexprs change what compiles;
+and without bias; a bitsandbytes nf4 base (double quant) at r = 16 in each dtype, on the bench shapes and token
+counts, the 4-bit product in that dtype (fp32: bitsandbytes' compute dtype float32, the transformers default),
+inference and training. Only M's specialisation (1 or not), N, K alignment and the constexprs change what compiles;
 Triton's cache makes the repeats cheap; 15 (sm_80) to 18 (sm_90) minutes on 2 cores, empty cache, measured before
 tf32 joined the grid.
 ci (~3 minutes on 2 cores, empty cache): M = 4096 and M = 16 (small-M configs), K = N = 4096. Every flag
 combination of the forward and backward kernels (dense/grouped x dropout 0/0.1 x bias on/off, inference and
 training) for bf16 at r = 16, dense and grouped; then training with bias and dropout 0.1 for bf16 at r = 256,
-fp16 at r = 64 and fp32 at r = 256 (ieee and tf32); and fp16 grouped inference at r = 16 (its own tile issues).
+fp16 at r = 64 and fp32 at r = 256 (ieee and tf32); fp16 grouped inference at r = 16 (its own tile issues); an nf4
+base at r = 16, bf16 (every flag) and fp32 (ieee and tf32: training with dropout 0.1).
 The flags left out there repeat combinations already compiled; every flag at every dtype x rank takes ~7 minutes.
 M = 1, its own specialisation of every kernel (about 40% of the full tier's variants), is left to the full tier.
 Every autotune config the pruning keeps compiles, so the largest and smallest tiles are always in. Cases run in
@@ -354,6 +357,8 @@ def cases(tier: str) -> list[Case]:
             *_calls("fp32", M, 4096, 4096, 256, ps=(0.1,), biases=(True,), infer=False),
             *_calls("fp32", M, 4096, 4096, 256, ps=(0.1,), biases=(True,), infer=False, tf32=True),
             *_calls("bf16", M, 4096, 4096, 16, biases=(True,), quant="nf4"),
+            *_calls("fp32", M, 4096, 4096, 16, ps=(0.1,), biases=(True,), infer=False, quant="nf4"),
+            *_calls("fp32", M, 4096, 4096, 16, ps=(0.1,), biases=(True,), infer=False, tf32=True, quant="nf4"),
         )]
     g = harness.GRIDS["default"]
     out = []
@@ -365,9 +370,8 @@ def cases(tier: str) -> list[Case]:
         out += [Case(dtype, g.tokens[-1], K, N, 16, p, bias=False, tf32=tf32) for p in (0.0, 0.1)]
         K, N = g.grouped_shape
         out += [c for M in g.grouped_tokens for c in _calls(dtype, M, K, N, g.grouped_rank, G=32, tf32=tf32)]
-        if dtype != "fp32":  # QLoRA computes in 16 bits
-            out += [c for K, N in g.shapes for M in g.tokens for c in _calls(dtype, M, K, N, 16, biases=(True,),
-                                                                             quant="nf4")]
+        out += [c for K, N in g.shapes for M in g.tokens
+                for c in _calls(dtype, M, K, N, 16, biases=(True,), tf32=tf32, quant="nf4")]
     return out
 
 

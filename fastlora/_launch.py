@@ -102,6 +102,10 @@ MMA_SYNC_MAX_ACC = 64
 # registers, no longer a candidate), while every gradient-kernel tile up to 80 compiled clean.
 FMA_BUDGET = 72
 FMA_GRAD_BUDGET = 80
+# ... and with a 4-bit W dequantised to fp32 (bitsandbytes compute dtype float32, the transformers default):
+# 128x64x32 / 8 warps (56) spilled 336-392 bytes at 255 registers on sm_90 and sm_80, 64x64x32 / 8 warps (32)
+# compiled clean.
+FMA_W4_BUDGET = 48
 # 4-bit W (QLoRA): dequantised W elements per thread, and accumulator + W elements per thread; past these, tiles
 # spilled 8-72 bytes on sm_90 and 40-3024 bytes on sm_80 (mma.sync keeps operand fragments in registers too).
 MAX_W4_PER_THREAD = 64
@@ -146,9 +150,13 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
             return False
         if (x_elt or elt) > elt and acc + w + bm * bk // threads > W4_BUDGET_WIDE_X:
             return False  # fp32 X tiles converted to the compute dtype in registers
+        if flags["W_TRANS"] and elt == 4 and bm * bk // threads > (16 if _mma_sync(capability) else 32):
+            return False  # tf32 dx over a 4-bit W: 128x64x64 / 4 warps kept 8 B of stack at 255 registers on sm_90,
+            # 64x64x64 / 4 warps 16-32 B on sm_80 (64x128x64 and 64x64x64 on sm_90, 16x64x128 on both: clean)
     if _is_fma(elt, flags["INPUT_PRECISION"]):
         operands = (bm * bk + bk * block_n) // threads
-        return acc + operands <= FMA_BUDGET and acc + 2 * bm * bk // threads <= MAX_ACC_PER_THREAD
+        budget = FMA_W4_BUDGET if flags.get("W_QUANT") else FMA_BUDGET
+        return acc + operands <= budget and acc + 2 * bm * bk // threads <= MAX_ACC_PER_THREAD
     mma_sync = _mma_sync(capability)
     if acc > (MMA_SYNC_MAX_ACC if mma_sync else MAX_ACC_PER_THREAD):
         return False
@@ -248,7 +256,7 @@ def _prune_gemm(configs, named_args, **kwargs):
             continue
         if x.shape[0] == 1 and c.kwargs["BLOCK_M"] * bn >= MAX_ACC_PER_THREAD * 32 * c.num_warps:
             continue  # a full accumulator for one row; 8 B of stack at 128x256 in the M = 1 specialisation
-        elt = x.element_size() if not kwargs["W_QUANT"] else kwargs["W_COMPUTE"].primitive_bitwidth // 8
+        elt = kwargs["W_COMPUTE"].primitive_bitwidth // 8  # the dot's operands (X's dtype, or the 4-bit compute)
         if not gemm_fits_registers(c.kwargs, c.num_warps, block_n=bn, flags=kwargs, elt=elt, capability=capability,
                                    x_elt=x.element_size()):
             continue
@@ -408,14 +416,15 @@ def gemm(
         float(scaling), float(dropout_p), int(seed),
     )
     precision = input_precision(x.dtype, x.device)
-    fma = _is_fma(x.element_size(), precision) and quant is None
+    compute = quant.compute if quant else x.dtype  # the dtype the main product runs in (W_COMPUTE)
+    fma = _is_fma(compute.itemsize, precision)
     flags = dict(
         BLOCK_R=min(block_r(R), FMA_LORA_CHUNK if fma else LORA_CHUNK) if has_lora else 16,
         HAS_BIAS=bias is not None, HAS_LORA=has_lora,
         HAS_PERM=perm is not None, W_GROUPED=w_grouped, B_GROUPED=b_grouped, HAS_SCALE_VEC=scale_vec is not None,
         X_DROPOUT=x_dropout, OUT_DROPOUT=out_dropout, TMA_OK=x_desc is not None, W_KMAJOR=w_kmajor,
         W_QUANT=DENSE.value if quant is None else quant.w_quant, W_TRANS=bool(quant and quant.transposed),
-        W_COMPUTE=_TL_DTYPES[quant.compute if quant else x.dtype],
+        W_COMPUTE=_TL_DTYPES[compute],
         QBLOCK=quant.blocksize if quant else 1,
         QBLOCK2=quant.blocksize2 if quant else 1, INPUT_PRECISION=precision,
     )
