@@ -1,11 +1,11 @@
-"""The autograd Function around the fused ops: what is saved (x, T [M, R], the packed dropout mask) and what is
-recomputed."""
+"""The autograd Functions around the fused ops (LoRA, DoRA): what is saved (x, T [M, R], the packed dropout mask;
+DoRA's g and, when the magnitude trains, one M x N term) and what is recomputed."""
 
 from __future__ import annotations
 
 import torch
 
-from fastlora import _ops
+from fastlora import _dora_ops, _ops
 
 
 class LoRAFunction(torch.autograd.Function):
@@ -37,3 +37,47 @@ class LoRAFunction(torch.autograd.Function):
         db = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None
         return (dx if need[0] else None, dw, db, dA if need[3] else None, dB if need[4] else None,
                 None, None, None, None, None, None, None, None, None)
+
+
+class DoRAFunction(torch.autograd.Function):
+    """PEFT's DoRA, y [M, N] from x [M, K] (``fastlora._dora_ops``), with g = magnitude / norm and ``norm`` the
+    detached max(||W + s B A||, eps) per output row.
+
+    Saves what LoRA saves (x, T, the packed mask) plus g and, only when the magnitude requires grad, Z [M, N] (the
+    term g multiplies, written by the forward kernel): dm = sum_tokens dy * Z / norm. Nothing of size M x N when the
+    magnitude is frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed):
+        g = magnitude.detach().float() / norm
+        store_z = ctx.needs_input_grad[5]
+        y, t, bits, z = _dora_ops.dora_forward(x, weight, bias, lora_A, lora_B, scaling, g, dropout_p, seed, store_z)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, t, bits, g, norm, z)
+        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.magnitude_dtype = magnitude.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, t, bits, g, norm, z = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dA, dB = _dora_ops.dora_backward(dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, g, ctx.dropout_p,
+                                             need[0], need[3], need[4])
+        dm = ((dy.float() * z.float()).sum(0) / norm).to(ctx.magnitude_dtype) if need[5] else None
+        dw = None
+        if need[1]:  # full fine-tuning: the norm is detached, W enters through the base products only
+            dw = ((dy * g.to(dy.dtype)).t() @ x.to(dy.dtype)) if ctx.dropout_p == 0 else (
+                dy.t() @ x.to(dy.dtype) + (dy * (g - 1).to(dy.dtype)).t() @ _dropped(x, bits, ctx.dropout_p))
+            dw = dw.to(weight.dtype)
+        db = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None
+        return (dx if need[0] else None, dw, db, dA if need[3] else None, dB if need[4] else None, dm,
+                None, None, None, None)
+
+
+def _dropped(x, bits, p):
+    """d(x) = x * keep / (1 - p) from the packed keep-mask (for the rare unfrozen-weight gradient)."""
+    keep = (bits[:, :, None] >> torch.arange(32, device=bits.device, dtype=torch.int32)) & 1
+    keep = keep.reshape(bits.shape[0], -1)[:, : x.shape[1]].to(x.dtype)
+    return x * keep / (1.0 - p)

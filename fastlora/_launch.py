@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastlora.kernels.dropout import _dropout_mask_kernel
-from fastlora.kernels.gemm import _lora_gemm_kernel, gemm_configs
+from fastlora.kernels.gemm import DX, DX_DROP, FWD, FWD_DROP, NO_DORA, _lora_gemm_kernel, gemm_configs
 from fastlora.kernels.grad import _lora_grad_kernel, grad_configs
 from fastlora.kernels.weight4 import ABSMAX, DENSE, DOUBLE
 
@@ -140,7 +140,7 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
     ``x_elt``: of X as loaded, when wider (fp32 activations over a 4-bit base)."""
     threads = 32 * num_warps
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
-    acc = bm * block_n // threads
+    acc = bm * block_n // threads * (2 if flags.get("DORA") in DUAL_DORA else 1)  # DoRA with dropout: two
     if flags["X_DROPOUT"] and bk < 32:
         return False  # the mask is packed 32 columns to a word
     if flags.get("W_QUANT"):  # the dequantised W tile is in registers beside the accumulator
@@ -196,6 +196,30 @@ def gemm_smem(cfg: dict, num_stages: int, *, elt: int, out_elt: int, block_n: in
     if cfg.get("USE_TMA"):
         smem += bm * block_n * out_elt
     return smem + 1024
+
+
+# DoRA modes that keep a second accumulator (the dropout forms, kernels/gemm.py): counted twice by the register model.
+DUAL_DORA = (FWD_DROP.value, DX_DROP.value)
+
+
+@dataclass(frozen=True)
+class DoraScale:
+    """DoRA's magnitude scale g = m / ||W + s B A|| (fp32 [N], N the forward's out_features) as the GEMM core applies
+    it: the forward's epilogue (``dx=False``: out = g * acc + bias, or with ``dropout`` PEFT's
+    acc + (g - 1) * (W d(x) + low-rank) + bias from a second accumulator) or dx's X tiles (``dx=True``: dy scaled by
+    g as loaded; with ``dropout`` the (g - 1) * dy product masked by the forward's mask). ``z``: a buffer shaped
+    like the output for the term g multiplies (the magnitude gradient's input), written by the forward."""
+
+    g: torch.Tensor
+    dx: bool = False
+    dropout: bool = False
+    z: torch.Tensor | None = None
+
+    @property
+    def mode(self) -> int:
+        if self.dx:
+            return DX_DROP.value if self.dropout else DX.value
+        return FWD_DROP.value if self.dropout else FWD.value
 
 
 @dataclass(frozen=True)
@@ -320,7 +344,7 @@ def _with_tma_hook(configs):
 
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LORA", "W_GROUPED", "B_GROUPED", "X_DROPOUT", "OUT_DROPOUT",
-             "TMA_OK", "W_KMAJOR", "W_QUANT", "W_TRANS", "W_COMPUTE", "INPUT_PRECISION"]
+             "TMA_OK", "W_KMAJOR", "W_QUANT", "W_TRANS", "W_COMPUTE", "INPUT_PRECISION", "DORA", "STORE_Z"]
 _gemm_tuned = triton.autotune(_with_tma_hook(gemm_configs(shrink=False)), key=_GEMM_KEY,
                               prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_kernel)
 _shrink_tuned = triton.autotune(gemm_configs(shrink=True), key=_GEMM_KEY,
@@ -370,9 +394,11 @@ def gemm(
     dropout_p: float = 0.0,
     seed: int = 0,
     bits: torch.Tensor | None = None,
+    dora: DoraScale | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """out [M, N] = drop?(x) w^T + bias + scale * drop?(t b^T), see ``_lora_gemm_kernel``.
+    """out [M, N] = drop?(x) w^T + bias + scale * drop?(t b^T), see ``_lora_gemm_kernel``; ``dora`` applies a DoRA
+    magnitude scale (``DoraScale``; dense w only) and fills its ``z``.
 
     x [M, K]; w [N, K] (a tensor or a ``Packed4bit``) or, grouped, [G, N, K]; t [M, R]; b [N, R] or [G, N, R];
     perm/ids [M] (sorted order -> token, adapter id of each sorted row); seg [G + 1] (the segment offsets, needed
@@ -396,7 +422,9 @@ def gemm(
     quant = w if isinstance(w, Packed4bit) else None
     cap = target_capability(x.device)
     want_tma = (config or {}).get("USE_TMA", cap is not None and cap[0] >= 9)
-    tma = want_tma and not shrink and perm is None and not w_grouped and quant is None
+    dual = dora is not None and dora.dropout  # two accumulators: pointer loads only
+    tma = (want_tma and not shrink and perm is None and not w_grouped and quant is None and not dual
+           and x.dtype == w.dtype)
     x_desc, w_desc, out_desc, w_kmajor = _descriptors(x, w, out, tma)
     dummy = out
     args = (
@@ -404,6 +432,7 @@ def gemm(
         b if has_lora else dummy, out, perm if perm is not None else dummy, ids if ids is not None else dummy,
         seg if seg is not None else dummy,
         scale_vec if scale_vec is not None else dummy, bits if bits is not None else dummy,
+        dora.g if dora is not None else dummy, dora.z if dora is not None and dora.z is not None else dummy,
         *(quant.pointers() if quant is not None else (dummy,) * 5),
         x_desc, w_desc, out_desc,
         M, N, K, R, w.shape[0] if w_grouped else 1, m_bucket(M),
@@ -427,6 +456,7 @@ def gemm(
         W_COMPUTE=_TL_DTYPES[compute],
         QBLOCK=quant.blocksize if quant else 1,
         QBLOCK2=quant.blocksize2 if quant else 1, INPUT_PRECISION=precision,
+        DORA=dora.mode if dora is not None else NO_DORA.value, STORE_Z=dora is not None and dora.z is not None,
     )
     if shrink:
         flags["BLOCK_N"] = block_r(R)

@@ -11,24 +11,31 @@ import numbers
 
 import torch
 
-from fastlora import _launch, _ops, dispatch, quant, reference
-from fastlora._autograd import LoRAFunction
+from fastlora import _launch, _ops, dispatch, dora, quant, reference
+from fastlora._autograd import DoRAFunction, LoRAFunction
 from fastlora._compose import ComposedLoRAFunction
 from fastlora.grouping import AdapterBatch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, training=False, seed=None):
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, training=False, seed=None,
+                magnitude=None):
     """y = x W^T + b + scaling * (dropout(x) A^T) B^T, fused.
 
     x [..., K]; weight [N, K]; bias [N] or None; lora_A [r, K]; lora_B [N, r]; scaling a number. Dropout
     (on x, in the LoRA branch only) is active when ``training`` and ``dropout_p > 0``; its mask comes from
     ``seed`` (drawn from torch's CPU generator when None) and is regenerated in backward.
+
+    ``magnitude`` [N] (DoRA, PEFT's ``use_dora=True`` semantics): y = g (x W^T + s T B^T) + b with
+    g = magnitude / max(||W + s B A||, eps) per output row, the norm detached; with dropout PEFT's
+    x W^T + b + (g - 1) (d(x) W^T) + g s T B^T, T = d(x) A^T. See docs/dora.md.
     """
     _check_x_weight_bias(x, weight, bias)
     N, K = weight.shape
     s, p = _check_lora(x, lora_A, lora_B, N, K, scaling, dropout_p, training)
+    if magnitude is not None:
+        return _dora_linear(x, weight, bias, lora_A, lora_B, s, magnitude, p, training, seed)
     if not _use_kernels(x, lora_A, lora_B):
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, s, dropout_p=p, training=training)
     x, weight, bias = _autocast(x, weight, bias)
@@ -46,6 +53,30 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, trai
         path = dispatch.choose(x2, weight, bias, lora_A, lora_B, p, training_step, fused, composed)
         y = (fused if path == "fused" else composed)(x2, lora_A, lora_B)
     return y.reshape(*x.shape[:-1], N)
+
+
+def _dora_linear(x, weight, bias, lora_A, lora_B, s, magnitude, p, training, seed, norm_fn=None):
+    """DoRA after lora_linear's checks; ``norm_fn()``: max(||W + s B A||, eps) from the caller's cache."""
+    _check_magnitude(magnitude, x, weight.shape[0])
+    K = weight.shape[1]
+    if not _use_kernels(x, lora_A, lora_B, magnitude):
+        return reference.dora_linear(x, weight, bias, lora_A, lora_B, s, magnitude, dropout_p=p, training=training)
+    # from the stored W, before any autocast cast
+    norm = norm_fn() if norm_fn is not None else dora.weight_norm(weight, lora_A, lora_B, s)
+    x, weight, bias = _autocast(x, weight, bias)
+    seed = _seed(seed) if p > 0 else 0
+    with torch.autocast(x.device.type, enabled=False):
+        y = DoRAFunction.apply(x.reshape(-1, K), weight, bias, lora_A, lora_B, magnitude, norm, s, p, seed)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _check_magnitude(magnitude, x, N):
+    if not isinstance(magnitude, torch.Tensor):
+        raise TypeError(f"magnitude must be a tensor or None; got {type(magnitude).__name__}")
+    _check_shape("magnitude", magnitude, (N,), "(out_features,)")
+    _check_device("magnitude", magnitude, x)
+    if magnitude.dtype not in _DTYPES:
+        raise TypeError(f"magnitude must be float16, bfloat16 or float32; got {magnitude.dtype}")
 
 
 def lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, compute_dtype=torch.bfloat16,

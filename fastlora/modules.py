@@ -9,8 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastlora.functional import grouped_lora_linear, lora_linear
+from fastlora import dora
+from fastlora.functional import _check_lora, _check_x_weight_bias, _dora_linear, grouped_lora_linear, lora_linear
 from fastlora.grouping import AdapterBatch
+from fastlora.reference import DORA_EPS
 
 
 def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -24,25 +26,30 @@ class Linear(nn.Module):
 
     W and b are frozen; ``lora_A`` (r, in) is kaiming-uniform, ``lora_B`` (out, r) zeros, so a fresh layer
     equals its base. The state dict keys and layouts match PEFT's (``lora_A``/``lora_B`` weights).
+
+    ``use_dora=True`` (PEFT's DoRA): a trainable ``lora_magnitude`` (out,), initialised as PEFT does to
+    ||W + s B A|| per row (= ||W_n||, B being zero), and y = g (x W^T + s T B^T) + b with g = lora_magnitude /
+    max(||W + s B A||, eps) (PEFT's dropout form in training, docs/dora.md). In eval mode the norm is cached until
+    W, A or B change (in place or replaced).
     """
 
     def __init__(self, in_features, out_features, bias=True, *, r=8, alpha=8, dropout=0.0, use_rslora=False,
-                 device=None, dtype=None):
+                 use_dora=False, device=None, dtype=None):
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(base.weight, base.bias, r, alpha, dropout, use_rslora)
+        self._setup(base.weight, base.bias, r, alpha, dropout, use_rslora, use_dora)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, r=8, alpha=8, dropout=0.0, use_rslora=False) -> Linear:
+    def from_linear(cls, linear: nn.Linear, *, r=8, alpha=8, dropout=0.0, use_rslora=False, use_dora=False) -> Linear:
         """Wrap ``linear``: the new layer shares (and freezes) its weight and bias parameters."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear; got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora)
+        self._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora, use_dora)
         return self
 
-    def _setup(self, weight, bias, r, alpha, dropout, use_rslora):
+    def _setup(self, weight, bias, r, alpha, dropout, use_rslora, use_dora=False):
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = _scaling(r, alpha, use_rslora)
         if not 0.0 <= dropout < 1.0:
@@ -59,6 +66,23 @@ class Linear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be a bool; got {type(use_dora).__name__}")
+        self.use_dora = use_dora
+        self._norm_cache = None  # (versions and storages of W, A, B, the norm) in eval mode
+        self._merged_g = None  # what unmerge() needs: g of the merge and the rows it zeroed
+        if use_dora:
+            # PEFT's initial magnitude ||W + s B A|| per row is ||W_n||: B starts at zero
+            self.lora_magnitude = nn.Parameter(dora.weight_sq(self.weight).sqrt().to(self.lora_A.dtype))
+
+    def _norm(self) -> torch.Tensor:
+        """max(||W + s B A||, eps) per row, fp32 [out]; cached in eval mode (tensors' version counters)."""
+        if self.training or torch.compiler.is_compiling() or self.weight.device.type == "meta":
+            return dora.weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)
+        key = (self.scaling, *((t._version, t.data_ptr()) for t in (self.weight, self.lora_A, self.lora_B)))
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            self._norm_cache = (key, dora.weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling))
+        return self._norm_cache[1]
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A in the base weight's dtype (computed in fp32)."""
@@ -66,26 +90,49 @@ class Linear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into the weight (inference); forward then runs the plain linear."""
-        if not self.merged:
+        """Fold the adapter into the weight (inference); forward then runs the plain linear. DoRA (as PEFT):
+        W <- g (W + s B A), g from the unmerged weight's norm, kept (with the rows g zeroes) for unmerge."""
+        if self.merged:
+            return
+        if self.use_dora:
+            w = self.weight.float() + self.delta_weight().float()  # W + s B A, as PEFT merges it
+            g = self.lora_magnitude.float() / torch.linalg.vector_norm(w, dim=1).clamp_min(DORA_EPS)
+            zeroed = (g == 0).nonzero().squeeze(1)
+            self._merged_g = (g, zeroed, self.weight[zeroed].clone())
+            self.weight.copy_(w * g[:, None])
+        else:
             self.weight.add_(self.delta_weight())
-            self.merged = True
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if self.merged:
+        if not self.merged:
+            return
+        if self.use_dora:
+            g, zeroed, rows = self._merged_g
+            self.weight.copy_(self.weight.float() / torch.where(g == 0, 1.0, g)[:, None] - self.delta_weight().float())
+            self.weight[zeroed] = rows
+            self._merged_g = None
+        else:
             self.weight.sub_(self.delta_weight())
-            self.merged = False
+        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
+        if self.use_dora:
+            _check_x_weight_bias(x, self.weight, self.bias)
+            s, p = _check_lora(x, self.lora_A, self.lora_B, self.out_features, self.in_features, self.scaling,
+                               self.dropout, self.training)
+            return _dora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, s, self.lora_magnitude, p,
+                                self.training, None, self._norm)
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                            dropout_p=self.dropout, training=self.training)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, merged={self.merged}")
+                f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, use_dora={self.use_dora}, "
+                f"merged={self.merged}")
 
 
 class GroupedLinear(nn.Module):

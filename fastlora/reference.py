@@ -50,3 +50,26 @@ def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *
         s = scaling[g] if isinstance(scaling, torch.Tensor) else scaling
         low = low.index_put((rows,), s * F.linear(F.linear(xd[rows], lora_A[g]), lora_B[g]))
     return base + low.reshape(base.shape).to(base.dtype)
+
+
+# DoRA: the column norm is clamped to this before dividing (m / max(||.||, eps)), so a zero-norm row with m = 0 gives
+# g = 0 (y = b there) where PEFT gives NaN; see docs/dora.md.
+DORA_EPS = 1e-6
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, *, dropout_p=0.0, training=False,
+                dropout_mask=None):
+    """PEFT's DoRA written out: g = m / max(||W + s B A||, eps) per output row, the norm detached;
+
+        y = x W^T + b + (g - 1) (d(x) W^T) + g s (d(x) A^T) B^T     d(x) = x without dropout (then = g (...) + b)
+
+    The out x in matrix W + s B A is built here, as PEFT does; the kernels never build it.
+    """
+    delta = scaling * (lora_B @ lora_A)
+    norm = torch.linalg.vector_norm(weight.to(delta.dtype) + delta, dim=1).detach()
+    g = magnitude / norm.clamp_min(DORA_EPS)
+    base = F.linear(x, weight, bias)
+    xd = _dropped(x, dropout_p, training, dropout_mask)
+    plain = F.linear(xd, weight)
+    low = F.linear(F.linear(xd.to(lora_A.dtype), lora_A), lora_B)
+    return base + ((g - 1) * plain + g * (scaling * low)).to(base.dtype)

@@ -7,6 +7,10 @@ Every matrix product of fastlora's forward and backward with a large reduction r
     backward  U  = dy B                   shrink:  X=dy, W=B^T,  HAS_LORA=0
               dx = dy W + s D*(U A)       main:    X=dy, W=W^T,  T=U, B=A^T, OUT_DROPOUT (reads the packed mask)
 
+DoRA (``DORA``, see ``dora_scale``): the magnitude scale g [N] is a per-column factor of the epilogue (forward) or
+of the X tiles as they are loaded (dx: X = dy, whose columns are the forward's outputs); with dropout a second
+accumulator over the same W tiles carries PEFT's (g - 1) * W d(x) term (docs/dora.md).
+
 Transposes are stride swaps, never copies. With W_QUANT the W operand is a bitsandbytes 4-bit weight (packed
 codes + block scales, ``weight4.py``) dequantised per K tile in registers. With HAS_PERM, row m of the tile
 space is token perm[m] (tokens sorted by adapter), so X is gathered and out scattered in place. With W_GROUPED
@@ -25,6 +29,22 @@ import triton.language as tl
 
 from .tiles import grouped_dot, load_dropped, segment_tile, tile_mn, unpack_keep
 from .weight4 import DENSE, load_4bit
+
+# DORA values: how the GEMM core applies a DoRA magnitude scale g [N] (per output column of the forward).
+NO_DORA = tl.constexpr(0)
+FWD = tl.constexpr(1)  # out = g * acc + bias; Z (optional) = acc
+FWD_DROP = tl.constexpr(2)  # acc2 over keep * X (bits): out = acc + (g - 1) * Z + bias, Z = acc2 / (1 - p)
+DX = tl.constexpr(3)  # X tiles (dy) scaled by g along K as loaded
+DX_DROP = tl.constexpr(4)  # acc2 = low-rank + ((g - 1) * X) W^T; out = acc + keep * acc2 / (1 - p)
+
+
+@triton.jit
+def dora_scale(x, g_ptr, k0, offs_k, mask_k, minus: tl.constexpr):
+    """X tile [BLOCK_M, BLOCK_K] with column k scaled by g[k0 + k] (minus one when ``minus``), in X's dtype."""
+    g = tl.load(g_ptr + k0 + offs_k, mask=mask_k, other=0.0)  # [BLOCK_K] fp32
+    if minus:
+        g = g - 1.0
+    return (x.to(tl.float32) * g[None, :]).to(x.dtype)
 
 
 @triton.jit
@@ -64,18 +84,20 @@ def _lowrank(
 
 @triton.jit
 def _mainloop_ptr(
-    acc, x_ptr, w_ptr, bits_ptr, quant, rows, n0, offs_n, mask_m, mask_n, K,
+    acc, acc2, x_ptr, w_ptr, bits_ptr, g_ptr, quant, rows, n0, offs_n, mask_m, mask_n, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bits, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_DROPOUT: tl.constexpr,
     W_KMAJOR: tl.constexpr, W_QUANT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr,
     QBLOCK2: tl.constexpr, W_COMPUTE: tl.constexpr, INPUT_PRECISION: tl.constexpr, FMA: tl.constexpr,
+    DORA: tl.constexpr,
 ):
     """acc += drop?(X[rows]) W^T with pointer loads (any strides, gathered rows). With X_DROPOUT the keep-mask
     is drawn here (Philox) and also written, packed, to bits (the shrink has one column tile, so once). With
     W_QUANT, W is fetched 4-bit and dequantised (``quant``: absmax, absmax2, code, code2, offset pointers) from the
     stored [N, K] weight (forward) or, W_TRANS, its transpose (dx); the stored row length is the unit stride's
     partner (stride_wn, or stride_wk when W_TRANS). The 4-bit product runs in W_COMPUTE (bitsandbytes'
-    compute dtype), X tiles cast to it in registers, whatever X's own dtype."""
+    compute dtype), X tiles cast to it in registers, whatever X's own dtype. DoRA (dense W only): DX scales the
+    X tiles by g; FWD_DROP and DX_DROP also add the second product of the same W tile into acc2 (returned)."""
     offs_k = tl.arange(0, BLOCK_K)
     # FMA dots (fp32 without tf32): rows past the tile's end and, for a K-contiguous W, columns past N read row /
     # column 0 (never stored) instead of being masked, so no row or column predicates stay live across the K loop
@@ -105,8 +127,16 @@ def _mainloop_ptr(
         else:
             x = tl.load(x_ptrs, mask=mask_xm[:, None] & mask_k[None, :], other=0.0)
         if W_QUANT == DENSE:
-            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_wn[None, :], other=0.0)
-            acc = tl.dot(x, w.to(x.dtype), acc, input_precision=INPUT_PRECISION)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_wn[None, :], other=0.0).to(x.dtype)
+            if DORA == DX:
+                acc = tl.dot(dora_scale(x, g_ptr, k0, offs_k, mask_k, False), w, acc, input_precision=INPUT_PRECISION)
+            else:
+                acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+            if DORA == FWD_DROP:  # the dropped x of the same tile, from the mask the shrink wrote
+                keep = unpack_keep(bits_ptr, rows, mask_m, k0, tl.cdiv(K, 32), stride_bits, BLOCK_M, BLOCK_K)
+                acc2 = tl.dot(tl.where(keep, x, tl.zeros_like(x)), w, acc2, input_precision=INPUT_PRECISION)
+            if DORA == DX_DROP:
+                acc2 = tl.dot(dora_scale(x, g_ptr, k0, offs_k, mask_k, True), w, acc2, input_precision=INPUT_PRECISION)
         else:
             if W_TRANS:  # dx: rows k0.. of the stored weight, columns n0..
                 w = load_4bit(w_ptr, quant, codebook, (k0 + offs_k).to(tl.int64), mask_k, n0, stride_wk,
@@ -119,15 +149,19 @@ def _mainloop_ptr(
         w_ptrs += BLOCK_K * stride_wk
     if X_DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
-    return acc
+    return acc, acc2
 
 
 @triton.jit
-def _mainloop_tma(acc, x_desc, w_desc, off_m, off_n, K, BLOCK_K: tl.constexpr, W_KMAJOR: tl.constexpr,
-                  INPUT_PRECISION: tl.constexpr):
-    """acc += X W^T with TMA tile loads (out-of-bounds reads are zeros). W_KMAJOR: w_desc is [N, K], else [K, N]."""
+def _mainloop_tma(acc, x_desc, w_desc, g_ptr, off_m, off_n, K, BLOCK_K: tl.constexpr, W_KMAJOR: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, DORA: tl.constexpr):
+    """acc += X W^T with TMA tile loads (out-of-bounds reads are zeros). W_KMAJOR: w_desc is [N, K], else [K, N].
+    DORA == DX: X tiles scaled by g along K."""
+    offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         x = x_desc.load([off_m, k0])  # [BLOCK_M, BLOCK_K]
+        if DORA == DX:
+            x = dora_scale(x, g_ptr, k0, offs_k, offs_k < K - k0, False)
         if W_KMAJOR:
             w = w_desc.load([off_n, k0]).T  # [BLOCK_K, BLOCK_N]
         else:
@@ -137,8 +171,29 @@ def _mainloop_tma(acc, x_desc, w_desc, off_m, off_n, K, BLOCK_K: tl.constexpr, W
 
 
 @triton.jit
+def _dora_epilogue(acc, acc2, g_ptr, z_ptr, bits_ptr, rows, n0, offs_n, mask_m, mask_n, N, stride_zm, stride_zn,
+                   stride_bits, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DORA: tl.constexpr,
+                   STORE_Z: tl.constexpr):
+    """The DoRA output tile before the bias. FWD: g * acc (Z = acc); FWD_DROP: acc + (g - 1) * Z, Z = acc2 / (1 - p);
+    DX_DROP: acc + keep * acc2 / (1 - p). Z, the term g multiplies, is stored (out's dtype) when STORE_Z."""
+    if DORA == DX_DROP:
+        keep = unpack_keep(bits_ptr, rows, mask_m, n0, tl.cdiv(N, 32), stride_bits, BLOCK_M, BLOCK_N)
+        return acc + tl.where(keep, acc2 * (1.0 / (1.0 - dropout_p)), 0.0)
+    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N] fp32
+    z = acc
+    if DORA == FWD_DROP:
+        z = acc2 * (1.0 / (1.0 - dropout_p))
+    if STORE_Z:
+        tl.store(z_ptr + rows[:, None] * stride_zm + offs_n[None, :] * stride_zn, z.to(z_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
+    if DORA == FWD:
+        return acc * g[None, :]
+    return acc + (g - 1.0)[None, :] * z
+
+
+@triton.jit
 def _lora_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, out_ptr, perm_ptr, ids_ptr, seg_ptr, scale_ptr, bits_ptr,
+    x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, out_ptr, perm_ptr, ids_ptr, seg_ptr, scale_ptr, bits_ptr, g_ptr, z_ptr,
     qabs_ptr, qabs2_ptr, qcode_ptr, qcode2_ptr, qoff_ptr,
     x_desc, w_desc, out_desc,
     M, N, K, R, G, M_BUCKET,
@@ -156,7 +211,7 @@ def _lora_gemm_kernel(
     X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
     USE_TMA: tl.constexpr, TMA_OK: tl.constexpr, W_KMAJOR: tl.constexpr,
     W_QUANT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
-    W_COMPUTE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    W_COMPUTE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DORA: tl.constexpr, STORE_Z: tl.constexpr,
 ):
     """out [M, N] (rows in caller order) from X [M, K], W [(G,) N, K], T [M, R] fp32, B [(G,) N, R].
 
@@ -172,10 +227,14 @@ def _lora_gemm_kernel(
     pointers, QBLOCK elements per absmax, QBLOCK2 absmax per absmax2) and multiplies in W_COMPUTE; W_TRANS: the
     operand is the stored weight's transpose (dx). The low-rank term stays in X's dtype (an fp32 X under a bf16
     4-bit base: exact adapter products, as PEFT's QLoRA computes them). W_KMAJOR: W's unit stride runs along K.
+    DORA (dense, ungrouped; the values above): g_ptr the fp32 magnitude scale [N] (forward) or [K] (dx); STORE_Z
+    also writes the pre-scale term Z to z_ptr (out's strides), which DoRA's magnitude gradient reads.
     """
     tl.static_assert(not (X_DROPOUT and HAS_LORA), "X_DROPOUT is the shrink's; the main GEMM takes OUT_DROPOUT")
     tl.static_assert(not USE_TMA or (TMA_OK and not HAS_PERM and not W_GROUPED and not X_DROPOUT))
     tl.static_assert(W_QUANT == DENSE or not (USE_TMA or W_GROUPED), "4-bit W: pointer loads, one weight")
+    tl.static_assert(DORA == NO_DORA or (W_QUANT == DENSE and not (W_GROUPED or B_GROUPED or HAS_PERM)))
+    tl.static_assert(not USE_TMA or DORA == NO_DORA or DORA == FWD or DORA == DX, "two accumulators: pointers")
     quant = (qabs_ptr, qabs2_ptr, qcode_ptr, qcode2_ptr, qoff_ptr)
     num_n = tl.cdiv(N, BLOCK_N)
     num_tiles = (tl.cdiv(M, BLOCK_M) + (G if W_GROUPED else 0)) * num_n
@@ -209,20 +268,31 @@ def _lora_gemm_kernel(
         else:
             ids = offs_m  # unused
 
-        if HAS_LORA:
+        if HAS_LORA:  # DX_DROP masks its low-rank term with the second product, after the K loop
             acc = _lowrank(t_ptr, b_ptr, scale_ptr, bits_ptr, rows, ids, pid_n * BLOCK_N, offs_n, mask_m, mask_n, N, R,
                            stride_tm, stride_tr, stride_bg, stride_bn, stride_br, stride_bits, scaling, dropout_p,
-                           BLOCK_M, BLOCK_N, BLOCK_R, B_GROUPED, HAS_SCALE_VEC, OUT_DROPOUT, INPUT_PRECISION,
-                           x_ptr.dtype.element_ty)
+                           BLOCK_M, BLOCK_N, BLOCK_R, B_GROUPED, HAS_SCALE_VEC, OUT_DROPOUT and DORA != DX_DROP,
+                           INPUT_PRECISION, x_ptr.dtype.element_ty)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if USE_TMA:
-            acc = _mainloop_tma(acc, x_desc, w_desc, row0, pid_n * BLOCK_N, K, BLOCK_K, W_KMAJOR, INPUT_PRECISION)
+        if DORA == FWD_DROP:  # both products start from the low-rank term: Z = acc2 / (1 - p)
+            acc2 = acc * (1.0 - dropout_p)
+        elif DORA == DX_DROP:
+            acc2 = acc
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         else:
-            acc = _mainloop_ptr(acc, x_ptr, w_base, bits_ptr, quant, rows, pid_n * BLOCK_N, offs_n, mask_m, mask_n,
-                                k_len, stride_xm, stride_xk, stride_wn, stride_wk, stride_bits, dropout_p, seed,
-                                BLOCK_M, BLOCK_N, BLOCK_K, X_DROPOUT, W_KMAJOR, W_QUANT, W_TRANS, QBLOCK, QBLOCK2,
-                                W_COMPUTE, INPUT_PRECISION, fma)
+            acc2 = tl.zeros((1, 1), dtype=tl.float32)  # unused
+        if USE_TMA:
+            acc = _mainloop_tma(acc, x_desc, w_desc, g_ptr, row0, pid_n * BLOCK_N, K, BLOCK_K, W_KMAJOR,
+                                INPUT_PRECISION, DORA)
+        else:
+            acc, acc2 = _mainloop_ptr(acc, acc2, x_ptr, w_base, bits_ptr, g_ptr, quant, rows, pid_n * BLOCK_N, offs_n,
+                                      mask_m, mask_n, k_len, stride_xm, stride_xk, stride_wn, stride_wk, stride_bits,
+                                      dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_K, X_DROPOUT, W_KMAJOR, W_QUANT,
+                                      W_TRANS, QBLOCK, QBLOCK2, W_COMPUTE, INPUT_PRECISION, fma, DORA)
+        if DORA == FWD or DORA == FWD_DROP or DORA == DX_DROP:
+            acc = _dora_epilogue(acc, acc2, g_ptr, z_ptr, bits_ptr, rows, pid_n * BLOCK_N, offs_n, mask_m, mask_n, N,
+                                 stride_om, stride_on, stride_bits, dropout_p, BLOCK_M, BLOCK_N, DORA, STORE_Z)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 

@@ -1,0 +1,103 @@
+"""DoRA's kernels as ``torch.library`` custom ops, with fake implementations (torch.compile traces through).
+
+PEFT's DoRA (``LoraConfig(use_dora=True)``), with g = m / max(||W + s B A||, eps) per output row (the norm
+detached, ``dora_norm``):
+
+    no dropout / eval:  y = g * (x W^T + s T B^T) + b                      T = x A^T
+    training, p > 0:    y = x W^T + b + (g - 1) * (d(x) W^T) + g * s T B^T   T = d(x) A^T
+
+Both are one launch of the GEMM core each way (``_launch.DoraScale``): the forward scales its epilogue by g (the
+dropout form adds the second product of the same W tiles into a second accumulator), dx scales dy by g as its
+tiles are loaded. Derivations: docs/dora.md.
+"""
+
+import torch
+from torch import Tensor
+
+from fastlora import _launch
+
+
+@torch.library.custom_op("fastlora::dora_forward", mutates_args=())
+def dora_forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float, g: Tensor,
+    dropout_p: float, seed: int, store_z: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y [M, N], T [M, R] fp32, bits, Z): Z [M, N] (x's dtype; empty unless ``store_z``) is the term g multiplies,
+    x W^T + s T B^T (p = 0) or d(x) W^T + s T B^T (p > 0), which the magnitude gradient needs."""
+    M, K = x.shape
+    p = dropout_p
+    bits = _launch.dropout_bits(M, K, x.device) if p > 0 else x.new_empty(0, dtype=torch.int32)
+    t = _launch.gemm(x, lora_A, out_dtype=torch.float32, shrink=True, x_dropout=p > 0, dropout_p=p, seed=seed,
+                     bits=bits if p > 0 else None)
+    z = _launch.empty((M, weight.shape[0]), x.dtype, x.device) if store_z else x.new_empty(0)
+    scale = _launch.DoraScale(g, dropout=p > 0, z=z if store_z else None)
+    y = _launch.gemm(x, weight, out_dtype=x.dtype, bias=bias, t=t, b=lora_B, scaling=scaling, dropout_p=p,
+                     bits=bits if p > 0 else None, dora=scale)
+    return y, t, bits, z
+
+
+@dora_forward.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, g, dropout_p, seed, store_z):
+    M, K = x.shape
+    N = weight.shape[0]
+    bits = x.new_empty(M, -(-K // 32), dtype=torch.int32) if dropout_p > 0 else x.new_empty(0, dtype=torch.int32)
+    z = x.new_empty(M, N) if store_z else x.new_empty(0)
+    return x.new_empty(M, N), x.new_empty(M, lora_A.shape[0], dtype=torch.float32), bits, z
+
+
+@torch.library.custom_op("fastlora::dora_backward", mutates_args=())
+def dora_backward(
+    dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor, bits: Tensor, scaling: float,
+    g: Tensor, dropout_p: float, need_dx: bool, need_dA: bool, need_dB: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dA, dB); one not needed comes back empty. With U = (g * dy) B (the shrink reads g * B, [N, R]):
+
+    dx = (g * dy) W + s U A                          p = 0
+    dx = dy W + D * (((g - 1) * dy) W + s U A)       p > 0 (D: the forward's mask / (1 - p))
+    dA = s U^T d(x),  dB = g * (s dy^T T)            LoRA's, with g * dy
+    """
+    p = dropout_p
+    dx, dA, dB = (dy.new_empty(0) for _ in range(3))  # distinct: custom-op outputs may not alias
+    if need_dx or need_dA:
+        gb = lora_B.float() * g[:, None]  # [N, R]: scaling dy's columns is scaling B's rows
+        u = _launch.gemm(dy, gb.t(), out_dtype=torch.float32, shrink=True)
+    if need_dx:
+        dx = _launch.gemm(dy, weight.t(), out_dtype=x.dtype, t=u, b=lora_A.t(), scaling=scaling, out_dropout=p > 0,
+                          dropout_p=p, bits=bits if p > 0 else None, dora=_launch.DoraScale(g, dx=True, dropout=p > 0))
+    if need_dA:
+        dA = _launch.grad(x, u, scaling=scaling, z_dropout=p > 0, dropout_p=p, bits=bits if p > 0 else None)
+        dA = dA[0].t().to(lora_A.dtype).contiguous()
+    if need_dB:
+        dB = (_launch.grad(dy, t, scaling=scaling)[0] * g[:, None]).to(lora_B.dtype)
+    return dx, dA, dB
+
+
+@dora_backward.register_fake
+def _(dy, x, weight, lora_A, lora_B, t, bits, scaling, g, dropout_p, need_dx, need_dA, need_dB):
+    dx = x.new_empty(x.shape) if need_dx else dy.new_empty(0)
+    dA = lora_A.new_empty(lora_A.shape) if need_dA else dy.new_empty(0)
+    dB = lora_B.new_empty(lora_B.shape) if need_dB else dy.new_empty(0)
+    return dx, dA, dB
+
+
+@torch.library.custom_op("fastlora::dora_norm", mutates_args=())
+def dora_norm(weight: Tensor, weight_sq: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """||W_n + s B_n A|| per output row n, fp32 [N], without an N x K tensor:
+
+        ||W_n||^2 + 2 s B_n . (A W^T)[:, n] + s^2 B_n (A A^T) B_n^T
+
+    ``weight_sq``: ||W_n||^2 (fp32 [N], cached by the caller: W is frozen). U = A W^T [R, N] is one GEMM-core launch
+    (M = R), A A^T [R, R] a torch matmul; all fp32 (A is cast to fp32 when its dtype differs from W's, so W's tiles are
+    converted, never copied). Rounding can make the sum slightly negative where the row's norm is ~0: clamped to 0.
+    """
+    a = lora_A if lora_A.dtype == weight.dtype else lora_A.float()
+    u = _launch.gemm(a, weight, out_dtype=torch.float32)  # [R, N]
+    af, bf = lora_A.float(), lora_B.float()
+    cross = (bf * u.t()).sum(1)
+    quad = ((bf @ (af @ af.t())) * bf).sum(1)
+    return (weight_sq + 2.0 * scaling * cross + scaling * scaling * quad).clamp_min(0.0).sqrt()
+
+
+@dora_norm.register_fake
+def _(weight, weight_sq, lora_A, lora_B, scaling):
+    return weight_sq.new_empty(weight.shape[0])

@@ -1,0 +1,43 @@
+"""DoRA's column norm ||W + s B A|| per output row, without an out x in tensor, and the ||W||^2 it starts from.
+
+||W_n||^2 is cached per weight tensor (W is frozen) and recomputed when W changes in place or is replaced (its
+version counter or storage changed); the rest is one small GEMM per step (``fastlora._dora_ops.dora_norm``). Under
+torch.compile the cache is skipped (version counters do not trace): ||W||^2 is then recomputed each call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from fastlora import _dora_ops
+from fastlora.reference import DORA_EPS
+
+_weight_sq: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+# Rows per chunk when summing ||W_n||^2: bounds the fp32 temporary to ROWS x in_features.
+ROWS = 1024
+
+
+def weight_sq(weight: torch.Tensor) -> torch.Tensor:
+    """||W_n||^2, fp32 [N], cached while ``weight`` keeps its version and storage."""
+    if torch.compiler.is_compiling() or weight.device.type == "meta":
+        return _row_sq(weight)
+    key = (weight._version, weight.data_ptr(), weight.shape)
+    hit = _weight_sq.get(weight)
+    if hit is None or hit[0] != key:
+        hit = (key, _row_sq(weight))
+        _weight_sq[weight] = hit
+    return hit[1]
+
+
+def _row_sq(weight: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([w.float().square().sum(1) for w in weight.detach().split(ROWS)]) if weight.shape[0] else \
+            weight.new_zeros(0, dtype=torch.float32)
+
+
+def weight_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """max(||W_n + s B_n A||, DORA_EPS) per row, fp32 [N], detached (PEFT and the paper treat it as a constant)."""
+    with torch.no_grad():
+        return _dora_ops.dora_norm(weight.detach(), weight_sq(weight), lora_A.detach(), lora_B.detach(),
+                                   float(scaling)).clamp_min(DORA_EPS)
