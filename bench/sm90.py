@@ -307,9 +307,11 @@ class Case:
     G: int = 1
     tf32: bool = False
     quant: str = ""  # "nf4": a 4-bit base (fastlora.lora_linear_4bit, double quant, blocksize 64)
+    dora: bool = False  # DoRA: fastlora.lora_linear(magnitude=), the magnitude trained with the adapters
 
     def __str__(self):
         kind = f"grouped{self.G}" if self.G > 1 else f"{self.quant}-dense" if self.quant else "dense"
+        kind = f"dora-{kind}" if self.dora else kind
         mode = f"train-p{self.p:g}" if self.train else "infer"
         return (f"{kind}-{mode} {self.dtype}{'-tf32' if self.tf32 else ''} M{self.M}-K{self.K}-N{self.N}-R{self.r}"
                 f"{'' if self.bias else '-nobias'}")
@@ -331,6 +333,9 @@ class Case:
             elif self.quant:
                 packed, state = quant.empty_4bit((self.N, self.K), dtype=dt, quant_type=self.quant)
                 y = fastlora.lora_linear_4bit(x, packed, state, b, a, bb, 2.0, compute_dtype=dt, **kw)
+            elif self.dora:
+                m = torch.empty(self.N, dtype=adt, requires_grad=self.train)
+                y = fastlora.lora_linear(x, w, b, a, bb, 2.0, magnitude=m, **kw)
             else:
                 y = fastlora.lora_linear(x, w, b, a, bb, 2.0, **kw)
             if self.train:
@@ -338,12 +343,21 @@ class Case:
 
 
 def _calls(dtype: str, M: int, K: int, N: int, r: int, G: int = 1, ps=(0.0, 0.1), biases=(True, False),
-           infer: bool = True, tf32: bool = False, quant: str = "") -> list[Case]:
+           infer: bool = True, tf32: bool = False, quant: str = "", dora: bool = False) -> list[Case]:
     """Training at each dropout in ``ps`` and (``infer``) inference, with and without bias as ``biases`` says."""
-    kw = dict(G=G, tf32=tf32, quant=quant)
+    kw = dict(G=G, tf32=tf32, quant=quant, dora=dora)
     return [c for bias in biases
             for c in ((Case(dtype, M, K, N, r, bias=bias, train=False, **kw),) if infer else ())
             + tuple(Case(dtype, M, K, N, r, p, bias, **kw) for p in ps)]
+
+
+def dora_calls(M: int) -> list[Case]:
+    """DoRA (dense, K = N = 4096): every flag at bf16 r = 16, training with dropout at fp16 r = 64 and fp32 r = 256
+    (ieee and tf32). Also the ci tier's, and ``--tier dora`` alone."""
+    return [*_calls("bf16", M, 4096, 4096, 16, dora=True),
+            *_calls("fp16", M, 4096, 4096, 64, ps=(0.1,), biases=(True,), infer=False, dora=True),
+            *_calls("fp32", M, 4096, 4096, 256, ps=(0.0, 0.1), biases=(True,), infer=False, dora=True),
+            *_calls("fp32", M, 4096, 4096, 256, ps=(0.0, 0.1), biases=(True,), infer=False, tf32=True, dora=True)]
 
 
 def cases(tier: str) -> list[Case]:
@@ -359,7 +373,10 @@ def cases(tier: str) -> list[Case]:
             *_calls("bf16", M, 4096, 4096, 16, biases=(True,), quant="nf4"),
             *_calls("fp32", M, 4096, 4096, 16, ps=(0.1,), biases=(True,), infer=False, quant="nf4"),
             *_calls("fp32", M, 4096, 4096, 16, ps=(0.1,), biases=(True,), infer=False, tf32=True, quant="nf4"),
+            *dora_calls(M),
         )]
+    if tier == "dora":
+        return [c for M in (4096, 16) for c in dora_calls(M)]
     g = harness.GRIDS["default"]
     out = []
     for dtype, tf32 in (("bf16", False), ("fp16", False), ("fp32", False), ("fp32", True)):
@@ -391,7 +408,7 @@ def report(case_list: list[Case], capability: int, jobs: int) -> list[Variant]:
     """``compile_cases`` spread over ``jobs`` fresh processes, one task per (dtype, tf32, dense/grouped, r)."""
     groups: dict[tuple, list[Case]] = {}
     for case in case_list:  # tasks that share few kernels; a repeat in another process reads Triton's disk cache
-        groups.setdefault((case.dtype, case.tf32, case.G, case.r, case.quant), []).append(case)
+        groups.setdefault((case.dtype, case.tf32, case.G, case.r, case.quant, case.dora), []).append(case)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         parts = list(pool.map(compile_cases, groups.values(), [capability] * len(groups)))
@@ -477,7 +494,7 @@ def table(records: list[dict], capability: int) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--capability", type=int, choices=sorted(DEVICES), default=90, help="compile target (sm_XX)")
-    ap.add_argument("--tier", choices=("full", "ci"), default="full", help="which grid of public calls")
+    ap.add_argument("--tier", choices=("full", "ci", "dora"), default="full", help="which grid of public calls")
     ap.add_argument("--json", metavar="PATH", help="write the records here")
     ap.add_argument("--check", action="store_true", help="exit 1 if a check fails")
     ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="worker processes (default: one per CPU)")
