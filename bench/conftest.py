@@ -2,13 +2,17 @@
 
 ``run.py`` sets the environment: FASTLORA_BENCH_GRID (smoke/quick/default/full), FASTLORA_BENCH_DTYPES,
 FASTLORA_BENCH_SHARD ("i/n": run the i-th of n contiguous slices, whole comparison groups kept together).
+``bench/gpu_session.py`` adds FASTLORA_BENCH_DEADLINE (epoch seconds: later cells are skipped, with that reason),
+FASTLORA_COMPILE_LOG and FASTLORA_TUNING_LOG (see ``gpu_cache.activate`` and ``gpu_cache.dump_tuning``).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
+import gpu_cache
 import harness
 import pytest
 
@@ -27,6 +31,21 @@ def pytest_report_header(config):
 def _group(item) -> str:
     case = getattr(item, "callspec", None) and item.callspec.params.get("case")
     return getattr(case, "group", None) or item.nodeid
+
+
+def pytest_configure(config):
+    gpu_cache.activate()
+
+
+def pytest_runtest_setup(item):
+    deadline = os.environ.get("FASTLORA_BENCH_DEADLINE")
+    if deadline and time.time() > float(deadline):
+        pytest.skip("session budget spent (FASTLORA_BENCH_DEADLINE)")
+
+
+def pytest_sessionfinish(session):
+    if os.environ.get("FASTLORA_TUNING_LOG"):
+        gpu_cache.dump_tuning(os.environ["FASTLORA_TUNING_LOG"])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,235 @@
+"""The GPU session's correctness tier: every kernel family once per dtype, one forced config each, against float64.
+
+    python bench/gpu_check.py --jsonl checks.jsonl [--budget 120] [--small]
+
+Families: the dense layer through pointer tiles and through TMA tiles (forward + backward: the shrink, the main
+GEMM, the dx GEMM and the gradient kernel), dropout (the mask kernel, the dropout shrink, masked dx and
+gradients), grouped adapters, a 4-bit (nf4, double quant) base with fp32 adapters, and DoRA (the magnitude
+trained too); each in bf16, fp16, fp32 (ieee) and tf32. Where the autotuner would try many configs, ``forced``
+pins one: the first candidate its pruning keeps on the asked path (TMA or pointer), not timed. y, dx, dA, dB
+(and DoRA's dm) are compared with ``fastlora.reference`` in float64 on the same inputs by relative Frobenius
+error ||out - ref|| / ||ref||; outputs start NaN (FASTLORA_POISON=1), so an unwritten element fails. One JSON
+line per check, written as it finishes; checks not started within ``--budget`` seconds are written as skipped.
+Without CUDA: the interpreter and ``--small`` shapes, bf16 skipped (on CPU it takes the PyTorch reference, not
+the kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
+# Relative Frobenius error bounds. fp32 (ieee dots) lands near 1e-7; tf32 near 3e-4 at K ~ 500 (the bound is
+# tests/tolerance.py's TF32_TOL); 16-bit inputs and outputs round at 2^-8 / 2^-11.
+BOUND = {"bf16": 1e-2, "fp16": 1e-2, "fp32": 1e-4, "tf32": 3e-3}
+FAMILIES = ("dense-ptr", "dense-tma", "dropout", "grouped", "nf4", "dora")
+# Odd sizes: no dimension a multiple of a tile, every stride 16-byte aligned (TMA), K a multiple of the 4-bit
+# blocksize (64).
+SHAPE = dict(M=257, K=576, N=392, R=12)
+SMALL = dict(M=17, K=64, N=40, R=8)
+ADAPTERS = 4
+DROPOUT = 0.1
+
+
+@dataclass(frozen=True)
+class Check:
+    family: str
+    dtype: str
+    M: int
+    K: int
+    N: int
+    R: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}-{self.dtype}-M{self.M}-K{self.K}-N{self.N}-R{self.R}"
+
+    @property
+    def tma(self) -> bool:
+        return self.family == "dense-tma"
+
+    def inputs(self, device) -> dict:
+        """Random inputs: x, W, bias, adapters (B nonzero), dy; ids for grouped; the packed W for nf4."""
+        g = torch.Generator().manual_seed(zlib.crc32(self.name.encode()))
+        dt, M, K, N, R = DTYPES[self.dtype], self.M, self.K, self.N, self.R
+
+        def rand(*shape, scale=1.0, dtype=dt):
+            return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+        lead = (ADAPTERS,) if self.family == "grouped" else ()
+        adt = torch.float32 if self.family == "nf4" else dt  # PEFT's QLoRA keeps its adapters in fp32
+        out = dict(x=rand(M, K).requires_grad_(), w=rand(N, K, scale=K ** -0.5), b=rand(N, scale=0.1),
+                   a=rand(*lead, R, K, scale=K ** -0.5, dtype=adt).requires_grad_(),
+                   bb=rand(*lead, N, R, scale=R ** -0.5, dtype=adt).requires_grad_(), dy=rand(M, N))
+        if self.family == "grouped":  # every adapter and some base-only tokens (-1)
+            out["ids"] = (torch.randint(-1, ADAPTERS, (M,), generator=g)).to(device)
+        if self.family == "dora":  # near ||W + s B A|| per row, as PEFT initialises it
+            out["m"] = (1.0 + 0.1 * torch.randn(N, generator=g)).to(device=device, dtype=dt).requires_grad_()
+        if self.family == "nf4":
+            from fastlora import quant
+
+            out["packed"], out["state"] = quant.quantize_4bit(out["w"], blocksize=64, quant_type="nf4",
+                                                               double_quant=True)
+        return out
+
+    def run(self, t: dict) -> dict:
+        """fastlora's y and gradients (dx, dA, dB) for ``t``."""
+        import fastlora
+
+        s, p = 2.0, (DROPOUT if self.family == "dropout" else 0.0)
+        kw = dict(dropout_p=p, training=True, seed=7)
+        with _tf32(self.dtype == "tf32"), forced(self.tma):
+            if self.family == "grouped":
+                y = fastlora.grouped_lora_linear(t["x"], t["w"], t["b"], t["a"], t["bb"], s, t["ids"], **kw)
+            elif self.family == "nf4":
+                y = fastlora.lora_linear_4bit(t["x"], t["packed"], t["state"], t["b"], t["a"], t["bb"], s,
+                                              compute_dtype=DTYPES[self.dtype], **kw)
+            else:
+                y = fastlora.lora_linear(t["x"], t["w"], t["b"], t["a"], t["bb"], s, magnitude=t.get("m"), **kw)
+            grads = torch.autograd.grad(y, _leaves(t), t["dy"])
+        return dict(zip(("y", "dx", "dA", "dB", "dm")[:1 + len(grads)], (y, *grads), strict=True))
+
+    def reference(self, t: dict) -> dict:
+        """The same outputs from ``fastlora.reference`` in float64 (W decoded exactly for nf4; dropout with the
+        mask the kernels draw)."""
+        import fastlora
+        from fastlora import quant, reference
+
+        def f64(v):
+            return v.detach().double().requires_grad_(v.requires_grad)
+
+        x, a, bb = f64(t["x"]), f64(t["a"]), f64(t["bb"])
+        leaves = [x, a, bb]
+        w = quant.dequantize_4bit(t["packed"], t["state"], dtype=torch.float64) if self.family == "nf4" else f64(
+            t["w"])
+        s = 2.0
+        if self.family == "grouped":
+            y = reference.grouped_lora_linear(x, w, f64(t["b"]), a, bb, s, t["ids"])
+        elif self.family == "dora":
+            leaves.append(f64(t["m"]))
+            y = reference.dora_linear(x, w, f64(t["b"]), a, bb, s, leaves[-1])
+        else:
+            mask = None
+            if self.family == "dropout":
+                mask = fastlora.dropout_mask(t["x"].shape, DROPOUT, 7, t["x"].device)
+            y = reference.lora_linear(x, w, f64(t["b"]), a, bb, s, dropout_p=DROPOUT if mask is not None else 0.0,
+                                      training=True, dropout_mask=mask)
+        grads = torch.autograd.grad(y, leaves, t["dy"].double())
+        return dict(zip(("y", "dx", "dA", "dB", "dm")[:1 + len(grads)], (y, *grads), strict=True))
+
+
+def _leaves(t: dict) -> list[torch.Tensor]:
+    """What the check differentiates: x, the adapters and, for DoRA, the magnitude."""
+    return [t["x"], t["a"], t["bb"], *([t["m"]] if "m" in t else [])]
+
+
+def checks(small: bool) -> list[Check]:
+    shape = SMALL if small else SHAPE
+    return [Check(family, dtype, **shape) for dtype in DTYPES for family in FAMILIES]
+
+
+@contextlib.contextmanager
+def _tf32(on: bool):
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def forced(tma: bool):
+    """fastlora's autotuned kernels run one config per key, untimed: the first that pruning keeps with
+    ``USE_TMA == tma`` (else the first kept). ``bench/gpu_cache.py`` compiles these same picks."""
+    from fastlora import _launch
+
+    tuners = (_launch._gemm_tuned, _launch._shrink_tuned, _launch._grad_tuned)
+    saved = [dict(t.__dict__) for t in tuners]
+
+    def pick(prune):
+        def one(kwargs):
+            kept = prune(kwargs)
+            on_path = [c for c in kept if bool(c.kwargs.get("USE_TMA")) == tma]
+            return [(on_path or kept)[0]]
+        return one
+
+    for t in tuners:
+        t.prune_configs = pick(t.prune_configs)
+        t.do_bench = lambda fn, quantiles: [0.0, 0.0, 0.0]  # one candidate: nothing to time
+        t.cache = {}
+    try:
+        yield
+    finally:
+        for t, d in zip(tuners, saved, strict=True):
+            t.__dict__.clear()
+            t.__dict__.update(d)
+
+
+def rel_fro(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; inf when out holds a non-finite value (unwritten or overflowed)."""
+    a, e = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    denom = e.norm().item()
+    return (a - e).norm().item() / (denom or 1.0)
+
+
+def run_check(c: Check, device) -> dict:
+    t0 = time.perf_counter()
+    rec = dict(asdict(c), name=c.name, bound=BOUND[c.dtype], status="fail", errors={})
+    try:
+        t = c.inputs(device)
+        got = c.run(t)
+        want = c.reference(t)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rec["errors"] = {k: rel_fro(got[k], want[k]) for k in got}
+        rec["status"] = "pass" if all(e <= rec["bound"] for e in rec["errors"].values()) else "fail"
+    except Exception as exc:  # a launch error, an illegal address: recorded, the next check still runs
+        rec["error"] = f"{type(exc).__name__}: {str(exc).strip()[:500]}"
+    rec["seconds"] = round(time.perf_counter() - t0, 3)
+    return rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--jsonl", required=True, help="append one JSON record per check here")
+    ap.add_argument("--budget", type=float, default=float("inf"), help="seconds; later checks are skipped")
+    ap.add_argument("--small", action="store_true", help="tiny shapes (the interpreter's dry run)")
+    args = ap.parse_args(argv)
+    import gpu_cache
+
+    gpu_cache.activate()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    deadline = time.monotonic() + args.budget
+    failed = 0
+    with open(args.jsonl, "a") as f:
+        for c in checks(args.small or device.type == "cpu"):
+            if time.monotonic() > deadline:
+                rec = dict(asdict(c), name=c.name, status="skipped", reason=f"stage budget {args.budget:g} s spent")
+            elif device.type == "cpu" and c.dtype == "bf16":
+                rec = dict(asdict(c), name=c.name, status="skipped",
+                           reason="interpreter: bf16 takes the PyTorch reference (functional._use_kernels)")
+            else:
+                rec = run_check(c, device)
+            failed += rec["status"] == "fail"
+            errs = " ".join(f"{k} {v:.2e}" for k, v in rec.get("errors", {}).items())
+            print(f"{rec['status']:<7} {c.name:<40} {errs} {rec.get('error', rec.get('reason', ''))}", flush=True)
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The GPU session's command (bench/gpu_session.sh) dry-run on CPU, and the carried kernel cache's plumbing.
+
+The dry run is the same command as on the device: every stage runs (the interpreter, tiny shapes, one bench cell
+per suite here) and writes the same files the device returns.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import gpu_cache  # noqa: E402
+import gpu_check  # noqa: E402
+
+ONE_CELL_PER_SUITE = ("M1-fastlora or M1-qlora-fastlora or G4-M32-fastlora-grouped or "
+                      "(e2e and not qlora and r8-fastlora)")
+MIB = 1 << 20
+
+
+def _session(tmp_path, *args):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(out))
+    env.pop("TRITON_INTERPRET", None)  # the session decides: no CUDA, so the interpreter
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    return proc, out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the dry run is the no-CUDA path")
+def test_dry_run_writes_the_device_files(tmp_path):
+    proc, out = _session(tmp_path, "--bench-filter", ONE_CELL_PER_SUITE)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all(p.stat().st_size <= 16 * MIB for p in out.iterdir()), files
+    bench_json = [f for f in files if f.startswith("cpu-dryrun-")]
+    assert set(files) == {"session.json", "logs.tar.xz", "plots.tar", *bench_json} and len(bench_json) == 1
+
+    s = json.loads((out / "session.json").read_text())
+    stages = {st["name"]: st for st in s["stages"]}
+    assert list(stages) == ["env", "install", "cache", "check", "bench", "plots"]
+    assert s["info"]["triton"] and s["info"]["torch"] and s["info"]["git_sha"]
+    assert stages["install"]["status"] == "skipped" and "pip install" in stages["install"]["would_run"][0]
+    check = stages["check"]
+    n = len(gpu_check.checks(small=True))
+    assert check["status"] == "ok" and check["counts"] == {"pass": n * 3 // 4, "fail": 0, "skipped": n // 4}
+    for rec in check["checks"]:
+        if rec["status"] == "pass":
+            assert set(rec["errors"]) == {"y", "dx", "dA", "dB"} | ({"dm"} if rec["family"] == "dora" else set())
+            assert all(0 < e <= rec["bound"] for e in rec["errors"].values()), rec
+    suites = {r["suite"]: r for r in stages["bench"]["suites"]}
+    assert list(suites) == ["layer", "grouped", "qlora", "e2e"]
+    assert all(r["status"] == "ok" and r["cells"]["timed"] >= 1 and r["cells"]["failed"] == 0
+               for r in suites.values()), suites
+
+    benches = json.loads((out / bench_json[0]).read_text())["benchmarks"]
+    assert {b["extra_info"]["suite"] for b in benches} == {"layer", "grouped", "qlora", "e2e"}
+    assert all(b["extra_info"]["git_sha"] == s["info"]["git_sha"] for b in benches)
+    with tarfile.open(out / "logs.tar.xz") as tar:
+        assert {"check.log", "bench.log", "checks.jsonl"} <= set(tar.getnames())
+
+
+def test_spent_budget_skips_stages_and_still_writes_files(tmp_path):
+    proc, out = _session(tmp_path, "--total", "1")
+    s = json.loads((out / "session.json").read_text())
+    stages = {st["name"]: st for st in s["stages"]}
+    assert stages["check"]["status"] == "skipped" and "budget" in stages["check"]["reason"]
+    assert all(r["status"] == "skipped" for r in stages["bench"]["suites"])
+    assert {"session.json", "logs.tar.xz", "plots.tar"} <= {p.name for p in out.iterdir()}
+
+
+def _fake_kernel(cache: Path, digest: str, name: str):
+    d = cache / digest
+    d.mkdir(parents=True)
+    children = {}
+    for ext in ("json", "cubin", "ptx", "ttir", "source"):
+        (d / f"{name}.{ext}").write_text(f"{digest} {ext}")
+        children[f"{name}.{ext}"] = str(d / f"{name}.{ext}")
+    (d / f"__grp__{name}.json").write_text(json.dumps({"child_paths": children}))
+
+
+def test_prune_keeps_metadata_and_cubin_and_archive_round_trips(tmp_path):
+    cache = tmp_path / "cache"
+    _fake_kernel(cache, "aa", "_lora_gemm_kernel")
+    _fake_kernel(cache, "bb", "_lora_grad_kernel")
+    (cache / "cc").mkdir()  # a directory without a group file (e.g. a launcher built elsewhere): dropped
+    (cache / "cc" / "x.so").write_text("x")
+    kept, raw = gpu_cache._prune(str(cache))
+    assert kept == 2 and raw > 0 and sorted(os.listdir(cache)) == ["aa", "bb"]
+    assert sorted(os.listdir(cache / "aa")) == ["__grp___lora_gemm_kernel.json", "_lora_gemm_kernel.cubin",
+                                                "_lora_gemm_kernel.json"]
+    group = json.loads((cache / "aa" / "__grp___lora_gemm_kernel.json").read_text())["child_paths"]
+    assert group == {n: str(cache / "aa" / n) for n in ("_lora_gemm_kernel.json", "_lora_gemm_kernel.cubin")}
+
+    archive = tmp_path / "a.tar.xz"
+    gpu_cache._archive(str(cache), archive)
+    first = archive.read_bytes()
+    gpu_cache._archive(str(cache), archive)
+    assert archive.read_bytes() == first  # reproducible: same files, same bytes
+    assert gpu_cache.unpack(archive, str(tmp_path / "there")) == 2
+    assert (tmp_path / "there" / "bb" / "_lora_grad_kernel.cubin").read_text() == "bb cubin"
+
+
+def test_pinned_triton_key_names_the_target_libtriton(monkeypatch):
+    from triton.runtime import cache
+
+    monkeypatch.setattr(cache, "triton_key", cache.triton_key)  # restored after the test
+    local = gpu_cache.libtriton_sha256()
+    before = cache.triton_key()
+    assert local in before
+    assert gpu_cache.pin_triton_key("f" * 64)
+    after = cache.triton_key()
+    assert local not in after and "f" * 64 in after and after == before.replace(local, "f" * 64)
+
+
+def test_compile_log_summary(tmp_path):
+    log = tmp_path / "c.jsonl"
+    recs = [{"kind": "kernel", "name": "_lora_gemm_kernel", "hit": True, "seconds": 0.01},
+            {"kind": "kernel", "name": "_lora_gemm_kernel", "hit": False, "seconds": 2.5},
+            {"kind": "launcher", "name": "__triton_launcher", "seconds": 1.5},
+            {"kind": "autotune", "name": "_lora_gemm_kernel", "configs": 12, "seconds": 3.0}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    s = gpu_cache.summarize_log(str(log))
+    assert (s["kernel_hits"], s["kernel_misses"], s["miss_seconds"]) == (1, 1, 2.5)
+    assert s["misses_by_kernel"] == {"_lora_gemm_kernel": 1}
+    assert (s["launcher_builds"], s["autotuned_keys"], s["autotune_configs"]) == (1, 1, 12)
+
+
+def test_quick_calls_cover_every_suite_of_the_quick_grid():
+    import harness
+
+    g = harness.GRIDS["quick"]
+    calls = gpu_cache.quick_calls()
+    assert {c.G for c in calls} == {1, *g.adapters}
+    assert {(c.K, c.N) for c in calls if c.quant == "nf4" and c.M in g.tokens} >= set(g.shapes)
+    assert {c.M for c in calls} == {*g.tokens, *g.grouped_tokens, g.e2e["batch"] * g.e2e["seq"]}
+    assert any(not c.bias and c.train and c.N == 1024 for c in calls)  # the Llama k/v projections
