@@ -36,7 +36,9 @@ ci (~3 minutes on 2 cores, empty cache): M = 4096 and M = 16 (small-M configs), 
 combination of the forward and backward kernels (dense/grouped x dropout 0/0.1 x bias on/off, inference and
 training) for bf16 at r = 16, dense and grouped; then training with bias and dropout 0.1 for bf16 at r = 256,
 fp16 at r = 64 and fp32 at r = 256 (ieee and tf32); fp16 grouped inference at r = 16 (its own tile issues); an nf4
-base at r = 16, bf16 (every flag) and fp32 (ieee and tf32: training with dropout 0.1).
+base at r = 16, bf16 (every flag) and fp32 (ieee and tf32: training with dropout 0.1); DoRA (``dora_calls``: every
+flag at bf16 r = 16, training with dropout at fp16 r = 64, training at fp32 r = 256, ieee and tf32), also alone as
+``--tier dora``.
 The flags left out there repeat combinations already compiled; every flag at every dtype x rank takes ~7 minutes.
 M = 1, its own specialisation of every kernel (about 40% of the full tier's variants), is left to the full tier.
 Every autotune config the pruning keeps compiles, so the largest and smallest tiles are always in. Cases run in

@@ -6,9 +6,10 @@ detached, ``dora_norm``):
     no dropout / eval:  y = g * (x W^T + s T B^T) + b                      T = x A^T
     training, p > 0:    y = x W^T + b + (g - 1) * (d(x) W^T) + g * s T B^T   T = d(x) A^T
 
-Both are one launch of the GEMM core each way (``_launch.DoraScale``): the forward scales its epilogue by g (the
-dropout form adds the second product of the same W tiles into a second accumulator), dx scales dy by g as its
-tiles are loaded. Derivations: docs/dora.md.
+Both are one launch of the GEMM core each way (``_launch.DoraScale``): the forward scales its epilogue by g, dx
+scales dy by g as its tiles are loaded; the dropout forms add the second product of the same W tiles (over the
+dropped x, or (g - 1) * dy) into a second accumulator of the same K loop.
+Derivations: docs/dora.md.
 """
 
 import torch
@@ -59,7 +60,8 @@ def dora_backward(
     p = dropout_p
     dx, dA, dB = (dy.new_empty(0) for _ in range(3))  # distinct: custom-op outputs may not alias
     if need_dx or need_dA:
-        gb = lora_B.float() * g[:, None]  # [N, R]: scaling dy's columns is scaling B's rows
+        # [N, R]: scaling dy's columns is scaling B's rows; in dy's dtype, as the kernel would convert its tiles
+        gb = (lora_B.float() * g[:, None]).to(dy.dtype)
         u = _launch.gemm(dy, gb.t(), out_dtype=torch.float32, shrink=True)
     if need_dx:
         dx = _launch.gemm(dy, weight.t(), out_dtype=x.dtype, t=u, b=lora_A.t(), scaling=scaling, out_dropout=p > 0,

@@ -140,7 +140,8 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
     ``x_elt``: of X as loaded, when wider (fp32 activations over a 4-bit base)."""
     threads = 32 * num_warps
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
-    acc = bm * block_n // threads * (2 if flags.get("DORA") in DUAL_DORA else 1)  # DoRA with dropout: two
+    dual = flags.get("DORA") in DUAL_DORA  # DoRA with dropout: two accumulators, counted as one of twice the size
+    acc = bm * block_n // threads * (2 if dual else 1)
     if flags["X_DROPOUT"] and bk < 32:
         return False  # the mask is packed 32 columns to a word
     if flags.get("W_QUANT"):  # the dequantised W tile is in registers beside the accumulator
@@ -178,6 +179,14 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
     if shrink and num_warps == 8 and bk == 32 and (bm * bk < 8 * threads or (mma_sync and acc < MMA_SYNC_MAX_ACC)):
         return False  # small 8-warp shrinks: 8 B of stack at 48-128 regs (sm_90 32x16x32; sm_80 128x16x32, 64x64x32)
     full = acc * elt // 2 >= MAX_ACC_PER_THREAD  # tf32 operand fragments take twice the registers of 16-bit ones
+    if full and flags.get("DORA"):
+        return False  # DoRA's epilogue (g, Z) or dy tiles scaled in registers: 8-72 B at 128 accumulator elements
+    if dual and (acc > MMA_SYNC_MAX_ACC or (bk >= 128 and acc >= MMA_SYNC_MAX_ACC)):
+        return False  # two accumulators of 64 (128x128 / 8 warps, 128x64 and 64x128 / 4 warps: 8-400 B on sm_90),
+        # or of 32 beside the 128-column keep-mask (32x128x128 / 4 warps: 8 B); 64x64x64 / 4 warps is clean
+    if dual and mma_sync and bk * block_n // threads > 64:
+        return False  # mma.sync keeps W's fragments in registers for both dots: 16x128x128, 16x64x256 / 4 warps
+        # spilled 8-56 B on sm_80 (32x64x128 and 16x64x128 clean)
     if full and (flags["B_GROUPED"] or (flags["OUT_DROPOUT"] and flags["BLOCK_R"] >= 32)):
         return False  # 8-56 bytes spilled (16 B for tf32 dx at 128x64x64 / 4 warps, 64 accumulator elements)
     if flags["X_DROPOUT"]:  # Philox state per x element: 384-930 bytes spilled past this (tf32: 16-48 B at 64x64x64)
@@ -198,7 +207,7 @@ def gemm_smem(cfg: dict, num_stages: int, *, elt: int, out_elt: int, block_n: in
     return smem + 1024
 
 
-# DoRA modes that keep a second accumulator (the dropout forms, kernels/gemm.py): counted twice by the register model.
+# DoRA modes that keep a second accumulator (the dropout forms, kernels/gemm.py).
 DUAL_DORA = (FWD_DROP.value, DX_DROP.value)
 
 
@@ -206,9 +215,10 @@ DUAL_DORA = (FWD_DROP.value, DX_DROP.value)
 class DoraScale:
     """DoRA's magnitude scale g = m / ||W + s B A|| (fp32 [N], N the forward's out_features) as the GEMM core applies
     it: the forward's epilogue (``dx=False``: out = g * acc + bias, or with ``dropout`` PEFT's
-    acc + (g - 1) * (W d(x) + low-rank) + bias from a second accumulator) or dx's X tiles (``dx=True``: dy scaled by
-    g as loaded; with ``dropout`` the (g - 1) * dy product masked by the forward's mask). ``z``: a buffer shaped
-    like the output for the term g multiplies (the magnitude gradient's input), written by the forward."""
+    x W^T + low-rank + (g - 1) * (W d(x) + low-rank) + bias from a second accumulator) or dx's X tiles (``dx=True``:
+    dy scaled by g as loaded; with ``dropout`` a second accumulator for the (g - 1) * dy product, masked by the
+    forward's mask). ``z``: a buffer shaped like the output for the term g multiplies (the magnitude gradient's
+    input), written by the forward."""
 
     g: torch.Tensor
     dx: bool = False
