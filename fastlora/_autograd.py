@@ -65,7 +65,7 @@ class DoRAFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx, dA, dB = _dora_ops.dora_backward(dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, g, ctx.dropout_p,
                                              need[0], need[3], need[4])
-        dm = ((dy.float() * z.float()).sum(0) / norm).to(ctx.magnitude_dtype) if need[5] else None
+        dm = (_column_dot(dy, z) / norm).to(ctx.magnitude_dtype) if need[5] else None
         dw = None
         if need[1]:  # full fine-tuning: the norm is detached, W enters through the base products only
             dw = ((dy * g.to(dy.dtype)).t() @ x.to(dy.dtype)) if ctx.dropout_p == 0 else (
@@ -74,6 +74,14 @@ class DoRAFunction(torch.autograd.Function):
         db = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None
         return (dx if need[0] else None, dw, db, dA if need[3] else None, dB if need[4] else None, dm,
                 None, None, None, None)
+
+
+def _column_dot(dy, z):
+    """sum over tokens of dy * z per column, fp32 [N]: the product in dy's dtype and an fp32 sum (8 bytes per element
+    read and written at 16 bits), except fp16, whose loss-scaled dy times z could overflow: there in fp32."""
+    if dy.dtype == torch.float16:
+        return (dy.float() * z.float()).sum(0)
+    return torch.sum(dy * z, 0, dtype=torch.float32)
 
 
 def _dropped(x, bits, p):
