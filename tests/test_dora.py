@@ -368,3 +368,20 @@ def test_same_outputs_and_gradients_as_peft_dora():
                                       (mod.lora_B["default"].weight, layer.lora_B, "dB"),
                                       (mod.lora_magnitude_vector["default"].weight, layer.lora_magnitude, "dm")):
                 assert_close(got.grad, theirs.grad, torch.float32, f"{mode} layer {i} {name}", tol=1e-5)
+
+
+def test_zero_weight_rows_where_peft_gives_nan():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(24, 12))
+    with torch.no_grad():
+        base[0].weight[[2, 7]] = 0
+    layer = fastlora.Linear.from_linear(base[0], r=4, alpha=8, use_dora=True)  # before PEFT wraps the same base
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=True))
+    x = torch.randn(5, 24)
+    theirs = model(x)
+    assert torch.isnan(theirs[:, [2, 7]]).all(), "PEFT: 0 / 0 on a zero row"
+    ours = layer(x)
+    assert torch.isfinite(ours).all()
+    assert_close(ours[:, [0, 1, 3]], theirs[:, [0, 1, 3]], torch.float32, "other rows as PEFT")
+    assert torch.equal(ours[:, 2], base[0].bias[2].expand(5))
