@@ -38,7 +38,7 @@ training) for bf16 at r = 16, dense and grouped; then training with bias and dro
 fp16 at r = 64 and fp32 at r = 256 (ieee and tf32); fp16 grouped inference at r = 16 (its own tile issues); an nf4
 base at r = 16, bf16 (every flag) and fp32 (ieee and tf32: training with dropout 0.1); DoRA (``dora_calls``: every
 flag at bf16 r = 16, training with dropout at fp16 r = 64, training at fp32 r = 256, ieee and tf32), also alone as
-``--tier dora``.
+``--tier dora`` (with M = 1 too, as in the full tier).
 The flags left out there repeat combinations already compiled; every flag at every dtype x rank takes ~7 minutes.
 M = 1, its own specialisation of every kernel (about 40% of the full tier's variants), is left to the full tier.
 Every autotune config the pruning keeps compiles, so the largest and smallest tiles are always in. Cases run in
@@ -355,7 +355,7 @@ def _calls(dtype: str, M: int, K: int, N: int, r: int, G: int = 1, ps=(0.0, 0.1)
 
 def dora_calls(M: int) -> list[Case]:
     """DoRA (dense, K = N = 4096): every flag at bf16 r = 16, training with dropout at fp16 r = 64 and fp32 r = 256
-    (ieee and tf32). Also the ci tier's, and ``--tier dora`` alone."""
+    (ieee and tf32). The ci tier's at M = 4096 and 16; ``--tier dora`` and the full tier add M = 1."""
     return [*_calls("bf16", M, 4096, 4096, 16, dora=True),
             *_calls("fp16", M, 4096, 4096, 64, ps=(0.1,), biases=(True,), infer=False, dora=True),
             *_calls("fp32", M, 4096, 4096, 256, ps=(0.0, 0.1), biases=(True,), infer=False, dora=True),
@@ -378,7 +378,7 @@ def cases(tier: str) -> list[Case]:
             *dora_calls(M),
         )]
     if tier == "dora":
-        return [c for M in (4096, 16) for c in dora_calls(M)]
+        return [c for M in (4096, 16, 1) for c in dora_calls(M)]
     g = harness.GRIDS["default"]
     out = []
     for dtype, tf32 in (("bf16", False), ("fp16", False), ("fp32", False), ("fp32", True)):
@@ -391,7 +391,7 @@ def cases(tier: str) -> list[Case]:
         out += [c for M in g.grouped_tokens for c in _calls(dtype, M, K, N, g.grouped_rank, G=32, tf32=tf32)]
         out += [c for K, N in g.shapes for M in g.tokens
                 for c in _calls(dtype, M, K, N, 16, biases=(True,), tf32=tf32, quant="nf4")]
-    return out
+    return out + [c for M in (4096, 16, 1) for c in dora_calls(M)]
 
 
 # ------------------------------------------------------------------------------------------------ run
