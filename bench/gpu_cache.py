@@ -3,6 +3,7 @@
     python bench/gpu_cache.py build      # compile, prune, archive: bench/cache/sm90-triton.tar.xz + its manifest
     python bench/gpu_cache.py status     # does this machine's Triton read the archive's keys? is it stale?
     python bench/gpu_cache.py unpack     # into CACHE_DIR (the GPU session does this)
+    python bench/gpu_cache.py verify     # unpack, then every call of the session must hit the cache (no GPU)
 
 Triton keys a compiled kernel by triton_key() (Triton's version and the hashes of its Python sources and of
 libtriton.so), the kernel's source and specialisation, the backend's hash (ptxas's ``--version`` and the arch),
@@ -94,11 +95,26 @@ def sources_digest() -> dict:
 
 
 def ptxas_version() -> str:
+    """The last line of ``ptxas --version`` (the build), for the ptxas Triton would run for sm_90."""
     from triton import knobs
 
-    tool = knobs.nvidia.ptxas
-    out = subprocess.run([tool.path, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
-    return f"{tool.path}: {out[-1] if out else '?'}"
+    out = subprocess.run([knobs.nvidia.ptxas.path, "--version"], capture_output=True, text=True).stdout
+    return (out.strip().splitlines() or ["?"])[-1]
+
+
+def target_hashes(device_target: bool) -> dict:
+    """What the cache key takes from the target: the backend's hash (ptxas version, arch) and the options' hash
+    for one launch's options, from the active driver's target (the device's, or the compile-only one) or, with
+    ``device_target`` False, from cuda:90 named directly."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime import driver
+
+    target = driver.active.get_current_target() if device_target else GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    options = backend.parse_options({"num_warps": 4, "num_stages": 3})
+    return {"driver_target": f"{target.backend}:{target.arch}", "backend_hash": backend.hash(),
+            "options_sha256": options.hash()}
 
 
 # ------------------------------------------------------------------------------------------------ logging
@@ -269,6 +285,25 @@ def _count_launchers(sources: set):
     return lambda: setattr(sm90._Recorder, "add", base)
 
 
+def _session_calls(rec):
+    """Drive (inside ``compile_only``) every call the session makes: the checks with their forced configs (and
+    the dropout mask the reference draws), then, after yielding "quick", the quick grid's fastlora calls."""
+    import gpu_check
+
+    import fastlora
+
+    for c in gpu_check.checks(small=False):
+        rec.case = c.name
+        t = c.inputs("cpu")
+        c.run(t)
+        if c.family == "dropout":
+            fastlora.dropout_mask(t["x"].shape, gpu_check.DROPOUT, 7, "cpu")
+    yield "quick"
+    for case in quick_calls():
+        rec.case = str(case)
+        case.run()
+
+
 def build(jobs_note: str = "") -> dict:
     """Compile every variant the session launches into an empty CACHE_DIR, prune, archive, write the manifest."""
     shutil.rmtree(CACHE_DIR, ignore_errors=True)
@@ -276,7 +311,6 @@ def build(jobs_note: str = "") -> dict:
     os.environ["TRITON_CACHE_DIR"] = CACHE_DIR
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    import gpu_check
     import sm90
     import torch
     import triton
@@ -284,26 +318,20 @@ def build(jobs_note: str = "") -> dict:
     if triton.__version__ != TARGET["triton"]:
         raise SystemExit(f"triton {triton.__version__} here; the device has {TARGET['triton']}")
     local_lib = libtriton_sha256()
+    sources = sources_digest()  # before compiling: an edit during the build leaves the archive stale
     pin_triton_key(TARGET["libtriton_sha256"])
     t0 = time.perf_counter()
     tunes: dict = {}
+    undo = lambda: None
     launchers: set = set()
     undo_launchers = _count_launchers(launchers)
     with sm90.compile_only(90) as rec:
-        for c in gpu_check.checks(small=False):
-            rec.case = c.name
-            t = c.inputs("cpu")
-            c.run(t)
-            if c.family == "dropout":  # the mask the reference uses comes from its own kernel
-                import fastlora
-
-                fastlora.dropout_mask(t["x"].shape, gpu_check.DROPOUT, 7, "cpu")
-        n_check = len(rec.variants)
-        undo = _count_tunes(tunes)
+        hashes = target_hashes(device_target=True)  # the compile-only driver's target and defaults
         try:
-            for case in quick_calls():
-                rec.case = str(case)
-                case.run()
+            for part in _session_calls(rec):
+                if part == "quick":
+                    n_check = len(rec.variants)
+                    undo = _count_tunes(tunes)
         finally:
             undo()
             undo_launchers()
@@ -313,8 +341,11 @@ def build(jobs_note: str = "") -> dict:
     kept, raw = _prune(CACHE_DIR)
     ARCHIVE.parent.mkdir(exist_ok=True)
     _archive(CACHE_DIR, ARCHIVE)
+    import harness
+
     manifest = {
         "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": harness.git_sha(),  # "-dirty": built from uncommitted sources (``sources`` says which state)
         "build_seconds": round(seconds, 1),
         "build_machine": f"{os.cpu_count()} CPUs, one process{jobs_note}",
         "cache_dir": CACHE_DIR,
@@ -322,8 +353,9 @@ def build(jobs_note: str = "") -> dict:
         "triton_key_sha256": key_digest(),
         "local_libtriton_sha256": local_lib,
         "ptxas": ptxas_version(),
+        **hashes,
         "torch_here": torch.__version__,
-        "sources": sources_digest(),
+        "sources": sources,
         "variants": len(variants) - len(errors),
         "variants_check_tier": n_check,
         "compile_errors": errors,
@@ -380,6 +412,35 @@ def _archive(src: str, dest: Path) -> None:
     dest.write_bytes(lzma.compress(buf.getvalue(), preset=9 | lzma.PRESET_EXTREME))
 
 
+def verify() -> dict:
+    """Unpack the archive into CACHE_DIR (replacing what is there), pin the key as the session does, drive the
+    session's calls through the compile-only driver: every kernel must come from the cache (``kernel_misses``
+    0). The device-free half of the proof; the session's own hit/miss counts are the other."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: interpreted kernels are not cached")
+    shutil.rmtree(CACHE_DIR, ignore_errors=True)
+    os.environ["TRITON_CACHE_DIR"] = CACHE_DIR
+    unpacked = unpack()
+    import sm90
+
+    log = os.path.join(CACHE_DIR, "verify-compiles.jsonl")
+    pin_triton_key(json.loads(MANIFEST.read_text())["target"]["libtriton_sha256"])
+    _log_compiles(log)
+    t0 = time.perf_counter()
+    base = sm90._Recorder.add
+    sm90._Recorder.add = lambda self, fn, args, kwargs, compiled: self.variants.setdefault(compiled.hash, fn)
+    try:
+        with sm90.compile_only(90) as rec:
+            for _ in _session_calls(rec):
+                pass
+    finally:
+        sm90._Recorder.add = base
+    out = {"unpacked": unpacked, "variants": len(rec.variants), "seconds": round(time.perf_counter() - t0, 1),
+           **summarize_log(log)}
+    os.remove(log)
+    return out
+
+
 def unpack(archive: Path = ARCHIVE, cache_dir: str = CACHE_DIR) -> int:
     """Extract the archive into ``cache_dir`` (the path its group files name); returns the kernels unpacked."""
     os.makedirs(cache_dir, exist_ok=True)
@@ -397,8 +458,13 @@ def status(manifest_path: Path = MANIFEST) -> dict:
     m = json.loads(manifest_path.read_text())
     here = key_digest()
     lib = libtriton_sha256()
+    ptxas = ptxas_version()
+    import torch
+
+    hashes = target_hashes(device_target=torch.cuda.is_available())
     out = {"triton": triton.__version__, "libtriton_sha256": lib, "triton_key_sha256": here,
-           "archive_key_sha256": m["triton_key_sha256"], "ptxas": ptxas_version(), "archive_ptxas": m["ptxas"],
+           "archive_key_sha256": m["triton_key_sha256"], "ptxas": ptxas, "ptxas_match": ptxas == m["ptxas"],
+           **hashes, "target_match": all(hashes[k] == m.get(k) for k in hashes),
            "cache_invalidating_env": _invalidating_env()}
     if here == m["triton_key_sha256"]:
         out["key"] = "match"
@@ -421,7 +487,7 @@ def _invalidating_env() -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=("build", "status", "unpack"))
+    ap.add_argument("command", choices=("build", "status", "unpack", "verify"))
     args = ap.parse_args(argv)
     if args.command == "build":
         m = build()
@@ -430,6 +496,10 @@ def main(argv=None) -> int:
     if args.command == "unpack":
         print(f"{unpack()} kernels unpacked into {CACHE_DIR}")
         return 0
+    if args.command == "verify":
+        result = verify()
+        print(json.dumps(result, indent=1))
+        return 1 if result["kernel_misses"] or not result["variants"] else 0
     print(json.dumps(status(), indent=1))
     return 0
 

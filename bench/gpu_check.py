@@ -81,13 +81,13 @@ class Check:
                                                                double_quant=True)
         return out
 
-    def run(self, t: dict) -> dict:
-        """fastlora's y and gradients (dx, dA, dB) for ``t``."""
+    def run(self, t: dict) -> tuple[dict, list[str]]:
+        """fastlora's y and gradients (dx, dA, dB, dm) for ``t``, and the configs ``forced`` picked."""
         import fastlora
 
         s, p = 2.0, (DROPOUT if self.family == "dropout" else 0.0)
         kw = dict(dropout_p=p, training=True, seed=7)
-        with _tf32(self.dtype == "tf32"), forced(self.tma):
+        with _tf32(self.dtype == "tf32"), forced(self.tma) as picked:
             if self.family == "grouped":
                 y = fastlora.grouped_lora_linear(t["x"], t["w"], t["b"], t["a"], t["bb"], s, t["ids"], **kw)
             elif self.family == "nf4":
@@ -96,7 +96,7 @@ class Check:
             else:
                 y = fastlora.lora_linear(t["x"], t["w"], t["b"], t["a"], t["bb"], s, magnitude=t.get("m"), **kw)
             grads = torch.autograd.grad(y, _leaves(t), t["dy"])
-        return dict(zip(("y", "dx", "dA", "dB", "dm")[:1 + len(grads)], (y, *grads), strict=True))
+        return dict(zip(("y", "dx", "dA", "dB", "dm")[:1 + len(grads)], (y, *grads), strict=True)), picked
 
     def reference(self, t: dict) -> dict:
         """The same outputs from ``fastlora.reference`` in float64 (W decoded exactly for nf4; dropout with the
@@ -150,25 +150,29 @@ def _tf32(on: bool):
 @contextlib.contextmanager
 def forced(tma: bool):
     """fastlora's autotuned kernels run one config per key, untimed: the first that pruning keeps with
-    ``USE_TMA == tma`` (else the first kept). ``bench/gpu_cache.py`` compiles these same picks."""
+    ``USE_TMA == tma`` (else the first kept: no TMA tile fits the FMA path). Yields the picks as they are made
+    (none under the interpreter, whose launchers take a default config). ``bench/gpu_cache.py`` compiles these."""
     from fastlora import _launch
 
     tuners = (_launch._gemm_tuned, _launch._shrink_tuned, _launch._grad_tuned)
     saved = [dict(t.__dict__) for t in tuners]
 
-    def pick(prune):
+    picked: list[str] = []
+
+    def pick(name, prune):
         def one(kwargs):
             kept = prune(kwargs)
             on_path = [c for c in kept if bool(c.kwargs.get("USE_TMA")) == tma]
+            picked.append(f"{name}: {(on_path or kept)[0]}")
             return [(on_path or kept)[0]]
         return one
 
-    for t in tuners:
-        t.prune_configs = pick(t.prune_configs)
+    for name, t in zip(("gemm", "shrink", "grad"), tuners, strict=True):
+        t.prune_configs = pick(name, t.prune_configs)
         t.do_bench = lambda fn, quantiles: [0.0, 0.0, 0.0]  # one candidate: nothing to time
         t.cache = {}
     try:
-        yield
+        yield picked
     finally:
         for t, d in zip(tuners, saved, strict=True):
             t.__dict__.clear()
@@ -189,7 +193,7 @@ def run_check(c: Check, device) -> dict:
     rec = dict(asdict(c), name=c.name, bound=BOUND[c.dtype], status="fail", errors={})
     try:
         t = c.inputs(device)
-        got = c.run(t)
+        got, rec["configs"] = c.run(t)
         want = c.reference(t)
         if device.type == "cuda":
             torch.cuda.synchronize()

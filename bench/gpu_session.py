@@ -172,7 +172,7 @@ def check_stage(s: Session) -> dict:
     budget = s.left(BUDGET["check"], reserve=BUDGET["bench"] // 2 + BUDGET["plots"])
     cmd = [sys.executable, str(BENCH / "gpu_check.py"), "--jsonl", str(jsonl), "--budget", f"{budget - 20:.0f}"]
     rec = s.run("check", cmd + ([] if s.cuda else ["--small"]), budget, env)
-    checks = [json.loads(line) for line in open(jsonl)] if jsonl.exists() else []
+    checks = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
     rec["counts"] = {k: sum(c["status"] == k for c in checks) for k in ("pass", "fail", "skipped")}
     rec["compiles"] = gpu_cache.summarize_log(env["FASTLORA_COMPILE_LOG"])
     rec["checks"] = checks

@@ -1,7 +1,7 @@
 """The GPU session's command (bench/gpu_session.sh) dry-run on CPU, and the carried kernel cache's plumbing.
 
 The dry run is the same command as on the device: every stage runs (the interpreter, tiny shapes, one bench cell
-per suite here) and writes the same files the device returns.
+per suite here, the end-to-end suite left out for time) and writes the same files the device returns.
 """
 
 import json
@@ -19,8 +19,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu_cache  # noqa: E402
 import gpu_check  # noqa: E402
 
-ONE_CELL_PER_SUITE = ("M1-fastlora or M1-qlora-fastlora or G4-M32-fastlora-grouped or "
-                      "(e2e and not qlora and r8-fastlora)")
+# One cell per suite; the end-to-end suite (a model and its reference per cell: ~30 s here) is left to the manual
+# full dry run (docs/gpu-session.md), its plumbing being the other suites'.
+SUITES = ("layer", "grouped", "qlora")
+ONE_CELL_PER_SUITE = ("fwd-fp16-K64-N64-r8-M1-fastlora or qlora-fwd-fp16-K64-N64-r8-M1-qlora-fastlora or "
+                      "G4-M32-fastlora-grouped")
 MIB = 1 << 20
 
 
@@ -35,7 +38,7 @@ def _session(tmp_path, *args):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the dry run is the no-CUDA path")
 def test_dry_run_writes_the_device_files(tmp_path):
-    proc, out = _session(tmp_path, "--bench-filter", ONE_CELL_PER_SUITE)
+    proc, out = _session(tmp_path, "--suites", ",".join(SUITES), "--bench-filter", ONE_CELL_PER_SUITE)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all(p.stat().st_size <= 16 * MIB for p in out.iterdir()), files
@@ -55,12 +58,12 @@ def test_dry_run_writes_the_device_files(tmp_path):
             assert set(rec["errors"]) == {"y", "dx", "dA", "dB"} | ({"dm"} if rec["family"] == "dora" else set())
             assert all(0 < e <= rec["bound"] for e in rec["errors"].values()), rec
     suites = {r["suite"]: r for r in stages["bench"]["suites"]}
-    assert list(suites) == ["layer", "grouped", "qlora", "e2e"]
-    assert all(r["status"] == "ok" and r["cells"]["timed"] >= 1 and r["cells"]["failed"] == 0
+    assert tuple(suites) == SUITES
+    assert all(r["status"] == "ok" and r["cells"]["timed"] == 1 and r["cells"]["failed"] == 0
                for r in suites.values()), suites
 
     benches = json.loads((out / bench_json[0]).read_text())["benchmarks"]
-    assert {b["extra_info"]["suite"] for b in benches} == {"layer", "grouped", "qlora", "e2e"}
+    assert {b["extra_info"]["suite"] for b in benches} == set(SUITES)
     assert all(b["extra_info"]["git_sha"] == s["info"]["git_sha"] for b in benches)
     with tarfile.open(out / "logs.tar.xz") as tar:
         assert {"check.log", "bench.log", "checks.jsonl"} <= set(tar.getnames())
@@ -141,3 +144,42 @@ def test_quick_calls_cover_every_suite_of_the_quick_grid():
     assert {(c.K, c.N) for c in calls if c.quant == "nf4" and c.M in g.tokens} >= set(g.shapes)
     assert {c.M for c in calls} == {*g.tokens, *g.grouped_tokens, g.e2e["batch"] * g.e2e["seq"]}
     assert any(not c.bias and c.train and c.N == 1024 for c in calls)  # the Llama k/v projections
+
+
+def test_status_tells_match_libtriton_only_mismatch_and_stale(tmp_path):
+    import hashlib
+
+    from triton.runtime import cache
+
+    manifest = tmp_path / "m.json"
+    lib = gpu_cache.libtriton_sha256()
+    base = {"target": {"libtriton_sha256": lib}, "ptxas": gpu_cache.ptxas_version(),
+            "sources": gpu_cache.sources_digest(), **gpu_cache.target_hashes(device_target=False)}
+
+    def status(**changes):
+        manifest.write_text(json.dumps({**base, **changes}))
+        return gpu_cache.status(manifest)
+
+    here = status(triton_key_sha256=gpu_cache.key_digest())
+    assert (here["key"], here["stale_sources"], here["ptxas_match"], here["target_match"]) == ("match", [], True, True)
+    other = hashlib.sha256(cache.triton_key().replace(lib, "f" * 64).encode()).hexdigest()
+    assert status(triton_key_sha256=other, target={"libtriton_sha256": "f" * 64})["key"].startswith("libtriton-only")
+    assert status(triton_key_sha256="0" * 64)["key"].startswith("mismatch")
+    edited = dict(base["sources"], **{"kernels/gemm.py": "0" * 16})
+    assert status(triton_key_sha256=gpu_cache.key_digest(), sources=edited)["stale_sources"] == ["kernels/gemm.py"]
+
+
+def test_committed_archive_serves_every_kernel_of_the_session():
+    st = gpu_cache.status()
+    if "archive" in st:
+        pytest.skip(st["archive"])
+    if st["stale_sources"] or st["key"].startswith("mismatch"):
+        pytest.skip(f"archive not for this tree/triton (stale {st['stale_sources']}, key {st['key']}): rebuild with "
+                    "`python bench/gpu_cache.py build`")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTLORA_POISON")}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_cache.py"), "verify"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    variants = json.loads(gpu_cache.MANIFEST.read_text())["variants"]
+    assert (result["kernel_misses"], result["kernel_hits"], result["unpacked"]) == (0, variants, variants)
