@@ -9,7 +9,9 @@ trained too); each in bf16, fp16, fp32 (ieee) and tf32. Where the autotuner woul
 pins one: the first candidate its pruning keeps on the asked path (TMA or pointer), not timed. y, dx, dA, dB
 (and DoRA's dm) are compared with ``fastlora.reference`` in float64 on the same inputs by relative Frobenius
 error ||out - ref|| / ||ref||; outputs start NaN (FASTLORA_POISON=1), so an unwritten element fails. One JSON
-line per check, written as it finishes; checks not started within ``--budget`` seconds are written as skipped.
+line per check, written as it finishes; checks not started within ``--budget`` seconds are written as skipped;
+checks already in the file are not rerun; after a CUDA error that kills the context the process exits with
+``LOST`` (the session starts it again for the rest).
 Without CUDA: the interpreter and ``--small`` shapes, bf16 skipped (on CPU it takes the PyTorch reference, not
 the kernels).
 """
@@ -217,8 +219,14 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     deadline = time.monotonic() + args.budget
     failed = 0
+    done = set()
+    if os.path.exists(args.jsonl):  # a rerun after a lost CUDA context or a crash: the checks not yet recorded
+        with open(args.jsonl) as f:
+            done = {json.loads(line)["name"] for line in f if line.strip()}
     with open(args.jsonl, "a") as f:
         for c in checks(args.small or device.type == "cpu"):
+            if c.name in done:
+                continue
             if time.monotonic() > deadline:
                 rec = dict(asdict(c), name=c.name, status="skipped", reason=f"stage budget {args.budget:g} s spent")
             elif device.type == "cpu" and c.dtype == "bf16":
@@ -231,7 +239,21 @@ def main(argv=None) -> int:
             print(f"{rec['status']:<7} {c.name:<40} {errs} {rec.get('error', rec.get('reason', ''))}", flush=True)
             f.write(json.dumps(rec) + "\n")
             f.flush()
+            if rec.get("error") and device.type == "cuda" and not _cuda_alive():
+                print("CUDA context lost (an illegal address?): exit 3, the session reruns the rest", flush=True)
+                return LOST
     return 1 if failed else 0
+
+
+LOST = 3  # exit code: the CUDA context died, later checks in this process would all fail
+
+
+def _cuda_alive() -> bool:
+    try:
+        torch.cuda.synchronize()
+        return torch.ones(1, device="cuda").item() == 1.0
+    except Exception:
+        return False
 
 
 if __name__ == "__main__":

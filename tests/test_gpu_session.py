@@ -52,7 +52,8 @@ def test_dry_run_writes_the_device_files(tmp_path):
     assert stages["install"]["status"] == "skipped" and "pip install" in stages["install"]["would_run"][0]
     check = stages["check"]
     n = len(gpu_check.checks(small=True))
-    assert check["status"] == "ok" and check["counts"] == {"pass": n * 3 // 4, "fail": 0, "skipped": n // 4}
+    assert check["status"] == "ok" and check["runs"] == 1
+    assert check["counts"] == {"pass": n * 3 // 4, "fail": 0, "skipped": n // 4, "not_run": 0}
     for rec in check["checks"]:
         if rec["status"] == "pass":
             assert set(rec["errors"]) == {"y", "dx", "dA", "dB"} | ({"dm"} if rec["family"] == "dora" else set())
@@ -183,3 +184,15 @@ def test_committed_archive_serves_every_kernel_of_the_session():
     result = json.loads(proc.stdout)
     variants = json.loads(gpu_cache.MANIFEST.read_text())["variants"]
     assert (result["kernel_misses"], result["kernel_hits"], result["unpacked"]) == (0, variants, variants)
+
+
+def test_check_tier_runs_only_the_checks_not_yet_recorded(tmp_path):
+    """The session restarts gpu_check after a lost CUDA context; a restart must not redo recorded checks."""
+    every = gpu_check.checks(small=True)
+    left = next(c for c in every if c.family == "dense-ptr" and c.dtype == "fp32")
+    jsonl = tmp_path / "checks.jsonl"
+    jsonl.write_text("".join(json.dumps({"name": c.name, "status": "pass"}) + "\n" for c in every if c is not left))
+    assert gpu_check.main(["--jsonl", str(jsonl), "--small"]) == 0
+    recs = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(recs) == len(every) and recs[-1]["name"] == left.name and recs[-1]["status"] == "pass"
+    assert set(recs[-1]["errors"]) == {"y", "dx", "dA", "dB"}
