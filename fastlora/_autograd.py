@@ -44,8 +44,8 @@ class DoRAFunction(torch.autograd.Function):
     detached max(||W + s B A||, eps) per output row.
 
     Saves what LoRA saves (x, T, the packed mask) plus g and, only when the magnitude requires grad, Z [M, N] (the
-    term g multiplies, written by the forward kernel): dm = sum_tokens dy * Z / norm. Nothing of size M x N when the
-    magnitude is frozen.
+    term g multiplies, written by the forward kernel): dm = sum_tokens dy * Z / norm, reduced in fp32 beside dB from
+    the same dy tiles. Nothing of size M x N when the magnitude is frozen.
     """
 
     @staticmethod
@@ -63,9 +63,9 @@ class DoRAFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, t, bits, g, norm, z = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dA, dB = _dora_ops.dora_backward(dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, g, ctx.dropout_p,
-                                             need[0], need[3], need[4])
-        dm = (_column_dot(dy, z) / norm).to(ctx.magnitude_dtype) if need[5] else None
+        dx, dA, dB, dz = _dora_ops.dora_backward(dy, x, weight, lora_A, lora_B, t, bits, z, ctx.scaling, g,
+                                                 ctx.dropout_p, need[0], need[3], need[4], need[5])
+        dm = (dz / norm).to(ctx.magnitude_dtype) if need[5] else None
         dw = None
         if need[1]:  # full fine-tuning: the norm is detached, W enters through the base products only
             dw = ((dy * g.to(dy.dtype)).t() @ x.to(dy.dtype)) if ctx.dropout_p == 0 else (
@@ -74,14 +74,6 @@ class DoRAFunction(torch.autograd.Function):
         db = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None
         return (dx if need[0] else None, dw, db, dA if need[3] else None, dB if need[4] else None, dm,
                 None, None, None, None)
-
-
-def _column_dot(dy, z):
-    """sum over tokens of dy * z per column, fp32 [N]: the product in dy's dtype and an fp32 sum (8 bytes per element
-    read and written at 16 bits), except fp16, whose loss-scaled dy times z could overflow: there in fp32."""
-    if dy.dtype == torch.float16:
-        return (dy.float() * z.float()).sum(0)
-    return torch.sum(dy * z, 0, dtype=torch.float32)
 
 
 def _dropped(x, bits, p):

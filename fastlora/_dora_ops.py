@@ -48,17 +48,19 @@ def _(x, weight, bias, lora_A, lora_B, scaling, g, dropout_p, seed, store_z):
 
 @torch.library.custom_op("fastlora::dora_backward", mutates_args=())
 def dora_backward(
-    dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor, bits: Tensor, scaling: float,
-    g: Tensor, dropout_p: float, need_dx: bool, need_dA: bool, need_dB: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dA, dB); one not needed comes back empty. With U = (g * dy) B (the shrink reads g * B, [N, R]):
+    dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor, bits: Tensor, z: Tensor,
+    scaling: float, g: Tensor, dropout_p: float, need_dx: bool, need_dA: bool, need_dB: bool, need_dm: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dz): one not needed comes back empty; dz = sum_tokens dy * Z (fp32 [N], Z the forward's saved
+    term), dm before the division by the norm, computed by dB's token reduction from the same dy tiles. With
+    U = (g * dy) B (the shrink reads g * B, [N, R]):
 
     dx = (g * dy) W + s U A                          p = 0
     dx = dy W + D * (((g - 1) * dy) W + s U A)       p > 0 (D: the forward's mask / (1 - p))
     dA = s U^T d(x),  dB = g * (s dy^T T)            LoRA's, with g * dy
     """
     p = dropout_p
-    dx, dA, dB = (dy.new_empty(0) for _ in range(3))  # distinct: custom-op outputs may not alias
+    dx, dA, dB, dz = (dy.new_empty(0) for _ in range(4))  # distinct: custom-op outputs may not alias
     if need_dx or need_dA:
         # [N, R]: scaling dy's columns is scaling B's rows; in dy's dtype, as the kernel would convert its tiles
         gb = (lora_B.float() * g[:, None]).to(dy.dtype)
@@ -69,17 +71,21 @@ def dora_backward(
     if need_dA:
         dA = _launch.grad(x, u, scaling=scaling, z_dropout=p > 0, dropout_p=p, bits=bits if p > 0 else None)
         dA = dA[0].t().to(lora_A.dtype).contiguous()
-    if need_dB:
-        dB = (_launch.grad(dy, t, scaling=scaling)[0] * g[:, None]).to(lora_B.dtype)
-    return dx, dA, dB
+    if need_dB or need_dm:
+        gB = _launch.grad(dy, t, scaling=scaling, col_dot=z if need_dm else None)
+        gB, dz = gB if need_dm else (gB, dz)
+        if need_dB:
+            dB = (gB[0] * g[:, None]).to(lora_B.dtype)
+    return dx, dA, dB, dz
 
 
 @dora_backward.register_fake
-def _(dy, x, weight, lora_A, lora_B, t, bits, scaling, g, dropout_p, need_dx, need_dA, need_dB):
+def _(dy, x, weight, lora_A, lora_B, t, bits, z, scaling, g, dropout_p, need_dx, need_dA, need_dB, need_dm):
     dx = x.new_empty(x.shape) if need_dx else dy.new_empty(0)
     dA = lora_A.new_empty(lora_A.shape) if need_dA else dy.new_empty(0)
     dB = lora_B.new_empty(lora_B.shape) if need_dB else dy.new_empty(0)
-    return dx, dA, dB
+    dz = dy.new_empty(dy.shape[1], dtype=torch.float32) if need_dm else dy.new_empty(0)
+    return dx, dA, dB, dz
 
 
 @torch.library.custom_op("fastlora::dora_norm", mutates_args=())

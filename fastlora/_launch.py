@@ -304,9 +304,9 @@ def _prune_gemm(configs, named_args, **kwargs):
     return kept
 
 
-def grad_smem(cfg: dict, num_stages: int, *, elt: int, block_r: int) -> int:
-    """Shared memory of one gradient-kernel config: pipelined Z tiles and fp32 V tiles."""
-    return num_stages * cfg["BLOCK_M"] * (cfg["BLOCK_P"] * elt + block_r * 4)
+def grad_smem(cfg: dict, num_stages: int, *, elt: int, block_r: int, col_dot: bool = False) -> int:
+    """Shared memory of one gradient-kernel config: pipelined Z tiles (and COL_DOT's Y tiles) and fp32 V tiles."""
+    return num_stages * cfg["BLOCK_M"] * (cfg["BLOCK_P"] * elt * (2 if col_dot else 1) + block_r * 4)
 
 
 def _prune_grad(configs, named_args, **kwargs):
@@ -323,14 +323,16 @@ def _prune_grad(configs, named_args, **kwargs):
         if fma:
             return acc + bm * (bp + br) // threads <= FMA_GRAD_BUDGET
         if mma_sync:  # both operands' fragments in registers (sm_80, measured by bench/sm90.py):
-            if acc > MMA_SYNC_MAX_ACC or (kwargs["Z_DROPOUT"] and acc >= MMA_SYNC_MAX_ACC):
-                return False  # tf32 32x64 at r = 256: 8 B at 255 registers; 32x32 dropout at r = 256: 8 B at 128
+            if acc > MMA_SYNC_MAX_ACC or ((kwargs["Z_DROPOUT"] or kwargs["COL_DOT"]) and acc >= MMA_SYNC_MAX_ACC):
+                return False  # tf32 32x64 at r = 256: 8 B at 255 registers; 32x32 dropout at r = 256: 8 B at 128;
+                # DoRA's column dot (a second [BLOCK_M, BLOCK_P] tile): fp16 64x128 / 4 warps at r = 64, 8 B at 255
             if c.num_warps == 8 and bm * bp // threads >= 64:
                 return False  # 128x128 / 8 warps: 16 B at 128 registers (M = 16, r = 8)
         return acc <= MAX_ACC_PER_THREAD
 
     kept = [c for c in configs
-            if fits(c) and grad_smem(c.kwargs, c.num_stages, elt=z.element_size(), block_r=br) <= limit]
+            if fits(c) and grad_smem(c.kwargs, c.num_stages, elt=z.element_size(), block_r=br,
+                                     col_dot=kwargs["COL_DOT"]) <= limit]
     if not kept:
         raise ValueError(f"no gradient config fits shared memory ({limit} bytes) for {z.dtype}, BLOCK_R {br}")
     return kept
@@ -360,7 +362,7 @@ _gemm_tuned = triton.autotune(_with_tma_hook(gemm_configs(shrink=False)), key=_G
 _shrink_tuned = triton.autotune(gemm_configs(shrink=True), key=_GEMM_KEY,
                                 prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_kernel)
 _grad_tuned = triton.autotune(grad_configs(),
-                              key=["M_BUCKET", "P", "BLOCK_R", "GROUPED", "Z_DROPOUT", "INPUT_PRECISION"],
+                              key=["M_BUCKET", "P", "BLOCK_R", "GROUPED", "Z_DROPOUT", "INPUT_PRECISION", "COL_DOT"],
                               prune_configs_by={"early_config_prune": _prune_grad})(_lora_grad_kernel)
 
 
@@ -510,26 +512,33 @@ def grad(
     z_dropout: bool = False,
     dropout_p: float = 0.0,
     bits: torch.Tensor | None = None,
+    col_dot: torch.Tensor | None = None,
     config: dict | None = None,
-) -> torch.Tensor:
+):
     """fp32 [G, P, R] = scale_g * sum_m Z[m]^T V[m] over each adapter's tokens (see ``_lora_grad_kernel``).
 
     z [M, P], v [M, R]; with ``seg`` (G+1 offsets into sorted order) and ``perm`` the sum is per adapter.
-    ``z_dropout`` masks z by ``bits``, the packed keep-mask the forward shrink wrote.
+    ``z_dropout`` masks z by ``bits``, the packed keep-mask the forward shrink wrote. ``col_dot`` [M, P] (dense, no
+    dropout): also return fp32 [P] = sum_m z[m] * col_dot[m], from the same z tiles (DoRA's magnitude gradient).
     """
     M, P = z.shape
     R = v.shape[1]
     G = num_adapters
     split = _num_splits(M, P, G, z.device)
     part = empty((split, G, P, R), torch.float32, z.device)
+    col = empty((split, P), torch.float32, z.device) if col_dot is not None else None
     if P == 0 or R == 0:
-        return part.sum(0)
+        return part.sum(0) if col is None else (part.sum(0), col.sum(0))
     dummy = part
     args = (
         z, v, part, perm if perm is not None else dummy, seg if seg is not None else dummy,
         scale_vec if scale_vec is not None else dummy, bits if bits is not None else dummy,
+        col_dot if col is not None else dummy, col if col is not None else dummy,
         M, P, R, m_bucket(M),
-        z.stride(0), z.stride(1), v.stride(0), v.stride(1),
+        z.stride(0), z.stride(1),
+        col_dot.stride(0) if col is not None else 0, col_dot.stride(1) if col is not None else 0,
+        col.stride(0) if col is not None else 0,
+        v.stride(0), v.stride(1),
         part.stride(0), part.stride(1), part.stride(2), part.stride(3),
         bits.stride(0) if bits is not None else 0,
         float(scaling), float(dropout_p),
@@ -537,7 +546,7 @@ def grad(
     flags = dict(
         BLOCK_R=block_r(R), HAS_PERM=perm is not None, GROUPED=seg is not None,
         HAS_SCALE_VEC=scale_vec is not None, Z_DROPOUT=z_dropout,
-        INPUT_PRECISION=input_precision(z.dtype, z.device),
+        INPUT_PRECISION=input_precision(z.dtype, z.device), COL_DOT=col is not None,
     )
 
     def grid(meta):
@@ -549,7 +558,8 @@ def grad(
         cfg = dict(config or INTERPRET_GRAD)
         opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
         _lora_grad_kernel[grid(cfg)](*args, **cfg, **flags, **opts)
-    return part.sum(0) if split > 1 else part[0]
+    out = part.sum(0) if split > 1 else part[0]
+    return out if col is None else (out, col.sum(0))
 
 
 def _num_splits(M: int, P: int, G: int, device: torch.device) -> int:

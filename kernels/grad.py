@@ -2,6 +2,7 @@
 
     dA^T = s * drop(x)^T U     Z = x,  V = U = dy B,  Z_DROPOUT    -> [G, K, R]
     dB   = s * dy^T T          Z = dy, V = T = drop(x) A^T         -> [G, N, R]
+    DoRA's magnitude gradient rides along the dB reduction (COL_DOT): sum_m dy[m, n] * Z2[m, n] from the same dy tiles.
 """
 
 import triton
@@ -12,16 +13,17 @@ from .tiles import unpack_keep
 
 @triton.jit
 def _lora_grad_kernel(
-    z_ptr, v_ptr, out_ptr, perm_ptr, seg_ptr, scale_ptr, bits_ptr,
+    z_ptr, v_ptr, out_ptr, perm_ptr, seg_ptr, scale_ptr, bits_ptr, y_ptr, col_ptr,
     M, P, R, M_BUCKET,
     stride_zm, stride_zp,
+    stride_ym, stride_yp, stride_cs,
     stride_vm, stride_vr,
     stride_os, stride_og, stride_op, stride_or,
     stride_bits,
     scaling, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_PERM: tl.constexpr, GROUPED: tl.constexpr, HAS_SCALE_VEC: tl.constexpr,
-    Z_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    Z_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, COL_DOT: tl.constexpr,
 ):
     """out[split, g, p, r] = scale_g * sum over this split's rows m of adapter g: Z[m, p] * V[m, r].
 
@@ -29,7 +31,8 @@ def _lora_grad_kernel(
     GROUPED, adapter g owns sorted rows [seg[g], seg[g+1]) and token perm[row]; else one segment [0, M).
     Z_DROPOUT masks Z by the packed keep-mask bits [M, cdiv(P, 32)] (int32 words, by token) and scales by 1/(1-p).
     Unused adapters and empty splits write zeros, so the sum over splits is exact and deterministic.
-    M_BUCKET only keys the autotuner.
+    M_BUCKET only keys the autotuner. COL_DOT (dense, no Z_DROPOUT): also col[split, p] = sum over the same rows of
+    Z[m, p] * Y[m, p] in fp32 (Y [M, P], col fp32 [SPLIT, P]; DoRA's dm from dy and its saved Z), unscaled.
     """
     pid_p = tl.program_id(0)
     g = tl.program_id(1)
@@ -50,6 +53,7 @@ def _lora_grad_kernel(
     mask_p = offs_p < P
     mask_r = offs_r < R
     acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+    col = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < hi
@@ -59,6 +63,10 @@ def _lora_grad_kernel(
             rows = offs_m.to(tl.int64)
         z = tl.load(z_ptr + rows[:, None] * stride_zm + offs_p[None, :] * stride_zp,
                     mask=mask_m[:, None] & mask_p[None, :], other=0.0)  # [BLOCK_M, BLOCK_P]
+        if COL_DOT:
+            y = tl.load(y_ptr + rows[:, None] * stride_ym + offs_p[None, :] * stride_yp,
+                        mask=mask_m[:, None] & mask_p[None, :], other=0.0)  # [BLOCK_M, BLOCK_P]
+            col += tl.sum(z.to(tl.float32) * y.to(tl.float32), axis=0)
         if Z_DROPOUT:
             keep = unpack_keep(bits_ptr, rows, mask_m, pid_p * BLOCK_P, tl.cdiv(P, 32), stride_bits, BLOCK_M, BLOCK_P)
             z = tl.where(keep, z, tl.zeros_like(z))
@@ -75,6 +83,8 @@ def _lora_grad_kernel(
     out_ptrs = (out_ptr + split.to(tl.int64) * stride_os + g.to(tl.int64) * stride_og
                 + offs_p[:, None] * stride_op + offs_r[None, :] * stride_or)
     tl.store(out_ptrs, acc * s, mask=mask_p[:, None] & mask_r[None, :])
+    if COL_DOT:
+        tl.store(col_ptr + split.to(tl.int64) * stride_cs + offs_p, col, mask=mask_p)
 
 
 def grad_configs():
