@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
+import sys
 
 import torch
 import torch.nn as nn
@@ -52,10 +52,13 @@ class Linear4bit(nn.Module):
             if qs is None:
                 raise ValueError("the bitsandbytes Linear4bit is not quantised yet (weight.quant_state is None): "
                                  "move it to its device first, e.g. .to('cuda'), as bitsandbytes quantises there")
+            if getattr(qs, "packing_format_for_cpu", False):
+                _restore_bnb_layout(linear.weight)
             self.weight = linear.weight
             self.weight.requires_grad_(False)
             self._bnb_state = None
-            self.quant_type, self.blocksize, self.double_quant = qs.quant_type, qs.blocksize, qs.state2 is not None
+            self.quant_type, self.blocksize = qs.quant_type, qs.blocksize
+            self.double_quant = getattr(qs, "state2", None) is not None
             self.out_features, self.in_features = self.quant_state.shape
             if compute_dtype is None:
                 compute_dtype = getattr(linear, "compute_dtype", None) or torch.bfloat16
@@ -109,6 +112,9 @@ class Linear4bit(nn.Module):
         """The block scales of ``weight`` as a ``fastlora.quant.QuantState4bit`` (the same tensors, no copy)."""
         qs = getattr(self.weight, "quant_state", None)
         if qs is not None:  # bitsandbytes' Params4bit: its state, converted once per device move
+            if getattr(qs, "packing_format_for_cpu", False):  # bitsandbytes' CPU inference ran on the shared layer
+                _restore_bnb_layout(self.weight)
+                self.double_quant = False
             key = (id(qs), id(qs.absmax))
             if self._bnb_state is None or self._bnb_state[0] != key:
                 self._bnb_state = (key, quant.QuantState4bit.from_bnb(qs))
@@ -174,10 +180,21 @@ def _check_compute_dtype(dtype) -> None:
 
 
 def _is_bnb_4bit(module: nn.Module) -> bool:
-    """Whether ``module`` is a ``bitsandbytes.nn.Linear4bit``; False without bitsandbytes installed."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return False
-    import bitsandbytes as bnb
+    """Whether ``module`` is a ``bitsandbytes.nn.Linear4bit``. Never imports bitsandbytes (its import logs warnings
+    on some CPUs): a model that holds one has imported it already."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
-    return isinstance(module, bnb.nn.Linear4bit)
+
+@torch.no_grad()
+def _restore_bnb_layout(weight) -> None:
+    """Put a bitsandbytes ``Params4bit`` that bitsandbytes repacked for its AVX512-BF16 CPU kernel back into the
+    format, in place, as bitsandbytes' own ``.cuda()`` and ``state_dict()`` do (``quant.from_bnb_cpu_layout``): the
+    bitsandbytes layer and fastlora then read the same bytes again. The scales stay the bf16 values bitsandbytes
+    computes with, as fp32 without double quant."""
+    qs = weight.quant_state
+    packed, state = quant.from_bnb_cpu_layout(weight.data, qs)
+    weight.data = packed
+    qs.absmax, qs.dtype, qs.nested = state.absmax, state.dtype, False
+    qs.packing_format_for_cpu = False
 

@@ -1,6 +1,6 @@
 """Model-level helpers: ``inject`` fastlora layers by PEFT's target rules, ``merge``/``unmerge`` them all.
 
-bitsandbytes stays optional: only ``linear4bit._is_bnb_4bit`` imports it, inside the call and when installed.
+bitsandbytes stays optional and is never imported here: ``linear4bit._is_bnb_4bit`` looks for it in ``sys.modules``.
 Its ``Linear4bit`` subclasses ``nn.Linear``, so "all-linear" selects it, as PEFT does; ``inject`` wraps it in a
 ``fastlora.Linear4bit`` that shares its packed weight and quant state.
 """
@@ -65,18 +65,14 @@ def _check_bnb_4bit(name: str, linear: nn.Module) -> None:
     """Raise if the bitsandbytes ``Linear4bit`` at ``name`` cannot be shared by a ``fastlora.Linear4bit``.
 
     bitsandbytes quantises a ``Params4bit`` when it is first moved to a device (``.to("cpu")``, ``.cuda()``;
-    ``from_pretrained`` does it while loading); before that the weight is still float. Its CPU inference path on
-    AVX512-BF16 machines (eval, no grad) repacks the weight in place into another layout with bf16 scales
-    (``quant_state.packing_format_for_cpu``), which is no longer the format fastlora decodes.
+    ``from_pretrained`` does it while loading); before that the weight is still float. (A weight that its CPU
+    inference path repacked for AVX512-BF16, ``quant_state.packing_format_for_cpu``, is put back into the format by
+    ``Linear4bit.from_linear``.)
     """
     qs = getattr(linear.weight, "quant_state", None)
     if qs is None:
         raise ValueError(f"{name!r}: the bitsandbytes Linear4bit is not quantised yet (weight.quant_state is None); "
                          "bitsandbytes quantises when the layer is moved to a device, e.g. .to('cpu') or .cuda()")
-    if getattr(qs, "packing_format_for_cpu", False):
-        raise NotImplementedError(f"{name!r}: bitsandbytes repacked this Linear4bit for its AVX512-BF16 CPU kernel "
-                                  "(quant_state.packing_format_for_cpu), a layout fastlora does not read; wrap the "
-                                  "layer before running it in eval mode without grad, or reload the model")
 
 
 def match_modules(model: nn.Module, target_modules) -> list[str]:

@@ -91,6 +91,9 @@ class QuantState4bit:
     @classmethod
     def from_bnb(cls, qs) -> QuantState4bit:
         """The same tensors as a ``bitsandbytes.functional.QuantState`` (no copies); raises if not a 2-D weight's."""
+        if getattr(qs, "packing_format_for_cpu", False):
+            raise ValueError("bitsandbytes repacked this weight for its AVX512-BF16 CPU kernel "
+                             "(quant_state.packing_format_for_cpu); read it with quant.from_bnb_cpu_layout(packed, qs)")
         nested = getattr(qs, "state2", None) is not None
         offset = qs.offset
         if nested and not isinstance(offset, torch.Tensor):
@@ -230,6 +233,40 @@ def _quantize_dynamic(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, to
     q = torch.searchsorted(0.5 * (code[:-1] + code[1:]), grid, side="left")
     q = torch.where(absmax[:, None] == 0, 0, q)  # all-zero block: codes 0, absmax 0
     return q.to(torch.uint8).reshape(-1)[: x.numel()], absmax
+
+
+def from_bnb_cpu_layout(packed: torch.Tensor, qs) -> tuple[torch.Tensor, QuantState4bit]:
+    """The format again from bitsandbytes' AVX512-BF16 CPU layout: (packed, as bitsandbytes first stored it, state).
+
+    bitsandbytes (0.49+) repacks a ``Linear4bit`` in place the first time it runs on such a CPU in eval mode without
+    grad (``quant_state.packing_format_for_cpu``): the codes become [N, K/2] bytes, each row of 32 bytes holding
+    32 weight rows x 2 columns (low nibbles first), and the scales become bf16 [K/blocksize, N] (double quant
+    decoded, then rounded to bf16). Undoing it is exact for the codes; the scales are the bf16 ones bitsandbytes
+    computes with from then on, as fp32, single-quantised: the function the repacked layer computes, not the
+    original double-quant state, which bitsandbytes discarded.
+    """
+    if not getattr(qs, "packing_format_for_cpu", False):
+        raise ValueError("quant_state is not in bitsandbytes' CPU layout (packing_format_for_cpu is not set)")
+    N, K = (int(d) for d in qs.shape)
+    data = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed
+    nb = K // qs.blocksize if qs.blocksize else 0
+    if tuple(data.shape) != (N, K // 2) or N % 32 or K % 2 or nb * qs.blocksize != K:
+        raise ValueError(f"a weight repacked by bitsandbytes for its CPU kernel must be uint8 [N, K/2] = "
+                         f"[{N}, {K // 2}] with N % 32 == 0 and K % blocksize == 0 (blocksize {qs.blocksize}); got "
+                         f"{tuple(packed.shape)} {packed.dtype}")
+    _check_tensor("absmax", qs.absmax, torch.bfloat16, (nb, N))
+    rows = data.reshape(-1, 32)
+    q = torch.cat([rows & 0xF, rows >> 4], dim=1)  # [N/32 * K/2, 64]: (row, column) pairs, row-major
+    q = q.view(N // 32, K // 2, 32, 2).transpose(1, 2).reshape(-1)
+    flat = ((q[0::2] << 4) | q[1::2]).reshape(tuple(getattr(qs, "original_qshape", None) or (N * K // 2, 1)))
+    storage = getattr(qs, "original_storage_type", None)  # bitsandbytes' quant_storage, when not uint8
+    if storage is not None and storage != torch.uint8:
+        flat = flat.view(storage)
+    state = QuantState4bit(absmax=qs.absmax.t().reshape(-1).float(), shape=torch.Size((N, K)),
+                           dtype=getattr(qs, "original_dtype", qs.dtype), blocksize=qs.blocksize,
+                           quant_type=qs.quant_type, code=CODES[qs.quant_type].to(data.device))
+    state.validate()
+    return flat, state
 
 
 def dequantize_absmax(state: QuantState4bit) -> torch.Tensor:

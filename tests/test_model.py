@@ -101,3 +101,23 @@ def test_merge_unmerge():
 def test_merge_needs_fastlora_layers():
     with pytest.raises(ValueError, match="no fastlora.Linear"):
         fastlora.merge(nn.Linear(4, 4))
+
+
+def test_plain_models_never_import_bitsandbytes(tmp_path):
+    """Importing bitsandbytes logs warnings on some CPUs (AVX512-BF16 without the `kernels` package): fastlora's
+    entry points on a model without bitsandbytes layers must not import it (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("safetensors")
+    code = f"""
+import sys, torch, fastlora
+model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 8))
+fastlora.inject(model, "all-linear", r=2, alpha=4)
+fastlora.save_adapter(model, {str(tmp_path / "ad")!r})
+fastlora.load_adapter(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 8)), {str(tmp_path / "ad")!r})
+print("bitsandbytes" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False", out.stdout

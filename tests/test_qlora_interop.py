@@ -77,7 +77,11 @@ def oracle(path, model, dtype=FP32):
         if isinstance(layer, fastlora.Linear4bit):
             packed, state = layer.weight, layer.quant_state
         elif isinstance(layer, bnb.nn.Linear4bit):
-            packed, state = layer.weight, quant.QuantState4bit.from_bnb(layer.weight.quant_state)
+            qs = layer.weight.quant_state
+            if getattr(qs, "packing_format_for_cpu", False):  # bitsandbytes ran it on an AVX512-BF16 CPU
+                packed, state = quant.from_bnb_cpu_layout(layer.weight.data, qs)
+            else:
+                packed, state = layer.weight, quant.QuantState4bit.from_bnb(qs)
         else:
             continue
         base = ref.get_submodule(name)
@@ -130,6 +134,9 @@ def test_from_peft_matches_peft(saved, case):
     torch.testing.assert_close(layer.lora_A, peft_model.base_model.model.get_submodule(names[0]).lora_A.default.weight,
                                rtol=0, atol=0)  # the same init on both sides
 
+    # Train mode, as QLoRA runs. In eval mode without grad, bitsandbytes' AVX512-BF16 CPU kernel would run the
+    # layers that are not targeted in bf16 whatever compute_dtype says (docs/qlora.md), on both sides.
+    model.train(), peft_model.train()
     ids = tokens()
     out, grads = logits_and_grads(model, ids)
     peft_out, peft_grads = peft_logits_and_grads(peft_model, ids)
@@ -225,6 +232,86 @@ def test_inject_wraps_bnb_layers(saved):
 
     randomize_lora_B(model)
     out, grads = logits_and_grads(model, tokens())
+    ref_out, ref_grads = logits_and_grads(oracle(saved, model), tokens())
+    assert_close(out, ref_out, FP32, "logits vs float64")
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], FP32, f"{name} vs float64")
+
+
+def _repack_for_cpu(model, targets=SOME):
+    """What bitsandbytes does to its Linear4bit layers the first time they run on an AVX512-BF16 CPU in eval mode
+    without grad, done to the ``targets`` layers: a real forward where this CPU takes that path, else the same
+    in-place call it makes. Returns {name: (standard packed bytes, fp32 scales as bf16)} from before.
+
+    Only layers fastlora will wrap: bitsandbytes cannot train through a layer it repacked (its bias is added in
+    place to a result that needs grad), so the other layers stay in the format, as in a real training run."""
+    import copy
+
+    import bitsandbytes as bnb
+
+    before = {}
+    for name, mod in model.named_modules():
+        name = name.removeprefix("base_model.model.").removesuffix(".base_layer")  # PEFT's names -> the model's
+        if isinstance(mod, bnb.nn.Linear4bit) and any(name.endswith(t) for t in targets):
+            state = quant.QuantState4bit.from_bnb(copy.deepcopy(mod.weight.quant_state))
+            before[name] = (mod.weight.data.clone(), quant.dequantize_absmax(state).to(BF16).float())
+            if getattr(mod, "support_avx512bf16_for_cpu", False):
+                with torch.no_grad():
+                    mod.eval()(torch.randn(2, mod.in_features, dtype=mod.compute_dtype or FP32))
+            else:
+                mod.weight.data, mod.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(
+                    mod.weight.data, mod.weight.quant_state)
+            assert mod.weight.quant_state.packing_format_for_cpu
+    return before
+
+
+def _check_read_back(model, before):
+    """Every fastlora.Linear4bit over a repacked weight reads the original codes and the bf16 scales, shared with
+    its bitsandbytes layer, which is back in the format."""
+    for name in names_4bit(model):
+        layer = model.get_submodule(name)
+        state = layer.quant_state
+        packed, absmax = before[name]
+        assert torch.equal(layer.weight.data, packed) and torch.equal(state.absmax, absmax)
+        assert not state.double_quant and not layer.weight.quant_state.packing_format_for_cpu
+
+
+@pytest.mark.parametrize("path", ["inject", "from_linear", "load_adapter", "from_peft", "wrapped-then-repacked"])
+def test_repacked_bnb_layers_are_read_back(saved, tmp_path, path):
+    """bitsandbytes' AVX512-BF16 CPU layout (quant_state.packing_format_for_cpu) is put back into the format on every
+    path into fastlora (and under a layer already wrapped), losslessly for the codes; the result computes the
+    float64 oracle's function."""
+    model = load_4bit(saved, compute_dtype=FP32)
+    if path == "from_peft":
+        peft_model = peft_qlora(saved, SOME, compute_dtype=FP32)
+        before = _repack_for_cpu(peft_model)
+        model = fastlora.from_peft(peft_model)
+    elif path == "load_adapter":
+        source = fastlora.from_peft(peft_qlora(saved, SOME, compute_dtype=FP32))
+        fastlora.save_adapter(source, tmp_path)
+        before = _repack_for_cpu(model)
+        fastlora.load_adapter(model, tmp_path)
+    elif path == "from_linear":
+        name = "model.layers.1.mlp.down_proj"
+        before = _repack_for_cpu(model, [name])
+        layer = fastlora.Linear4bit.from_linear(model.get_submodule(name), r=4, alpha=8)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+        freeze_base(model)
+    elif path == "inject":
+        before = _repack_for_cpu(model)
+        fastlora.inject(model, SOME, r=8, alpha=16)
+    else:
+        import bitsandbytes as bnb
+
+        bnb_layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        fastlora.inject(model, SOME, r=8, alpha=16)
+        wrapped = nn.ModuleDict({n.replace(".", "/"): m for n, m in bnb_layers.items()})
+        before = {n.replace("/", "."): v for n, v in _repack_for_cpu(wrapped).items()}
+    randomize_lora_B(model)
+    model.train()  # the bitsandbytes layers left in the model keep to the format (no repacking in train mode)
+    out, grads = logits_and_grads(model, tokens())
+    _check_read_back(model, before)
     ref_out, ref_grads = logits_and_grads(oracle(saved, model), tokens())
     assert_close(out, ref_out, FP32, "logits vs float64")
     for name in grads:

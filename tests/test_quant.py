@@ -217,6 +217,47 @@ def bnbF():
     return F
 
 
+def _format_dequant(packed, state, *, rows_restart=False):
+    """The format written out, independent of ``quant.dequantize_4bit``: flat element j is
+    ``code[q_j] * absmax[j // blocksize]`` in fp32, rounded to the weight's dtype. ``rows_restart``: the block index
+    bitsandbytes 0.50's AVX512 CPU kernel uses instead, ``row * (K // blocksize) + column // blocksize`` (see
+    _assert_bnb_dequant)."""
+    N, K = state.shape
+    q = _unpack(packed.view(torch.uint8), N * K)
+    j = torch.arange(N * K)
+    block = (j // K) * (K // state.blocksize) + (j % K) // state.blocksize if rows_restart else j // state.blocksize
+    absmax = quant.dequantize_absmax(state)
+    return (state.code[q] * absmax[block.clamp(max=absmax.numel() - 1)]).view(N, K).to(state.dtype)
+
+
+def _assert_bnb_dequant(bnbF, packed, theirs, ours_out):
+    """bitsandbytes' ``dequantize_4bit`` of the same bytes gives ``ours_out``, the format, wherever it implements the
+    format: always when K % blocksize == 0, and on its CUDA, default (pure torch) and scalar CPU paths. Its native
+    AVX512 CPU kernel (0.50, taken when K % 16 == 0, and for blocksize < 2048 only when torch's CPU capability is
+    AVX512) restarts the blocks at every row, which differs when K % blocksize != 0 (docs/qlora.md); there the
+    result must be exactly that deviation, so fastlora, right by the format, is not compared with it."""
+    expected = bnbF.dequantize_4bit(packed, theirs)
+    assert expected.dtype == ours_out.dtype
+    if torch.equal(expected, ours_out):
+        return
+    state = QuantState4bit.from_bnb(theirs)
+    N, K = state.shape
+    assert packed.device.type == "cpu" and K % 16 == 0 and K % state.blocksize != 0, \
+        f"bitsandbytes decodes {tuple(state.shape)} blocksize {state.blocksize} differently from the format"
+    assert torch.equal(expected, _format_dequant(packed, state, rows_restart=True))
+
+
+def test_format_dequant_oracle_has_teeth():
+    """The independent oracle agrees with fastlora, and its row-restart variant differs where blocks cross rows."""
+    w = _weight("N257-K96", torch.float32, seed=12)
+    packed, state = quantize_4bit(w, double_quant=True)
+    assert torch.equal(_format_dequant(packed, state), dequantize_4bit(packed, state))
+    assert not torch.equal(_format_dequant(packed, state, rows_restart=True), dequantize_4bit(packed, state))
+    w = _weight("N64-K64", torch.float32, seed=12)
+    packed, state = quantize_4bit(w, double_quant=False)
+    assert torch.equal(_format_dequant(packed, state, rows_restart=True), dequantize_4bit(packed, state))
+
+
 def _assert_same_state(ours: QuantState4bit, theirs):
     assert tuple(ours.shape) == tuple(theirs.shape) and ours.dtype == theirs.dtype
     assert ours.blocksize == theirs.blocksize and ours.quant_type == theirs.quant_type
@@ -240,9 +281,9 @@ def test_matches_bitsandbytes(bnbF, case, quant_type, dtype, dq):
     packed, state = quantize_4bit(w, blocksize=64, quant_type=quant_type, double_quant=dq)
     assert packed.shape == theirs_packed.shape and torch.equal(packed, theirs_packed)
     _assert_same_state(state, theirs)
-    expected = bnbF.dequantize_4bit(theirs_packed, theirs)
     out = dequantize_4bit(packed, state)
-    assert out.dtype == expected.dtype and torch.equal(out, expected)
+    assert torch.equal(out, _format_dequant(packed, state))
+    _assert_bnb_dequant(bnbF, theirs_packed, theirs, out)
 
 
 @pytest.mark.parametrize("blocksize", quant.BLOCKSIZES, ids=lambda b: f"bs{b}")
@@ -252,7 +293,9 @@ def test_matches_bitsandbytes_blocksizes(bnbF, blocksize):
     packed, state = quantize_4bit(w, blocksize=blocksize)
     assert torch.equal(packed, theirs_packed)
     _assert_same_state(state, theirs)
-    assert torch.equal(dequantize_4bit(packed, state), bnbF.dequantize_4bit(theirs_packed, theirs))
+    out = dequantize_4bit(packed, state)
+    assert torch.equal(out, _format_dequant(packed, state))
+    _assert_bnb_dequant(bnbF, theirs_packed, theirs, out)
 
 
 def test_double_quant_rounding_matches_bitsandbytes(bnbF):
@@ -304,7 +347,7 @@ def test_bnb_state_shares_storage_both_ways(bnbF, dq):
     assert (back.shape, back.dtype, back.blocksize, back.quant_type, back.blocksize2) == \
         (state.shape, state.dtype, state.blocksize, state.quant_type, state.blocksize2)
     # bitsandbytes decodes our bytes and state as we do.
-    assert torch.equal(bnbF.dequantize_4bit(packed, qs), dequantize_4bit(packed, state))
+    _assert_bnb_dequant(bnbF, packed, qs, dequantize_4bit(packed, state))
 
 
 @pytest.mark.parametrize("dq", [False, True], ids=["single", "dq"])
@@ -315,7 +358,7 @@ def test_bnb_checkpoint_state_loads(bnbF, dq):
     loaded = bnbF.QuantState.from_dict(theirs.as_dict(packed=True), device=torch.device("cpu"))
     state = QuantState4bit.from_bnb(loaded)
     assert _ptr(state.absmax) == _ptr(loaded.absmax)
-    assert torch.equal(dequantize_4bit(packed, state), bnbF.dequantize_4bit(packed, theirs))
+    _assert_bnb_dequant(bnbF, packed, theirs, dequantize_4bit(packed, state))
 
 
 def test_from_bnb_rejects_what_it_cannot_decode(bnbF):
@@ -326,3 +369,31 @@ def test_from_bnb_rejects_what_it_cannot_decode(bnbF):
     _, qs = bnbF.quantize_4bit(torch.ones(256), quant_type="nf4")
     with pytest.raises(ValueError, match=r"2-D .*got \(256,\)"):
         QuantState4bit.from_bnb(qs)
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=["uint8", "bf16-storage"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dq", [False, True], ids=["single", "dq"])
+def test_from_bnb_cpu_layout_undoes_bitsandbytes_repacking(bnbF, dq, quant_type, storage):
+    """bitsandbytes' AVX512-BF16 CPU layout read back: the codes exactly, the scales as the bf16 values it then
+    computes with (double quant decoded, rounded to bf16), the packed shape and storage dtype as first stored."""
+    import copy
+
+    w = _randn((96, 128), seed=13).to(torch.float16)
+    packed, qs = bnbF.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=dq,
+                                    quant_storage=storage)
+    original = QuantState4bit.from_bnb(copy.deepcopy(qs))
+    repacked, rqs = bnbF._convert_weight_packed_for_cpu(packed.clone(), copy.deepcopy(qs))
+    assert rqs.packing_format_for_cpu and not torch.equal(repacked.reshape(-1), packed.view(torch.uint8).reshape(-1))
+    with pytest.raises(ValueError, match="packing_format_for_cpu.*from_bnb_cpu_layout"):
+        QuantState4bit.from_bnb(rqs)
+    back, state = quant.from_bnb_cpu_layout(repacked, rqs)
+    assert back.dtype == packed.dtype and back.shape == packed.shape
+    assert torch.equal(back.view(torch.uint8), packed.view(torch.uint8))  # bytes: bf16 storage holds NaN patterns
+    assert (state.dtype, state.blocksize, state.quant_type, state.double_quant) == (w.dtype, 64, quant_type, False)
+    assert torch.equal(state.absmax, quant.dequantize_absmax(original).to(torch.bfloat16).float())
+    # bitsandbytes' own inverse gives the same codes.
+    theirs, _ = bnbF._convert_weight_packed_for_cpu_inverse(repacked.clone(), copy.deepcopy(rqs))
+    assert torch.equal(theirs.view(torch.uint8), back.view(torch.uint8))
+    with pytest.raises(ValueError, match="not in bitsandbytes' CPU layout"):
+        quant.from_bnb_cpu_layout(packed, qs)
