@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 from collections import Counter
@@ -17,9 +18,10 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
+from fastlora import _files
 from fastlora.linear4bit import Linear4bit, _is_bnb_4bit
-from fastlora.model import _set_submodule, freeze_base
-from fastlora.modules import GroupedLinear, Linear
+from fastlora.model import _check_bnb_4bit, _set_submodule, _transaction, freeze_base
+from fastlora.modules import GroupedLinear, Linear, _adapter_args
 
 _SINGLE = (Linear, Linear4bit)  # one-adapter layers: what save_adapter writes and load_adapter fills
 
@@ -41,8 +43,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     The config's ``r``/``lora_alpha`` are the most common values; layers that differ get ``rank_pattern``/
     ``alpha_pattern`` entries (as PEFT writes them). ``lora_dropout`` is the most common dropout (it does not
     change saved weights). Layers with different ``use_rslora`` raise ``ValueError``. Returns the layer names.
+
+    Atomic: both files are written beside ``path`` and replace the old ones in one step, so a crash or a failed
+    write leaves the old adapter or the new one, never a mix; other files in ``path`` are kept (``fastlora._files``).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, _SINGLE)}
     if not layers:
@@ -68,15 +73,32 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
         "use_dora": False,
         "inference_mode": True,
     }
+    try:
+        text = json.dumps(_plain(config), indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"save_adapter: the config cannot be written as JSON ({e}); nothing was written") from e
     tensors = {}
     for name, mod in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = mod.lora_A.detach().cpu().contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = mod.lora_B.detach().cpu().contiguous()
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    files = {CONFIG_NAME: text.encode(), WEIGHTS_NAME: save(tensors, metadata={"format": "pt"})}
+    _files.replace_files(path, files, name_first_out=CONFIG_NAME)
     return list(layers)
+
+
+def _plain(value):
+    """``value`` with numpy (and other ``numbers``) scalars as the Python int/float JSON writes; others unchanged."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
@@ -90,24 +112,29 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     ``modules_to_save`` adapters raise ``NotImplementedError``.
     """
     config, weights = read_adapter(path)
-    bases = {name: _base_of(model, name, a, b, path) for name, (a, b) in weights.items()}  # check all first
+    plan = []  # everything is checked and every new layer built before the model changes
     for name, (a, b) in weights.items():
-        mod = bases[name]
-        kw = dict(r=a.shape[0], alpha=_alpha(config, name), dropout=float(config.get("lora_dropout", 0.0)),
-                  use_rslora=bool(config.get("use_rslora", False)))
-        if isinstance(mod, Linear4bit):  # new adapter parameters (fp32) over the same packed weight
-            layer = mod
-            layer._setup(mod.bias, compute_dtype=mod.compute_dtype, **kw)
-        elif _is_bnb_4bit(mod):
-            layer = Linear4bit.from_linear(mod, **kw)
-        else:
-            layer = Linear.from_linear(_as_linear(mod.weight, mod.bias), **kw)
-        with torch.no_grad():
-            layer.lora_A.copy_(a)
-            layer.lora_B.copy_(b)
+        plan.append((name, _base_of(model, name, a, b, path), _layer_args(config, name, a.shape[0], path), a, b))
+    with _transaction(model):
+        layers = {name: _loaded_layer(mod, kw, a, b) for name, mod, kw, a, b in plan}
+    for name, layer in layers.items():
         _set_submodule(model, name, layer)
     freeze_base(model)
     return list(weights)
+
+
+def _loaded_layer(mod: nn.Module, kw: dict, a: torch.Tensor, b: torch.Tensor) -> Linear | Linear4bit:
+    """A new fastlora layer over ``mod``'s base (shared) holding adapter (a, b); ``mod`` itself is not changed."""
+    if isinstance(mod, Linear4bit):  # new adapter parameters (fp32) over the same packed weight
+        layer = mod._with_new_adapter(**kw)
+    elif _is_bnb_4bit(mod):
+        layer = Linear4bit.from_linear(mod, **kw)
+    else:
+        layer = Linear.from_linear(_as_linear(mod.weight, mod.bias), **kw)
+    with torch.no_grad():
+        layer.lora_A.copy_(a)
+        layer.lora_B.copy_(b)
+    return layer
 
 
 def load_adapters_grouped(model: nn.Module, paths, *, dropout: float = 0.0) -> list[str]:
@@ -130,16 +157,18 @@ def load_adapters_grouped(model: nn.Module, paths, *, dropout: float = 0.0) -> l
         raise ValueError(f"adapters have weights for {sorted(missing)}, which are not modules of the model")
     bases = {}
     for name in names:  # check every layer of every file before replacing anything
-        for path, (_, weights) in zip(paths, loaded, strict=True):
+        for path, (config, weights) in zip(paths, loaded, strict=True):
             if name in weights:
                 bases[name] = _base_of(model, name, *weights[name], path)
-    r_max = max(a.shape[0] for _, weights in loaded for a, _ in weights.values())
-    n = len(paths)
-    for name in names:
-        weight, bias = bases[name].weight, bases[name].bias
+                _layer_args(config, name, weights[name][0].shape[0], path)
         if isinstance(bases[name], Linear4bit) or _is_bnb_4bit(bases[name]):
             raise NotImplementedError(f"{name!r} has a 4-bit base: load_adapters_grouped stacks adapters over "
                                       "16/32-bit bases only (there is no grouped 4-bit layer)")
+    r_max = max(a.shape[0] for _, weights in loaded for a, _ in weights.values())
+    n = len(paths)
+    layers = {}
+    for name in names:
+        weight, bias = bases[name].weight, bases[name].bias
         N, K = weight.shape
         layer = GroupedLinear(K, N, bias is not None, num_adapters=n, r=r_max, dropout=dropout, device="meta",
                               dtype=weight.dtype)
@@ -159,6 +188,8 @@ def load_adapters_grouped(model: nn.Module, paths, *, dropout: float = 0.0) -> l
         layer.lora_A, layer.lora_B = nn.Parameter(lora_A), nn.Parameter(lora_B)
         layer.scaling = scaling
         layer.alpha = None  # per adapter: see the scaling buffer
+        layers[name] = layer
+    for name, layer in layers.items():
         _set_submodule(model, name, layer)
     freeze_base(model)
     return names
@@ -173,7 +204,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.T
         if not os.path.isfile(f):
             raise FileNotFoundError(f"{path} is not an adapter directory: {f} is missing")
     with open(config_file) as f:
-        config = json.load(f)
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} must hold a JSON object; got {type(config).__name__}")
+    _check_config(config, config_file)
     if config.get("peft_type", "LORA") != "LORA":
         raise NotImplementedError(f"{path}: only LoRA adapters are supported; got peft_type {config['peft_type']!r}")
     for key, default in _UNSUPPORTED.items():
@@ -211,6 +248,8 @@ def _base_of(model, name, a, b, source):
     elif not isinstance(mod, (nn.Linear, Linear4bit)):
         raise ValueError(f"{source}: adapter layer {name!r} is a {type(mod).__name__}; it must be an nn.Linear, "
                          "a bitsandbytes Linear4bit, a fastlora.Linear or a fastlora.Linear4bit")
+    if _is_bnb_4bit(mod):
+        _check_bnb_4bit(name, mod)
     if isinstance(mod, Linear4bit) or _is_bnb_4bit(mod):  # the weight is the packed [N*K/2, 1] bytes
         N, K = mod.out_features, mod.in_features
     else:
@@ -226,6 +265,37 @@ def _check_pair(name, a, b, N, K, source):
     if b.shape != (N, a.shape[0]):
         raise ValueError(f"{source}: {name}.lora_B must have shape (out_features, r) = ({N}, {a.shape[0]}); "
                          f"got {tuple(b.shape)}")
+
+
+def _check_config(config: dict, source: str) -> None:
+    """The fields fastlora reads, as the types PEFT writes: a bad value is named with its file, not met later."""
+    def number(field, value, integral=False):
+        kind = numbers.Integral if integral else numbers.Real
+        if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+            raise ValueError(f"{source}: {field} must be {'an int' if integral else 'a number'}; got {value!r}")
+
+    for field, integral in (("lora_alpha", False), ("lora_dropout", False), ("r", True)):
+        if config.get(field) is not None:
+            number(field, config[field], integral)
+    for field, integral in (("alpha_pattern", False), ("rank_pattern", True)):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(f"{source}: {field} must be an object of module-name patterns; got {pattern!r}")
+        for key, value in pattern.items():
+            number(f"{field}[{key!r}]", value, integral)
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise ValueError(f"{source}: use_rslora must be true or false; got {config['use_rslora']!r}")
+
+
+def _layer_args(config: dict, name: str, r: int, source) -> dict:
+    """Layer ``name``'s r, alpha, dropout and use_rslora from an adapter (r from its tensors), checked."""
+    kw = dict(r=r, alpha=_alpha(config, name), dropout=config.get("lora_dropout", 0.0),
+              use_rslora=config.get("use_rslora", False))
+    try:
+        _adapter_args(**kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: layer {name!r}: {e} (from {CONFIG_NAME} and the lora_A shape)") from None
+    return kw
 
 
 def _alpha(config: dict, name: str) -> float:

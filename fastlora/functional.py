@@ -7,6 +7,7 @@ would; the adapters keep their dtype and their gradients come back in it.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -174,6 +175,8 @@ def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *
         batch = AdapterBatch.build(adapter_ids, n, check_ids=check_ids)
     elif adapter_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"adapter_ids must be int32 or int64; got {adapter_ids.dtype}")
+    else:
+        _check_batch(batch, x, n)
     if x.device.type == "meta":
         return _grouped_meta(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids)
     if not _use_kernels(x, lora_A, lora_B):
@@ -185,6 +188,23 @@ def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *
         y = LoRAFunction.apply(x.reshape(-1, K), weight, bias, lora_A, lora_B, 1.0, scale_vec, batch.perm,
                                batch.sorted_ids, batch.seg_offsets, p, seed)
     return y.reshape(*x.shape[:-1], N)
+
+
+def _check_batch(batch, x, n) -> None:
+    """A prebuilt batch must be for x's tokens, n adapters and x's device: the kernels index x and y with its
+    permutation. Shapes and devices only, no host synchronisation (its ids are trusted, as with check_ids=False)."""
+    if not isinstance(batch, AdapterBatch):
+        raise TypeError(f"batch must be a fastlora.AdapterBatch; got {type(batch).__name__}")
+    M = math.prod(x.shape[:-1])
+    if tuple(batch.shape) != tuple(x.shape[:-1]) or batch.perm.numel() != M or batch.sorted_ids.numel() != M:
+        raise ValueError(f"batch was built for tokens of shape {tuple(batch.shape)} ({batch.perm.numel()} tokens); "
+                         f"x has tokens of shape {tuple(x.shape[:-1])} ({M} tokens)")
+    if batch.num_adapters != n or batch.seg_offsets.numel() != n + 1:
+        raise ValueError(f"batch was built for {batch.num_adapters} adapters; lora_A holds {n}")
+    for name in ("perm", "sorted_ids", "seg_offsets"):
+        t = getattr(batch, name)
+        if t.device != x.device or t.dtype != torch.int32:
+            raise ValueError(f"batch.{name} must be int32 on x's device {x.device}; got {t.dtype} on {t.device}")
 
 
 def _grouped_meta(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids):

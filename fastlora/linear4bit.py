@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from fastlora import quant
 from fastlora.functional import lora_linear_4bit
-from fastlora.modules import Linear, _scaling
+from fastlora.modules import Linear, _adapter_args
 
 _STATE = ("absmax", "code", "absmax2", "code2", "offset")
 
@@ -45,6 +45,9 @@ class Linear4bit(nn.Module):
         """Wrap ``linear``: an ``nn.Linear`` is quantised (quant_type, blocksize, double_quant; its weight is not
         kept), a ``bitsandbytes.nn.Linear4bit`` is shared as it is (its format wins; no copy). The bias is shared
         and frozen. compute_dtype None: the bitsandbytes layer's, else bfloat16."""
+        _adapter_args(r, alpha, dropout, use_rslora)  # before anything below touches ``linear``
+        if compute_dtype is not None:
+            _check_compute_dtype(compute_dtype)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         if _is_bnb_4bit(linear):
@@ -71,6 +74,22 @@ class Linear4bit(nn.Module):
         self._setup(linear.bias, r, alpha, dropout, use_rslora, compute_dtype or torch.bfloat16)
         return self
 
+    def _with_new_adapter(self, *, r, alpha, dropout=0.0, use_rslora=False) -> Linear4bit:
+        """A new layer over this one's packed weight, quantisation state and bias (shared, not copied), with a fresh
+        adapter; this layer is left as it is."""
+        new = type(self).__new__(type(self))
+        nn.Module.__init__(new)
+        new.weight = self.weight
+        for name in ("_bnb_state", "quant_type", "blocksize", "double_quant", "out_features", "in_features"):
+            setattr(new, name, getattr(self, name))
+        if hasattr(self, "_weight_dtype"):
+            new._weight_dtype = self._weight_dtype
+        for name in _STATE:
+            if "quant_" + name in self._buffers:
+                new.register_buffer("quant_" + name, self._buffers["quant_" + name], persistent=False)
+        new._setup(self.bias, r, alpha, dropout, use_rslora, self.compute_dtype)
+        return new.train(self.training)
+
     def _quantize(self, linear: nn.Linear, quant_type, blocksize, double_quant):
         w = linear.weight.detach()
         self.out_features, self.in_features = w.shape
@@ -82,21 +101,61 @@ class Linear4bit(nn.Module):
                                                 double_quant=double_quant)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self._bnb_state = None
-        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+        self._set_buffers(state)
+
+    def _set_buffers(self, state: quant.QuantState4bit) -> None:
+        """The quantisation state as buffers: moved by ``.to(device)``, written to state dicts in bitsandbytes' keys
+        by ``_save_to_state_dict`` (not under their own names)."""
+        self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.double_quant
         self._weight_dtype = state.dtype
         for name in _STATE:
-            self.register_buffer("quant_" + name, getattr(state, name))
+            self.register_buffer("quant_" + name, getattr(state, name), persistent=False)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """weight, bias, lora_A, lora_B, then the quant state under ``weight.`` as bitsandbytes' ``Linear4bit`` writes
+        it, whether this layer quantised its weight or shares a bitsandbytes one: the same keys either way."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, value in quant.state_dict_entries(self.quant_state).items():
+            destination[prefix + "weight." + key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Reads what ``_save_to_state_dict`` (or bitsandbytes' ``Linear4bit``) wrote: the packed weight and its
+        quant state move together, so the layer computes the source's function. A bad state changes nothing."""
+        head = prefix + "weight."
+        entries = {k[len(head):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(head)}
+        if not entries:
+            if strict:
+                missing_keys.append(head + "absmax")
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
+        try:
+            state = quant.state_from_entries(entries, device=self.weight.device)
+            if tuple(state.shape) != (self.out_features, self.in_features) or self.in_features % state.blocksize:
+                raise ValueError(f"its shape {tuple(state.shape)} and blocksize {state.blocksize} do not fit this "
+                                 f"layer (out_features, in_features) = ({self.out_features}, {self.in_features})")
+        except ValueError as e:
+            error_msgs.append(f"{head}*: cannot load the 4-bit quant state: {e}")
+            return
+        n = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if len(error_msgs) > n:
+            return
+        if getattr(self.weight, "quant_state", None) is not None:  # a shared bitsandbytes Params4bit: its state
+            self.weight.quant_state = state.to_bnb()
+            self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.double_quant
+            self._bnb_state = None
+        else:
+            self._set_buffers(state)
 
     def _setup(self, bias, r, alpha, dropout, use_rslora, compute_dtype):
         _check_compute_dtype(compute_dtype)
         if self.in_features % self.blocksize:
             raise ValueError(f"in_features = {self.in_features} must be a multiple of the quantisation blocksize "
                              f"{self.blocksize}: the fused 4-bit GEMM reads each weight row as whole blocks")
-        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = _scaling(r, alpha, use_rslora)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
-        self.dropout = float(dropout)
+        r, alpha, dropout, use_rslora, scaling = _adapter_args(r, alpha, dropout, use_rslora)
+        self.r, self.alpha, self.use_rslora, self.scaling, self.dropout = r, alpha, use_rslora, scaling, dropout
         self.compute_dtype = compute_dtype
         self.bias = bias
         if bias is not None:

@@ -7,13 +7,15 @@ Its ``Linear4bit`` subclasses ``nn.Linear``, so "all-linear" selects it, as PEFT
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable
 
 import torch.nn as nn
 
+from fastlora import quant
 from fastlora.linear4bit import Linear4bit, _is_bnb_4bit
-from fastlora.modules import GroupedLinear, Linear
+from fastlora.modules import GroupedLinear, Linear, _adapter_args
 
 ALL_LINEAR = "all-linear"
 _FASTLORA = (Linear, Linear4bit, GroupedLinear)
@@ -38,7 +40,15 @@ def inject(model: nn.Module, target_modules, *, r: int, alpha: float, dropout: f
     """
     names = match_modules(model, target_modules)
     kw = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
-    layers = [_wrap(name, model.get_submodule(name), kw) for name in names]
+    _adapter_args(**kw)
+    for name in names:
+        mod = model.get_submodule(name)
+        if _is_bnb_4bit(mod):
+            _check_bnb_4bit(name, mod)
+        else:
+            _check_unquantized(name, mod)
+    with _transaction(model):
+        layers = [_wrap(name, model.get_submodule(name), kw) for name in names]
     for name, layer in zip(names, layers, strict=True):
         _set_submodule(model, name, layer)
     freeze_base(model)
@@ -73,6 +83,29 @@ def _check_bnb_4bit(name: str, linear: nn.Module) -> None:
     if qs is None:
         raise ValueError(f"{name!r}: the bitsandbytes Linear4bit is not quantised yet (weight.quant_state is None); "
                          "bitsandbytes quantises when the layer is moved to a device, e.g. .to('cpu') or .cuda()")
+    try:
+        if getattr(qs, "packing_format_for_cpu", False):
+            state = quant.from_bnb_cpu_layout(linear.weight.data, qs)[1]  # a dry run: nothing is changed yet
+        else:
+            state = quant.QuantState4bit.from_bnb(qs)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{name!r}: fastlora cannot read this bitsandbytes Linear4bit's quant state: {e}") from e
+    if state.shape[1] % state.blocksize:
+        raise ValueError(f"{name!r}: in_features = {state.shape[1]} must be a multiple of the quantisation blocksize "
+                         f"{state.blocksize}: the fused 4-bit GEMM reads each weight row as whole blocks")
+
+
+@contextlib.contextmanager
+def _transaction(model: nn.Module):
+    """Undo what building new layers does to a model's parameters (``requires_grad``) if the block raises, so a
+    failed ``inject``/``load_adapter`` leaves the model as it was. Modules are swapped in only after the block."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
 
 
 def match_modules(model: nn.Module, target_modules) -> list[str]:

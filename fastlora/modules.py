@@ -4,21 +4,32 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fastlora import dora
+from fastlora._launch import MAX_RANK
 from fastlora.functional import _check_lora, _check_x_weight_bias, _dora_linear, grouped_lora_linear, lora_linear
 from fastlora.grouping import AdapterBatch
 from fastlora.reference import DORA_EPS
 
 
-def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
-    if not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be a positive int; got {r!r}")
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
+def _adapter_args(r, alpha, dropout, use_rslora) -> tuple[int, int | float, float, bool, float]:
+    """(r, alpha, dropout, use_rslora, scaling) checked and as plain Python numbers (numpy scalars converted), before a
+    layer sets any of them, so a bad value changes nothing."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= MAX_RANK:
+        raise ValueError(f"r must be an int in [1, {MAX_RANK}]; got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise TypeError(f"alpha must be a finite real number; got {alpha!r} ({type(alpha).__name__})")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be a bool; got {use_rslora!r}")
+    r, alpha = int(r), int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
+    return r, alpha, float(dropout), use_rslora, alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 class Linear(nn.Module):
@@ -50,11 +61,10 @@ class Linear(nn.Module):
         return self
 
     def _setup(self, weight, bias, r, alpha, dropout, use_rslora, use_dora=False):
-        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = _scaling(r, alpha, use_rslora)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
-        self.dropout = float(dropout)
+        r, alpha, dropout, use_rslora, scaling = _adapter_args(r, alpha, dropout, use_rslora)
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be a bool; got {type(use_dora).__name__}")
+        self.r, self.alpha, self.use_rslora, self.scaling, self.dropout = r, alpha, use_rslora, scaling, dropout
         self.out_features, self.in_features = weight.shape
         self.weight = weight
         self.weight.requires_grad_(False)
@@ -66,8 +76,6 @@ class Linear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
-        if not isinstance(use_dora, bool):
-            raise TypeError(f"use_dora must be a bool; got {type(use_dora).__name__}")
         self.use_dora = use_dora
         self._norm_cache = None  # (versions and storages of W, A, B, the norm) in eval mode
         self._merged_g = None  # what unmerge() needs: g of the merge and the rows it zeroed
@@ -148,11 +156,9 @@ class GroupedLinear(nn.Module):
         if not isinstance(num_adapters, int) or num_adapters < 1:
             raise ValueError(f"num_adapters must be a positive int; got {num_adapters!r}")
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        r, alpha, dropout, _, scale = _adapter_args(r, alpha, dropout, False)
         self.in_features, self.out_features = in_features, out_features
-        self.num_adapters, self.r, self.alpha = num_adapters, r, alpha
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
-        self.dropout = float(dropout)
+        self.num_adapters, self.r, self.alpha, self.dropout = num_adapters, r, alpha, dropout
         self.weight = base.weight.requires_grad_(False)
         self.bias = base.bias.requires_grad_(False) if bias else None
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
@@ -160,7 +166,6 @@ class GroupedLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(num_adapters, out_features, r, **kw))
         for a in self.lora_A.data:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        scale = _scaling(r, alpha, False)
         self.register_buffer("scaling", torch.full((num_adapters,), scale, device=base.weight.device))
         self._context: _AdapterContext | None = None
 

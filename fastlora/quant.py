@@ -1,7 +1,7 @@
 """bitsandbytes' 4-bit weight format (NF4/FP4, blockwise absmax, double quant) in plain torch.
 
 The bytes and the state are bitsandbytes' own, so a model quantised by bitsandbytes loads as it is, and the
-fused 4-bit kernels are tested against this module. Imports only torch and math; bitsandbytes is imported
+fused 4-bit kernels are tested against this module. Imports only torch, json and math; bitsandbytes is imported
 lazily, by ``QuantState4bit.to_bnb`` alone.
 
 The format, for a weight W of shape (N, K) flattened row-major into n = N*K elements:
@@ -23,6 +23,7 @@ the nearest code, as its CPU path did before 0.50: their bytes can differ, the f
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -267,6 +268,48 @@ def from_bnb_cpu_layout(packed: torch.Tensor, qs) -> tuple[torch.Tensor, QuantSt
                            quant_type=qs.quant_type, code=CODES[qs.quant_type].to(data.device))
     state.validate()
     return flat, state
+
+
+_STATE_KEY = "quant_state.bitsandbytes__"
+_DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def state_dict_entries(state: QuantState4bit) -> dict[str, torch.Tensor]:
+    """``state`` as bitsandbytes' ``Linear4bit`` writes it into a state dict after ``weight.`` (``QuantState.as_dict(
+    packed=True)``: tensors, plus the other fields as JSON bytes): what transformers reloads a 4-bit model from."""
+    meta = {"quant_type": state.quant_type, "blocksize": state.blocksize,
+            "dtype": str(state.dtype).removeprefix("torch."), "shape": list(state.shape)}
+    entries = {"absmax": state.absmax, "quant_map": state.code}
+    if state.double_quant:
+        entries.update(nested_absmax=state.absmax2, nested_quant_map=state.code2.clone())
+        offset = 0.0 if state.offset.is_meta else state.offset.item()
+        meta.update(nested_blocksize=state.blocksize2, nested_dtype="float32", nested_offset=offset)
+    entries[_STATE_KEY + state.quant_type] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    return entries
+
+
+def state_from_entries(entries: dict[str, torch.Tensor], device=None) -> QuantState4bit:
+    """The inverse of ``state_dict_entries`` (keys without the ``weight.`` prefix), on ``device``; checked."""
+    keys = [k for k in entries if k.startswith(_STATE_KEY)]
+    if len(keys) != 1:
+        raise ValueError(f"a 4-bit quant state needs exactly one '{_STATE_KEY}<nf4|fp4>' entry; got {sorted(entries)}")
+    try:
+        meta = json.loads(bytes(entries[keys[0]].cpu().tolist()).decode())
+        dtype = _DTYPE_NAMES[meta["dtype"]]
+        double = "nested_absmax" in entries
+        state = QuantState4bit(
+            absmax=entries["absmax"].to(device), shape=torch.Size(meta["shape"]), dtype=dtype,
+            blocksize=meta["blocksize"], quant_type=meta["quant_type"], code=entries["quant_map"].to(device),
+            offset=torch.tensor(float(meta["nested_offset"]), device=device) if double else None,
+            absmax2=entries["nested_absmax"].to(device) if double else None,
+            code2=entries["nested_quant_map"].to(device) if double else None,
+            blocksize2=meta["nested_blocksize"] if double else None)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"the 4-bit quant state entries {sorted(entries)} do not describe a state: {e!r}") from None
+    state.validate()
+    if not state.code.is_meta and not torch.equal(state.code.cpu(), CODES[state.quant_type]):
+        raise ValueError(f"quant_map is not bitsandbytes' {state.quant_type} codebook")
+    return state
 
 
 def dequantize_absmax(state: QuantState4bit) -> torch.Tensor:
