@@ -52,6 +52,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, _SINGLE)}
     if not layers:
         raise ValueError("save_adapter found no fastlora.Linear or fastlora.Linear4bit in the model")
+    dora = [name for name, mod in layers.items() if getattr(mod, "use_dora", False)]
+    if dora:
+        raise NotImplementedError(f"save_adapter does not write DoRA adapters yet (PEFT's magnitude keys); layers "
+                                  f"{dora[:3]}{' ...' if len(dora) > 3 else ''} use DoRA")
     rslora = {mod.use_rslora for mod in layers.values()}
     if len(rslora) > 1:
         raise ValueError("save_adapter needs one use_rslora for all layers (PEFT's config has one); got both")
