@@ -207,6 +207,29 @@ def gemm_smem(cfg: dict, num_stages: int, *, elt: int, out_elt: int, block_n: in
     return smem + 1024
 
 
+# A ragged stack's T columns are computed in tiles of at most this many in the shrink (a rank-8 adapter's tokens run
+# one tile, a rank-256 one's four, each reading its x rows again), and its rank walked in chunks of BLOCK_R (the main
+# GEMM's LORA_CHUNK / FMA_LORA_CHUNK, the gradients' RAGGED_GRAD_CHUNK): a chunk past an adapter's rank is skipped.
+RAGGED_SHRINK_N = 64
+RAGGED_GRAD_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class Ragged:
+    """A ragged adapter stack: adapter g owns rank rows ``offsets[g]:offsets[g + 1]`` of A [sum r, K] and those
+    columns of B [N, sum r] (int32 ``offsets`` [G + 1], on the device); ``width``: the columns of T and U (the
+    shrinks' N), at least every rank; ``total``: the stack's rank rows (A [total, K]). Each adapter computes and
+    reads only its own rank (``kernels/tiles.ragged_dot``)."""
+
+    offsets: torch.Tensor
+    width: int
+    total: int  # sum r: A's rows, B's columns
+
+    @property
+    def num_adapters(self) -> int:
+        return self.offsets.numel() - 1
+
+
 # DoRA modes that keep a second accumulator (the dropout forms, kernels/gemm.py).
 DUAL_DORA = (FWD_DROP.value, DX_DROP.value)
 
@@ -355,14 +378,16 @@ def _with_tma_hook(configs):
     return configs
 
 
-_GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LORA", "W_GROUPED", "B_GROUPED", "X_DROPOUT", "OUT_DROPOUT",
-             "TMA_OK", "W_KMAJOR", "W_QUANT", "W_TRANS", "W_COMPUTE", "INPUT_PRECISION", "DORA", "STORE_Z"]
+_GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LORA", "W_GROUPED", "B_GROUPED", "RAGGED", "X_DROPOUT",
+             "OUT_DROPOUT", "TMA_OK", "W_KMAJOR", "W_QUANT", "W_TRANS", "W_COMPUTE", "INPUT_PRECISION", "DORA",
+             "STORE_Z"]
 _gemm_tuned = triton.autotune(_with_tma_hook(gemm_configs(shrink=False)), key=_GEMM_KEY,
                               prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_kernel)
 _shrink_tuned = triton.autotune(gemm_configs(shrink=True), key=_GEMM_KEY,
                                 prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_kernel)
 _grad_tuned = triton.autotune(grad_configs(),
-                              key=["M_BUCKET", "P", "BLOCK_R", "GROUPED", "Z_DROPOUT", "INPUT_PRECISION", "COL_DOT"],
+                              key=["M_BUCKET", "P", "BLOCK_R", "GROUPED", "RAGGED", "Z_DROPOUT", "INPUT_PRECISION",
+                                   "COL_DOT"],
                               prune_configs_by={"early_config_prune": _prune_grad})(_lora_grad_kernel)
 
 
@@ -407,6 +432,7 @@ def gemm(
     seed: int = 0,
     bits: torch.Tensor | None = None,
     dora: DoraScale | None = None,
+    ragged: Ragged | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
     """out [M, N] = drop?(x) w^T + bias + scale * drop?(t b^T), see ``_lora_gemm_kernel``; ``dora`` applies a DoRA
@@ -414,19 +440,21 @@ def gemm(
 
     x [M, K]; w [N, K] (a tensor or a ``Packed4bit``) or, grouped, [G, N, K]; t [M, R]; b [N, R] or [G, N, R];
     perm/ids [M] (sorted order -> token, adapter id of each sorted row); seg [G + 1] (the segment offsets, needed
-    with a grouped w: its tiles are cut at them). ``shrink`` marks N = R (a rank-sized output).
+    with a grouped w: its tiles are cut at them). ``shrink`` marks N = R (a rank-sized output). ``ragged``
+    (``Ragged``): w [sum r, K] (shrink, N = ragged.width) or b [N, sum r] is a ragged stack, per-adapter ranks.
     ``bits``: the packed dropout keep-mask [M, cdiv(K, 32)] int32, written by an ``x_dropout`` shrink (pass
     ``dropout_bits(M, K)``) and read by an ``out_dropout`` main GEMM.
     """
     M, K = x.shape
-    N = w.shape[-2]
+    N = ragged.width if ragged is not None and shrink else w.shape[-2]
     out = empty((M, N), out_dtype, x.device)
     if M == 0 or N == 0:
         return out
     has_lora = t is not None
     R = t.shape[1] if has_lora else (N if shrink else 0)
-    w_grouped = w.dim() == 3
-    b_grouped = has_lora and b.dim() == 3
+    w_grouped = w.dim() == 3 or (ragged is not None and shrink)
+    b_grouped = has_lora and (b.dim() == 3 or ragged is not None)
+    G = w.shape[0] if w.dim() == 3 else ragged.num_adapters if w_grouped else 1
     if (x_dropout or out_dropout) and bits is None:
         raise AssertionError("dropout needs the packed mask buffer")
     if w_grouped and seg is None:
@@ -442,16 +470,17 @@ def gemm(
     args = (
         x, w if quant is None else quant.data, bias if bias is not None else dummy, t if has_lora else dummy,
         b if has_lora else dummy, out, perm if perm is not None else dummy, ids if ids is not None else dummy,
-        seg if seg is not None else dummy,
+        seg if seg is not None else dummy, ragged.offsets if ragged is not None else dummy,
         scale_vec if scale_vec is not None else dummy, bits if bits is not None else dummy,
         dora.g if dora is not None else dummy, dora.z if dora is not None and dora.z is not None else dummy,
         *(quant.pointers() if quant is not None else (dummy,) * 5),
         x_desc, w_desc, out_desc,
-        M, N, K, R, w.shape[0] if w_grouped else 1, m_bucket(M),
+        M, N, K, R, G, m_bucket(M),
         x.stride(0), x.stride(1),
-        w.stride(0) if w_grouped else 0, w.stride(-2), w.stride(-1),
+        w.stride(0) if w.dim() == 3 else 0, w.stride(-2), w.stride(-1),
         t.stride(0) if has_lora else 0, t.stride(1) if has_lora else 0,
-        b.stride(0) if b_grouped else 0, b.stride(-2) if has_lora else 0, b.stride(-1) if has_lora else 0,
+        b.stride(0) if has_lora and b.dim() == 3 else 0,
+        b.stride(-2) if has_lora else 0, b.stride(-1) if has_lora else 0,
         out.stride(0), out.stride(1),
         bits.stride(0) if bits is not None else 0,
         float(scaling), float(dropout_p), int(seed),
@@ -462,7 +491,8 @@ def gemm(
     flags = dict(
         BLOCK_R=min(block_r(R), FMA_LORA_CHUNK if fma else LORA_CHUNK) if has_lora else 16,
         HAS_BIAS=bias is not None, HAS_LORA=has_lora,
-        HAS_PERM=perm is not None, W_GROUPED=w_grouped, B_GROUPED=b_grouped, HAS_SCALE_VEC=scale_vec is not None,
+        HAS_PERM=perm is not None, W_GROUPED=w_grouped, B_GROUPED=b_grouped, RAGGED=ragged is not None,
+        HAS_SCALE_VEC=scale_vec is not None,
         X_DROPOUT=x_dropout, OUT_DROPOUT=out_dropout, TMA_OK=x_desc is not None, W_KMAJOR=w_kmajor,
         W_QUANT=DENSE.value if quant is None else quant.w_quant, W_TRANS=bool(quant and quant.transposed),
         W_COMPUTE=_TL_DTYPES[compute],
@@ -471,12 +501,12 @@ def gemm(
         DORA=dora.mode if dora is not None else NO_DORA.value, STORE_Z=dora is not None and dora.z is not None,
     )
     if shrink:
-        flags["BLOCK_N"] = block_r(R)
+        flags["BLOCK_N"] = min(block_r(R), RAGGED_SHRINK_N) if ragged is not None else block_r(R)
     if fma:
         flags["ptx_options"] = " ".join(filter(None, [triton.knobs.nvidia.ptxas_options, FMA_PTXAS_OPTIONS]))
 
     def grid(meta):  # a grouped w cuts row tiles at its G adapter segments: at most G more
-        row_tiles = triton.cdiv(M, meta["BLOCK_M"]) + (w.shape[0] if w_grouped else 0)
+        row_tiles = triton.cdiv(M, meta["BLOCK_M"]) + (G if w_grouped else 0)
         tiles = row_tiles * triton.cdiv(N, meta["BLOCK_N"])
         return (min(tiles, num_sms(x.device)) if meta["USE_TMA"] else tiles,)
 
@@ -513,9 +543,12 @@ def grad(
     dropout_p: float = 0.0,
     bits: torch.Tensor | None = None,
     col_dot: torch.Tensor | None = None,
+    ragged: Ragged | None = None,
     config: dict | None = None,
 ):
-    """fp32 [G, P, R] = scale_g * sum_m Z[m]^T V[m] over each adapter's tokens (see ``_lora_grad_kernel``).
+    """fp32 [G, P, R] = scale_g * sum_m Z[m]^T V[m] over each adapter's tokens (see ``_lora_grad_kernel``); with
+    ``ragged`` fp32 [P, sum r], adapter g's sum over its own rank in columns offsets[g]:offsets[g + 1] (zero
+    past the last offset).
 
     z [M, P], v [M, R]; with ``seg`` (G+1 offsets into sorted order) and ``perm`` the sum is per adapter.
     ``z_dropout`` masks z by ``bits``, the packed keep-mask the forward shrink wrote. ``col_dot`` [M, P] (dense, no
@@ -523,15 +556,20 @@ def grad(
     """
     M, P = z.shape
     R = v.shape[1]
-    G = num_adapters
+    G = ragged.num_adapters if ragged is not None else num_adapters
     split = _num_splits(M, P, G, z.device)
-    part = empty((split, G, P, R), torch.float32, z.device)
+    if ragged is not None:  # columns past the last offset belong to no adapter: zeros
+        part = torch.zeros((split, 1, P, ragged.total), dtype=torch.float32, device=z.device)
+    else:
+        part = empty((split, G, P, R), torch.float32, z.device)
     col = empty((split, P), torch.float32, z.device) if col_dot is not None else None
-    if P == 0 or R == 0:
-        return part.sum(0) if col is None else (part.sum(0), col.sum(0))
+    if P == 0 or R == 0 or part.numel() == 0:
+        out = part.sum(0)[0] if ragged is not None else part.sum(0)
+        return out if col is None else (out, col.sum(0))
     dummy = part
     args = (
         z, v, part, perm if perm is not None else dummy, seg if seg is not None else dummy,
+        ragged.offsets if ragged is not None else dummy,
         scale_vec if scale_vec is not None else dummy, bits if bits is not None else dummy,
         col_dot if col is not None else dummy, col if col is not None else dummy,
         M, P, R, m_bucket(M),
@@ -539,18 +577,19 @@ def grad(
         col_dot.stride(0) if col is not None else 0, col_dot.stride(1) if col is not None else 0,
         col.stride(0) if col is not None else 0,
         v.stride(0), v.stride(1),
-        part.stride(0), part.stride(1), part.stride(2), part.stride(3),
+        part.stride(0), 0 if ragged is not None else part.stride(1), part.stride(2), part.stride(3),
         bits.stride(0) if bits is not None else 0,
         float(scaling), float(dropout_p),
     )
     flags = dict(
-        BLOCK_R=block_r(R), HAS_PERM=perm is not None, GROUPED=seg is not None,
-        HAS_SCALE_VEC=scale_vec is not None, Z_DROPOUT=z_dropout,
+        BLOCK_R=min(block_r(R), RAGGED_GRAD_CHUNK) if ragged is not None else block_r(R), HAS_PERM=perm is not None,
+        GROUPED=seg is not None, RAGGED=ragged is not None, HAS_SCALE_VEC=scale_vec is not None, Z_DROPOUT=z_dropout,
         INPUT_PRECISION=input_precision(z.dtype, z.device), COL_DOT=col is not None,
     )
+    chunks = triton.cdiv(R, flags["BLOCK_R"]) if ragged is not None else 1  # a ragged rank's column chunks
 
     def grid(meta):
-        return (triton.cdiv(P, meta["BLOCK_P"]), G, split)
+        return (triton.cdiv(P, meta["BLOCK_P"]) * chunks, G, split)
 
     if config is None and not INTERPRET:
         _grad_tuned[grid](*args, **flags)
@@ -559,6 +598,7 @@ def grad(
         opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
         _lora_grad_kernel[grid(cfg)](*args, **cfg, **flags, **opts)
     out = part.sum(0) if split > 1 else part[0]
+    out = out[0] if ragged is not None else out
     return out if col is None else (out, col.sum(0))
 
 

@@ -9,6 +9,9 @@ A 4-bit base (QLoRA) passes its packed bytes as ``weight`` with ``quant`` = [abs
 [absmax, code, absmax2, code2, offset] and ``qblocks`` = [blocksize, blocksize2, compute] (compute: the index of
 the compute dtype in ``COMPUTE_DTYPES``); N then comes from lora_B. A dense weight passes ``quant`` = [] and
 ``qblocks`` = [].
+
+A ragged stack (``rank_offsets`` [G + 1] int32, adapter g at its own rank) passes lora_A [sum r, K] and lora_B
+[N, sum r]; T and U are then [M, ``t_width``], each row filled up to its adapter's rank only (the rest unwritten).
 """
 
 import torch
@@ -21,25 +24,35 @@ from fastlora import _launch
 def lora_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
     scale_vec: Tensor | None, perm: Tensor | None, ids: Tensor | None, seg: Tensor | None, dropout_p: float, seed: int,
-    quant: list[Tensor], qblocks: list[int],
+    quant: list[Tensor], qblocks: list[int], rank_offsets: Tensor | None = None, t_width: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [M, N], T [M, R] fp32, bits): T = drop(x) A^T, y = x W^T + b + s T B^T; bits is the packed keep-mask
     (empty without dropout)."""
     M, K = x.shape
     bits = _launch.dropout_bits(M, K, x.device) if dropout_p > 0 else x.new_empty(0, dtype=torch.int32)
+    ragged = _ragged(rank_offsets, t_width, lora_A)
     t = _launch.gemm(x, lora_A, out_dtype=torch.float32, shrink=True, perm=perm, ids=ids, seg=seg,
-                     x_dropout=dropout_p > 0, dropout_p=dropout_p, seed=seed, bits=bits if dropout_p > 0 else None)
+                     x_dropout=dropout_p > 0, dropout_p=dropout_p, seed=seed, bits=bits if dropout_p > 0 else None,
+                     ragged=ragged)
     w = _weight(weight, quant, qblocks, lora_B.shape[-2], K)
     y = _launch.gemm(x, w, out_dtype=x.dtype, bias=bias, t=t, b=lora_B, scaling=scaling,
-                     scale_vec=scale_vec, perm=perm, ids=ids)
+                     scale_vec=scale_vec, perm=perm, ids=ids, ragged=ragged)
     return y, t, bits
 
 
 @lora_forward.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, seg, dropout_p, seed, quant, qblocks):
+def _(x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, seg, dropout_p, seed, quant, qblocks,
+      rank_offsets=None, t_width=0):
     M, K = x.shape
     bits = x.new_empty(M, -(-K // 32), dtype=torch.int32) if dropout_p > 0 else x.new_empty(0, dtype=torch.int32)
-    return x.new_empty(M, lora_B.shape[-2]), x.new_empty(M, lora_A.shape[-2], dtype=torch.float32), bits
+    R = t_width if rank_offsets is not None else lora_A.shape[-2]
+    return x.new_empty(M, lora_B.shape[-2]), x.new_empty(M, R, dtype=torch.float32), bits
+
+
+def _ragged(rank_offsets, t_width, lora_A):
+    if rank_offsets is None:
+        return None
+    return _launch.Ragged(rank_offsets, t_width, lora_A.shape[0])
 
 
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -60,7 +73,7 @@ def lora_backward(
     dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor, bits: Tensor, scaling: float,
     scale_vec: Tensor | None, perm: Tensor | None, ids: Tensor | None, seg: Tensor | None,
     dropout_p: float, need_dx: bool, need_dA: bool, need_dB: bool,
-    quant: list[Tensor], qblocks: list[int],
+    quant: list[Tensor], qblocks: list[int], rank_offsets: Tensor | None = None, t_width: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB); a gradient that is not needed comes back as an empty tensor.
 
@@ -68,30 +81,33 @@ def lora_backward(
     """
     grouped = lora_A.dim() == 3
     G = lora_A.shape[0] if grouped else 1
+    ragged = _ragged(rank_offsets, t_width, lora_A)
     p = dropout_p
     dx, dA, dB = (dy.new_empty(0) for _ in range(3))  # distinct: custom-op outputs may not alias
     if need_dx or need_dA:
         u = _launch.gemm(dy, lora_B.transpose(-1, -2), out_dtype=torch.float32, shrink=True, perm=perm, ids=ids,
-                         seg=seg)
+                         seg=seg, ragged=ragged)
     if need_dx:
         w = _weight(weight, quant, qblocks, dy.shape[1], x.shape[1])
         dx = _launch.gemm(dy, w.t(), out_dtype=x.dtype, t=u, b=lora_A.transpose(-1, -2), scaling=scaling,
-                          scale_vec=scale_vec, perm=perm, ids=ids, out_dropout=p > 0, dropout_p=p, bits=bits)
+                          scale_vec=scale_vec, perm=perm, ids=ids, out_dropout=p > 0, dropout_p=p, bits=bits,
+                          ragged=ragged)
     if need_dA:
         g = _launch.grad(x, u, num_adapters=G, scaling=scaling, scale_vec=scale_vec, perm=perm, seg=seg,
-                         z_dropout=p > 0, dropout_p=p, bits=bits)  # [G, K, R]
+                         z_dropout=p > 0, dropout_p=p, bits=bits, ragged=ragged)  # [G, K, R] or ragged [K, sum r]
         dA = g.transpose(-1, -2).to(lora_A.dtype).contiguous()
-        dA = dA if grouped else dA[0]
+        dA = dA if grouped or ragged is not None else dA[0]
     if need_dB:
-        g = _launch.grad(dy, t, num_adapters=G, scaling=scaling, scale_vec=scale_vec, perm=perm, seg=seg)
+        g = _launch.grad(dy, t, num_adapters=G, scaling=scaling, scale_vec=scale_vec, perm=perm, seg=seg,
+                         ragged=ragged)
         dB = g.to(lora_B.dtype)
-        dB = dB if grouped else dB[0]
+        dB = dB if grouped or ragged is not None else dB[0]
     return dx, dA, dB
 
 
 @lora_backward.register_fake
 def _(dy, x, weight, lora_A, lora_B, t, bits, scaling, scale_vec, perm, ids, seg, dropout_p,
-      need_dx, need_dA, need_dB, quant, qblocks):
+      need_dx, need_dA, need_dB, quant, qblocks, rank_offsets=None, t_width=0):
     dx = x.new_empty(x.shape) if need_dx else dy.new_empty(0)
     dA = lora_A.new_empty(lora_A.shape) if need_dA else dy.new_empty(0)
     dB = lora_B.new_empty(lora_B.shape) if need_dB else dy.new_empty(0)

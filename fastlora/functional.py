@@ -140,22 +140,32 @@ def lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, c
 
 
 def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *, dropout_p=0.0, training=False,
-                        seed=None, check_ids=True, batch=None):
+                        seed=None, check_ids=True, batch=None, rank_offsets=None):
     """Each token adds its own adapter: y_i = x_i W^T + b + scaling[g] (dropout(x_i) A[g]^T) B[g]^T, g = ids[i].
 
     lora_A [n, r, K]; lora_B [n, N, r]; scaling a number or an (n,) tensor; adapter_ids integer, shape
     x.shape[:-1], values in [-1, n) (-1: base only), any order. ``check_ids=False`` skips the range check
     (the one host synchronisation) for hot loops and CUDA graphs: out-of-range ids are then undefined
     behaviour. ``batch``: a prebuilt ``AdapterBatch`` for these ids, reused across layers.
+
+    ``rank_offsets`` (int32/int64 [n + 1], 0 = o_0 <= o_1 <= ... <= o_n <= sum r, on x's device): a ragged stack,
+    every adapter at its own rank: lora_A [sum r, K], lora_B [N, sum r], adapter g owning rows / columns
+    o_g:o_(g+1) (rank 0: it adds nothing). Each token's low-rank work is its own adapter's rank. The offsets'
+    values are checked on the host (a second synchronisation) unless ``check_ids=False`` or under torch.compile;
+    unchecked, bad offsets are undefined behaviour like bad ids.
     """
     _check_x_weight_bias(x, weight, bias)
     N, K = weight.shape
-    if lora_A.dim() != 3:
-        raise ValueError(f"lora_A must have shape (num_adapters, r, in_features); got {tuple(lora_A.shape)}")
-    n, r = lora_A.shape[:2]
-    _check_shape("lora_A", lora_A, (n, r, K), "(num_adapters, r, in_features)")
-    _check_shape("lora_B", lora_B, (n, N, r), "(num_adapters, out_features, r)")
-    _check_adapters(x, lora_A, lora_B, r)
+    checking = check_ids and not x.is_meta and not torch.compiler.is_compiling()
+    if rank_offsets is not None:
+        n, width = _check_ragged(x, lora_A, lora_B, rank_offsets, N, K, scaling, checking)
+    else:
+        if lora_A.dim() != 3:
+            raise ValueError(f"lora_A must have shape (num_adapters, r, in_features); got {tuple(lora_A.shape)}")
+        n, r = lora_A.shape[:2]
+        _check_shape("lora_A", lora_A, (n, r, K), "(num_adapters, r, in_features)")
+        _check_shape("lora_B", lora_B, (n, N, r), "(num_adapters, out_features, r)")
+        _check_adapters(x, lora_A, lora_B, r)
     if not isinstance(adapter_ids, torch.Tensor):
         raise TypeError(f"adapter_ids must be a tensor; got {type(adapter_ids).__name__}")
     if adapter_ids.shape != x.shape[:-1]:
@@ -178,16 +188,66 @@ def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *
     else:
         _check_batch(batch, x, n)
     if x.device.type == "meta":
-        return _grouped_meta(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids)
+        return _grouped_meta(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids, rank_offsets is not None)
     if not _use_kernels(x, lora_A, lora_B):
         return reference.grouped_lora_linear(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids,
-                                             dropout_p=p, training=training)
+                                             dropout_p=p, training=training, rank_offsets=rank_offsets)
     x, weight, bias = _autocast(x, weight, bias)
     seed = _seed(seed) if p > 0 else 0
+    ragged = () if rank_offsets is None else ((), (), rank_offsets.to(torch.int32), width)
     with torch.autocast(x.device.type, enabled=False):
         y = LoRAFunction.apply(x.reshape(-1, K), weight, bias, lora_A, lora_B, 1.0, scale_vec, batch.perm,
-                               batch.sorted_ids, batch.seg_offsets, p, seed)
+                               batch.sorted_ids, batch.seg_offsets, p, seed, *ragged)
     return y.reshape(*x.shape[:-1], N)
+
+
+def _check_ragged(x, lora_A, lora_B, rank_offsets, N, K, scaling, check_values) -> tuple[int, int]:
+    """Check a ragged stack (lora_A [sum r, K], lora_B [N, sum r], rank_offsets [n + 1]); return (n, the width of T:
+    a power of two >= the largest rank, from the values when they are checked, else from sum r, at most 256)."""
+    if not isinstance(rank_offsets, torch.Tensor):
+        raise TypeError(f"rank_offsets must be an integer tensor or None; got {type(rank_offsets).__name__}")
+    if rank_offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"rank_offsets must be int32 or int64; got {rank_offsets.dtype}")
+    if rank_offsets.dim() != 1 or rank_offsets.numel() < 2:
+        raise ValueError("rank_offsets must be a 1-D tensor of n + 1 offsets (n >= 1 adapters); got shape "
+                         f"{tuple(rank_offsets.shape)}")
+    if rank_offsets.device != x.device:
+        raise ValueError(f"rank_offsets is on {rank_offsets.device}, x on {x.device}")
+    n = rank_offsets.numel() - 1
+    if lora_A.dim() != 2:
+        raise ValueError(f"with rank_offsets, lora_A must have shape (sum of ranks, in_features) = (sum r, {K}); "
+                         f"got {tuple(lora_A.shape)}")
+    total = lora_A.shape[0]
+    _check_shape("lora_A", lora_A, (total, K), "(sum of ranks, in_features)")
+    _check_shape("lora_B", lora_B, (N, total), "(out_features, sum of ranks)")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        _check_device(name, t, x)
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32; got {t.dtype}")
+    if isinstance(scaling, torch.Tensor) and scaling.dim() > 0 and scaling.shape != (n,):
+        raise ValueError(f"rank_offsets has {n + 1} entries (n = {n} adapters) but scaling has shape "
+                         f"{tuple(scaling.shape)}; they must agree")
+    if not check_values or rank_offsets.is_meta:
+        return n, min(_launch.block_r(max(total, 1)), _launch.MAX_RANK)
+    offsets = rank_offsets.tolist()  # the one host synchronisation of the check
+    ranks = [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
+    if offsets[0] != 0:
+        raise ValueError(f"rank_offsets must start at 0; got {offsets[0]} (rank_offsets {_short(offsets)})")
+    if min(ranks) < 0:
+        g = min(range(n), key=lambda i: ranks[i])
+        raise ValueError(f"rank_offsets must be non-decreasing; rank_offsets[{g + 1}] = {offsets[g + 1]} < "
+                         f"rank_offsets[{g}] = {offsets[g]}")
+    if offsets[-1] > total:
+        raise ValueError(f"rank_offsets ends at {offsets[-1]}, past lora_A's {total} rows (lora_A "
+                         f"{tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)})")
+    if max(ranks) > _launch.MAX_RANK:
+        g = ranks.index(max(ranks))
+        raise ValueError(f"rank_offsets gives adapter {g} rank {ranks[g]}; ranks must be at most {_launch.MAX_RANK}")
+    return n, _launch.block_r(max(ranks))
+
+
+def _short(values, limit=8):
+    return str(values) if len(values) <= limit else f"[{', '.join(map(str, values[:limit]))}, ...]"
 
 
 def _check_batch(batch, x, n) -> None:
@@ -207,9 +267,14 @@ def _check_batch(batch, x, n) -> None:
             raise ValueError(f"batch.{name} must be int32 on x's device {x.device}; got {t.dtype} on {t.device}")
 
 
-def _grouped_meta(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids):
+def _grouped_meta(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids, ragged=False):
     """Grouped forward without data-dependent indexing, for meta tensors (shape inference, deferred init): every
-    adapter on every token, masked by id. Right shape, dtype and autograd graph; never runs on real data."""
+    adapter on every token, masked by id (a ragged stack: the whole stack at once). Right shape, dtype and autograd
+    graph; never runs on real data."""
+    if ragged:
+        sel = (adapter_ids >= 0).unsqueeze(-1).to(lora_B.dtype)
+        low = sel * torch.nn.functional.linear(torch.nn.functional.linear(x.to(lora_A.dtype), lora_A), lora_B)
+        return torch.nn.functional.linear(x, weight, bias) + low.to(x.dtype)
     low = 0
     for g in range(lora_A.shape[0]):
         sel = (adapter_ids == g).unsqueeze(-1).to(lora_B.dtype) * scale_vec[g].to(lora_B.dtype)

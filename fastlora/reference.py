@@ -36,19 +36,26 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, trai
 
 
 def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *, dropout_p=0.0, training=False,
-                        dropout_mask=None):
+                        dropout_mask=None, rank_offsets=None):
     """Per-token adapters: token i adds scaling[g] * (dropout(x_i) A[g]^T) B[g]^T with g = adapter_ids[i] (-1: none).
 
-    lora_A [n, r, in], lora_B [n, out, r]; scaling a float or an (n,) tensor. A loop over adapters.
+    lora_A [n, r, in], lora_B [n, out, r]; scaling a float or an (n,) tensor. A loop over adapters. With
+    ``rank_offsets`` (n + 1 offsets) the stack is ragged: A[g] = lora_A[o_g:o_(g+1)] of lora_A [sum r, in] and
+    B[g] = lora_B[:, o_g:o_(g+1)] of lora_B [out, sum r].
     """
     base = F.linear(x, weight, bias)
     xd = _dropped(x, dropout_p, training, dropout_mask).to(lora_A.dtype).reshape(-1, x.shape[-1])
     ids = adapter_ids.reshape(-1)
     low = torch.zeros(xd.shape[0], weight.shape[0], dtype=lora_B.dtype, device=x.device)
-    for g in range(lora_A.shape[0]):
+    offsets = None if rank_offsets is None else [int(o) for o in rank_offsets]
+    for g in range(lora_A.shape[0] if offsets is None else len(offsets) - 1):
         rows = (ids == g).nonzero().squeeze(1)
         s = scaling[g] if isinstance(scaling, torch.Tensor) else scaling
-        low = low.index_put((rows,), s * F.linear(F.linear(xd[rows], lora_A[g]), lora_B[g]))
+        if offsets is None:
+            a, b = lora_A[g], lora_B[g]
+        else:
+            a, b = lora_A[offsets[g]:offsets[g + 1]], lora_B[:, offsets[g]:offsets[g + 1]]
+        low = low.index_put((rows,), s * F.linear(F.linear(xd[rows], a), b))
     return base + low.reshape(base.shape).to(base.dtype)
 
 

@@ -27,7 +27,7 @@ with a persistent grid that walks tiles in the same grouped order.
 import triton
 import triton.language as tl
 
-from .tiles import grouped_dot, load_dropped, segment_tile, tile_mn, unpack_keep
+from .tiles import grouped_dot, load_dropped, ragged_dot, segment_tile, tile_mn, unpack_keep
 from .weight4 import DENSE, load_4bit
 
 # DORA values: how the GEMM core applies a DoRA magnitude scale g [N] (per output column of the forward).
@@ -49,13 +49,14 @@ def dora_scale(x, g_ptr, k0, offs_k, mask_k, minus: tl.constexpr):
 
 @triton.jit
 def _lowrank(
-    t_ptr, b_ptr, scale_ptr, bits_ptr, rows, ids, n0, offs_n, mask_m, mask_n, N, R,
+    t_ptr, b_ptr, scale_ptr, bits_ptr, ro_ptr, rows, ids, n0, offs_n, mask_m, mask_n, N, R,
     stride_tm, stride_tr, stride_bg, stride_bn, stride_br, stride_bits, scaling, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    B_GROUPED: tl.constexpr, HAS_SCALE_VEC: tl.constexpr, OUT_DROPOUT: tl.constexpr,
+    B_GROUPED: tl.constexpr, HAS_SCALE_VEC: tl.constexpr, OUT_DROPOUT: tl.constexpr, RAGGED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, dtype: tl.constexpr,
 ):
-    """[BLOCK_M, BLOCK_N] fp32 = drop?(s * T B^T), R walked in chunks of BLOCK_R; s is folded into T rows."""
+    """[BLOCK_M, BLOCK_N] fp32 = drop?(s * T B^T), R walked in chunks of BLOCK_R; s is folded into T rows. RAGGED:
+    each row's adapter at its own rank (``ragged_dot``)."""
     if HAS_SCALE_VEC:
         s = tl.load(scale_ptr + ids, mask=ids >= 0, other=0.0).to(tl.float32)
     else:
@@ -63,19 +64,23 @@ def _lowrank(
     if OUT_DROPOUT:
         s = s * (1.0 / (1.0 - dropout_p))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        t = tl.load(t_ptr + rows[:, None] * stride_tm + offs_r[None, :] * stride_tr,
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_M, BLOCK_R] fp32
-        t = (t * s[:, None]).to(dtype)
-        b_ptrs = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None] * stride_br  # [BLOCK_R, BLOCK_N]
-        b_mask = mask_r[:, None] & mask_n[None, :]
-        if B_GROUPED:
-            acc = grouped_dot(acc, t, ids, b_ptrs, b_mask, stride_bg, INPUT_PRECISION)
-        else:
-            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
-            acc = tl.dot(t, b.to(dtype), acc, input_precision=INPUT_PRECISION)
+    if RAGGED:
+        acc = ragged_dot(acc, t_ptr, rows, ids, s, mask_m, ro_ptr, b_ptr + offs_n.to(tl.int64) * stride_bn, mask_n,
+                         R, stride_tm, stride_tr, stride_br, BLOCK_R, INPUT_PRECISION, dtype)
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            t = tl.load(t_ptr + rows[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_M, BLOCK_R] fp32
+            t = (t * s[:, None]).to(dtype)
+            b_ptrs = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None] * stride_br  # [R, N] tile
+            b_mask = mask_r[:, None] & mask_n[None, :]
+            if B_GROUPED:
+                acc = grouped_dot(acc, t, ids, b_ptrs, b_mask, stride_bg, INPUT_PRECISION)
+            else:
+                b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+                acc = tl.dot(t, b.to(dtype), acc, input_precision=INPUT_PRECISION)
     if OUT_DROPOUT:
         keep = unpack_keep(bits_ptr, rows, mask_m, n0, tl.cdiv(N, 32), stride_bits, BLOCK_M, BLOCK_N)
         acc = tl.where(keep, acc, 0.0)
@@ -193,7 +198,8 @@ def _dora_epilogue(acc, acc2, g_ptr, z_ptr, bits_ptr, rows, n0, offs_n, mask_m, 
 
 @triton.jit
 def _lora_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, out_ptr, perm_ptr, ids_ptr, seg_ptr, scale_ptr, bits_ptr, g_ptr, z_ptr,
+    x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, out_ptr, perm_ptr, ids_ptr, seg_ptr, ro_ptr, scale_ptr, bits_ptr, g_ptr,
+    z_ptr,
     qabs_ptr, qabs2_ptr, qcode_ptr, qcode2_ptr, qoff_ptr,
     x_desc, w_desc, out_desc,
     M, N, K, R, G, M_BUCKET,
@@ -207,7 +213,7 @@ def _lora_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_PERM: tl.constexpr,
-    W_GROUPED: tl.constexpr, B_GROUPED: tl.constexpr, HAS_SCALE_VEC: tl.constexpr,
+    W_GROUPED: tl.constexpr, B_GROUPED: tl.constexpr, RAGGED: tl.constexpr, HAS_SCALE_VEC: tl.constexpr,
     X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
     USE_TMA: tl.constexpr, TMA_OK: tl.constexpr, W_KMAJOR: tl.constexpr,
     W_QUANT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
@@ -227,6 +233,9 @@ def _lora_gemm_kernel(
     pointers, QBLOCK elements per absmax, QBLOCK2 absmax per absmax2) and multiplies in W_COMPUTE; W_TRANS: the
     operand is the stored weight's transpose (dx). The low-rank term stays in X's dtype (an fp32 X under a bf16
     4-bit base: exact adapter products, as PEFT's QLoRA computes them). W_KMAJOR: W's unit stride runs along K.
+    RAGGED (with W_GROUPED or B_GROUPED): the stack is ragged, adapter g at its own rank r_g = ro[g + 1] - ro[g]:
+    W [sum r, K] (shrink; rows ro[g]:ro[g + 1], out's columns past r_g left unwritten) or B [N, sum r] (main; columns
+    ro[g]:ro[g + 1], read over r_g only), T [M, R] with R the width (at least every r_g).
     DORA (dense, ungrouped; the values above): g_ptr the fp32 magnitude scale [N] (forward) or [K] (dx); STORE_Z
     also writes the pre-scale term Z to z_ptr (out's strides), which DoRA's magnitude gradient reads.
     """
@@ -247,18 +256,25 @@ def _lora_gemm_kernel(
     for tile in tl.range(tl.program_id(0), last, 1 if one_tile else tl.num_programs(0), flatten=USE_TMA):
         w_base = w_ptr
         k_len = K
+        n_end = N  # W's rows (out's columns) this tile computes
         if W_GROUPED:  # one adapter per tile: its W, or an empty K loop for base-only rows (their T is zero)
             row0, row_end, g = segment_tile(tile // num_n, seg_ptr, G, BLOCK_M)
             pid_n = tile % num_n
-            w_base += tl.maximum(g, 0).to(tl.int64) * stride_wg
-            k_len = tl.where(g >= 0, K, 0)
+            if RAGGED:  # adapter g's rows ro[g]:ro[g + 1] of W [sum r, K]; T's columns past its rank are not written
+                o = tl.load(ro_ptr + tl.maximum(g, 0))
+                n_end = tl.where(g >= 0, tl.minimum(tl.load(ro_ptr + tl.maximum(g, 0) + 1) - o, N), 0)
+                w_base += o.to(tl.int64) * stride_wn
+                k_len = tl.where(pid_n * BLOCK_N < n_end, K, 0)
+            else:
+                w_base += tl.maximum(g, 0).to(tl.int64) * stride_wg
+                k_len = tl.where(g >= 0, K, 0)
         else:
             pid_m, pid_n = tile_mn(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             row0, row_end = pid_m * BLOCK_M, M
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = offs_m < row_end
-        mask_n = offs_n < N
+        mask_n = offs_n < n_end
         if HAS_PERM:
             rows = tl.load(perm_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
         else:
@@ -269,10 +285,10 @@ def _lora_gemm_kernel(
             ids = offs_m  # unused
 
         if HAS_LORA:  # DX_DROP masks its low-rank term with the second product, after the K loop
-            acc = _lowrank(t_ptr, b_ptr, scale_ptr, bits_ptr, rows, ids, pid_n * BLOCK_N, offs_n, mask_m, mask_n, N, R,
-                           stride_tm, stride_tr, stride_bg, stride_bn, stride_br, stride_bits, scaling, dropout_p,
-                           BLOCK_M, BLOCK_N, BLOCK_R, B_GROUPED, HAS_SCALE_VEC, OUT_DROPOUT and DORA != DX_DROP,
-                           INPUT_PRECISION, x_ptr.dtype.element_ty)
+            acc = _lowrank(t_ptr, b_ptr, scale_ptr, bits_ptr, ro_ptr, rows, ids, pid_n * BLOCK_N, offs_n, mask_m,
+                           mask_n, N, R, stride_tm, stride_tr, stride_bg, stride_bn, stride_br, stride_bits, scaling,
+                           dropout_p, BLOCK_M, BLOCK_N, BLOCK_R, B_GROUPED, HAS_SCALE_VEC,
+                           OUT_DROPOUT and DORA != DX_DROP, RAGGED, INPUT_PRECISION, x_ptr.dtype.element_ty)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if DORA == FWD_DROP:  # both products start from the low-rank term: Z = acc2 / (1 - p)

@@ -13,7 +13,7 @@ from .tiles import unpack_keep
 
 @triton.jit
 def _lora_grad_kernel(
-    z_ptr, v_ptr, out_ptr, perm_ptr, seg_ptr, scale_ptr, bits_ptr, y_ptr, col_ptr,
+    z_ptr, v_ptr, out_ptr, perm_ptr, seg_ptr, ro_ptr, scale_ptr, bits_ptr, y_ptr, col_ptr,
     M, P, R, M_BUCKET,
     stride_zm, stride_zp,
     stride_ym, stride_yp, stride_cs,
@@ -22,7 +22,7 @@ def _lora_grad_kernel(
     stride_bits,
     scaling, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_PERM: tl.constexpr, GROUPED: tl.constexpr, HAS_SCALE_VEC: tl.constexpr,
+    HAS_PERM: tl.constexpr, GROUPED: tl.constexpr, RAGGED: tl.constexpr, HAS_SCALE_VEC: tl.constexpr,
     Z_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, COL_DOT: tl.constexpr,
 ):
     """out[split, g, p, r] = scale_g * sum over this split's rows m of adapter g: Z[m, p] * V[m, r].
@@ -31,16 +31,31 @@ def _lora_grad_kernel(
     GROUPED, adapter g owns sorted rows [seg[g], seg[g+1]) and token perm[row]; else one segment [0, M).
     Z_DROPOUT masks Z by the packed keep-mask bits [M, cdiv(P, 32)] (int32 words, by token) and scales by 1/(1-p).
     Unused adapters and empty splits write zeros, so the sum over splits is exact and deterministic.
+    RAGGED (grouped): adapter g has its own rank r_g = ro[g + 1] - ro[g] (capped at V's width R) and writes columns
+    ro[g]:ro[g + 1] of out [SPLIT, P, sum r] (stride_og = 0); axis 0 also walks V's columns in chunks of BLOCK_R,
+    and a chunk past r_g reads and writes nothing, so an adapter costs its own rank.
     M_BUCKET only keys the autotuner. COL_DOT (dense, no Z_DROPOUT): also col[split, p] = sum over the same rows of
     Z[m, p] * Y[m, p] in fp32 (Y [M, P], col fp32 [SPLIT, P]; DoRA's dm from dy and its saved Z), unscaled.
     """
-    pid_p = tl.program_id(0)
     g = tl.program_id(1)
+    if RAGGED:
+        num_rc = tl.cdiv(R, BLOCK_R)
+        pid_p = tl.program_id(0) // num_rc
+        r0 = (tl.program_id(0) % num_rc) * BLOCK_R
+        col0 = tl.load(ro_ptr + g)
+        rank = tl.minimum(tl.load(ro_ptr + g + 1) - col0, R)
+    else:
+        pid_p = tl.program_id(0)
+        r0 = 0
+        col0 = 0
+        rank = R
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
     if GROUPED:
         start = tl.load(seg_ptr + g)
         end = tl.load(seg_ptr + g + 1)
+        if RAGGED:
+            end = tl.where(r0 < rank, end, start)
     else:
         start = 0
         end = M
@@ -49,9 +64,9 @@ def _lora_grad_kernel(
     hi = min(lo + rows_per_split, end)
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
     mask_p = offs_p < P
-    mask_r = offs_r < R
+    mask_r = offs_r < rank
     acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
     col = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for m0 in range(lo, hi, BLOCK_M):
@@ -81,7 +96,7 @@ def _lora_grad_kernel(
     if Z_DROPOUT:
         s = s / (1.0 - dropout_p)
     out_ptrs = (out_ptr + split.to(tl.int64) * stride_os + g.to(tl.int64) * stride_og
-                + offs_p[:, None] * stride_op + offs_r[None, :] * stride_or)
+                + offs_p[:, None] * stride_op + (col0 + offs_r)[None, :] * stride_or)
     tl.store(out_ptrs, acc * s, mask=mask_p[:, None] & mask_r[None, :])
     if COL_DOT:
         tl.store(col_ptr + split.to(tl.int64) * stride_cs + offs_p, col, mask=mask_p)

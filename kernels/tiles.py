@@ -116,3 +116,32 @@ def grouped_dot(acc, lhs, ids, rhs_ptrs, rhs_mask, stride_g, INPUT_PRECISION: tl
         acc = tl.dot(sel, rhs.to(lhs.dtype), acc, input_precision=INPUT_PRECISION)
         g = tl.min(tl.where(ids > g, ids, NO_ADAPTER))
     return acc
+
+
+@triton.jit
+def ragged_dot(acc, t_ptr, rows, ids, s, mask_m, ro_ptr, b_ptrs, mask_n, R, stride_tm, stride_tr, stride_br,
+               BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr, dtype: tl.constexpr):
+    """acc[i, :] += s[i] * T[rows[i], :r_g] @ B[:, o_g:o_g + r_g]^T for every row i, g = ids[i], o_g = ro[g] and
+    r_g = ro[g + 1] - o_g (the ragged stack's rank offsets; r_g capped at T's width R).
+
+    ``b_ptrs`` [BLOCK_N]: B's rank column 0 for the tile's output columns. Like ``grouped_dot`` it loops once per
+    distinct adapter present in the tile, and inside over that adapter's own rank in chunks of BLOCK_R: a rank-8
+    adapter reads 8 columns of B, a rank-256 one 256, whatever else shares the call. Rows with id < 0 get nothing.
+    """
+    offs = tl.arange(0, BLOCK_R)
+    g = tl.min(tl.where(ids >= 0, ids, NO_ADAPTER))
+    while g < NO_ADAPTER:
+        o = tl.load(ro_ptr + g)
+        rank = tl.minimum(tl.load(ro_ptr + g + 1) - o, R)
+        sel = mask_m & (ids == g)
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + offs
+            mask_r = offs_r < rank
+            t = tl.load(t_ptr + rows[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                        mask=sel[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_M, BLOCK_R] fp32
+            t = (t * s[:, None]).to(dtype)
+            b = tl.load(b_ptrs[None, :] + (o + offs_r).to(tl.int64)[:, None] * stride_br,
+                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+            acc = tl.dot(t, b.to(dtype), acc, input_precision=INPUT_PRECISION)
+        g = tl.min(tl.where(ids > g, ids, NO_ADAPTER))
+    return acc

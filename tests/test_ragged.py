@@ -1,0 +1,178 @@
+"""Ragged adapter stacks: every adapter at its own rank in one grouped call (``rank_offsets``), against the float64
+reference; the layers and model helpers that store adapters that way and add / remove them at run time."""
+
+import pytest
+import torch
+from helpers import f64
+from tolerance import assert_close
+
+import fastlora
+from fastlora import reference
+
+NAMES = ("y", "dx", "dA", "dB")
+
+
+def offsets_of(ranks, device="cpu", dtype=torch.int32):
+    return torch.tensor([0, *torch.tensor(ranks).cumsum(0).tolist()], dtype=dtype, device=device)
+
+
+def make_ragged(M, K, N, ranks, dtype, device, *, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(ranks)
+    x = torch.randn(M, K, generator=g).to(dtype).to(device)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype).to(device)
+    b = torch.randn(N, generator=g).to(dtype).to(device)
+    a = (torch.randn(total, K, generator=g) / K**0.5).to(dtype).to(device)
+    bb = torch.randn(N, total, generator=g).to(dtype).to(device)
+    return x, w, b, a, bb
+
+
+def run_ragged(x, w, b, a, bb, s, ids, offsets, *, p=0.0, seed=0, **kw):
+    """(fastlora y, dx, dA, dB; the same from the float64 reference) for one random dy."""
+    x, a, bb = (t.detach().requires_grad_() for t in (x, a, bb))
+    y = fastlora.grouped_lora_linear(x, w, b, a, bb, s, ids, dropout_p=p, training=p > 0, seed=seed,
+                                     rank_offsets=offsets, **kw)
+    mask = fastlora.dropout_mask(x.shape, p, seed, x.device) if p > 0 else None
+    xr, wr, br, ar, bbr = f64(x, w, b, a, bb)
+    sr = s.double() if isinstance(s, torch.Tensor) else s
+    yr = reference.grouped_lora_linear(xr, wr, br, ar, bbr, sr, ids, dropout_p=p, training=p > 0, dropout_mask=mask,
+                                       rank_offsets=offsets)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
+    y.backward(dy)
+    yr.backward(dy.double())
+    return [y, x.grad, a.grad, bb.grad], [yr, xr.grad, ar.grad, bbr.grad]
+
+
+def owned(t, offsets, g, dim):
+    """Adapter g's slice of a ragged stack (rows of A / dA: dim 0, columns of B / dB: dim 1)."""
+    return t.narrow(dim, int(offsets[g]), int(offsets[g + 1] - offsets[g]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_ranks_1_to_256_in_one_call(dtype, device):
+    ranks = [1, 4, 16, 64, 256, 8]  # adapter 5 unused
+    M, K, N = 45, 70, 50
+    x, w, b, a, bb = make_ragged(M, K, N, ranks, dtype, device)
+    ids = torch.randint(-1, 5, (M,), generator=torch.Generator().manual_seed(1)).to(device)
+    assert {-1, 0, 1, 2, 3, 4} <= set(ids.tolist())
+    offsets = offsets_of(ranks, device)
+    scaling = torch.linspace(-1.0, 2.0, len(ranks))
+    outs, refs = run_ragged(x, w, b, a, bb, scaling, ids, offsets)
+    for name, o, r in zip(NAMES, outs, refs, strict=True):
+        assert_close(o, r, dtype, name)
+    assert outs[2].shape == a.shape and outs[3].shape == bb.shape
+    assert torch.count_nonzero(owned(outs[2], offsets, 5, 0)) == 0
+    assert torch.count_nonzero(owned(outs[3], offsets, 5, 1)) == 0
+    for g in range(5):  # every used adapter, the rank-1 one included, gets a gradient
+        assert torch.count_nonzero(owned(outs[2], offsets, g, 0)) > 0
+    base = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    rows = (ids == -1).nonzero().squeeze(1)
+    assert_close(outs[0][rows], base[rows], dtype, "y of base-only tokens")
+
+
+def test_ragged_equals_padded_stack(device):
+    """The same adapters as a zero-padded (n, r_max, K) stack through the existing grouped path."""
+    ranks = [3, 16, 9]
+    M, K, N = 30, 40, 24
+    x, w, b, a, bb = make_ragged(M, K, N, ranks, torch.float32, device, seed=3)
+    offsets = offsets_of(ranks, device)
+    pa = torch.zeros(3, 16, K, device=device)
+    pb = torch.zeros(3, N, 16, device=device)
+    for g, r in enumerate(ranks):
+        pa[g, :r] = owned(a, offsets, g, 0)
+        pb[g, :, :r] = owned(bb, offsets, g, 1)
+    ids = torch.randint(-1, 3, (M,), generator=torch.Generator().manual_seed(2)).to(device)
+    y = fastlora.grouped_lora_linear(x, w, b, a, bb, 0.5, ids, rank_offsets=offsets)
+    padded = fastlora.grouped_lora_linear(x, w, b, pa, pb, 0.5, ids)
+    assert_close(y, padded.double(), torch.float32, "y")
+
+
+def test_dropout_with_kernel_mask(device):
+    ranks = [8, 32, 2]
+    M = 40
+    x, w, b, a, bb = make_ragged(M, 70, 40, ranks, torch.float32, device, seed=4)
+    ids = torch.randint(-1, 3, (M,), generator=torch.Generator().manual_seed(4)).to(device)
+    outs, refs = run_ragged(x, w, b, a, bb, 1.5, ids, offsets_of(ranks, device), p=0.25, seed=99)
+    for name, o, r in zip(NAMES, outs, refs, strict=True):
+        assert_close(o, r, torch.float32, name)
+
+
+def test_rank_zero_adapters_add_nothing(device):
+    ranks = [0, 8, 0, 4]
+    M = 24
+    x, w, b, a, bb = make_ragged(M, 40, 30, ranks, torch.float32, device, seed=5)
+    ids = torch.tensor([0, 1, 2, 3, -1, 0] * 4, device=device)
+    offsets = offsets_of(ranks, device, torch.int64)  # int64 offsets are taken too
+    outs, refs = run_ragged(x, w, b, a, bb, 2.0, ids, offsets)
+    for name, o, r in zip(NAMES, outs, refs, strict=True):
+        assert_close(o, r, torch.float32, name)
+    base = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    rows = ((ids == 0) | (ids == 2)).nonzero().squeeze(1)
+    assert_close(outs[0][rows], base[rows], torch.float32, "y of rank-0 tokens")
+
+
+def test_all_ranks_zero(device):
+    x, w, b, a, bb = make_ragged(10, 16, 8, [0, 0], torch.float32, device)
+    ids = torch.tensor([0, 1, -1, 0, 1, 1, 0, 0, -1, 1], device=device)
+    outs, _ = run_ragged(x, w, b, a, bb, 1.0, ids, offsets_of([0, 0], device))
+    assert_close(outs[0], torch.nn.functional.linear(x.double(), w.double(), b.double()), torch.float32, "y")
+    assert outs[2].shape == (0, 16) and outs[3].shape == (8, 0)
+
+
+def test_storage_tail_past_the_last_offset_gets_zero_gradient(device):
+    """Rows of A past rank_offsets[-1] (free storage) are no adapter's: zero gradient, never read."""
+    ranks = [4, 8]
+    x, w, b, a, bb = make_ragged(20, 24, 16, [*ranks, 5], torch.float32, device, seed=6)
+    ids = torch.randint(-1, 2, (20,), generator=torch.Generator().manual_seed(6)).to(device)
+    outs, refs = run_ragged(x, w, b, a, bb, 1.0, ids, offsets_of(ranks, device))
+    for name, o, r in zip(NAMES, outs, refs, strict=True):
+        assert_close(o, r, torch.float32, name)
+    assert torch.count_nonzero(outs[2][12:]) == 0 and torch.count_nonzero(outs[3][:, 12:]) == 0
+
+
+def test_unchecked_offsets_and_decode(device):
+    """check_ids=False skips both host reads (ids, offsets); T's width then comes from sum r."""
+    ranks = [2, 16, 64, 1]
+    M = 4  # decode: each token its own adapter
+    x, w, b, a, bb = make_ragged(M, 32, 24, ranks, torch.float32, device, seed=8)
+    ids = torch.tensor([3, 2, 1, 0], device=device)
+    outs, refs = run_ragged(x, w, b, a, bb, 0.5, ids, offsets_of(ranks, device), check_ids=False)
+    for name, o, r in zip(NAMES, outs, refs, strict=True):
+        assert_close(o, r, torch.float32, name)
+
+
+BAD_OFFSETS = [  # (offsets, error pattern) for a stack of 12 rank rows and 3 adapters
+    (torch.tensor([0, 4, 2, 12], dtype=torch.int32), r"rank_offsets must be non-decreasing.*\[2\] = 2 < .*\[1\] = 4"),
+    (torch.tensor([1, 4, 8, 12], dtype=torch.int32), "rank_offsets must start at 0; got 1"),
+    (torch.tensor([0, 4, 8, 13], dtype=torch.int32), "rank_offsets ends at 13, past lora_A's 12 rows"),
+    (torch.tensor([0, 4, 8, 12], dtype=torch.float32), "rank_offsets must be int32 or int64"),
+    (torch.tensor([0], dtype=torch.int32), r"rank_offsets must be a 1-D tensor of n \+ 1 offsets"),
+    (torch.tensor([[0, 4], [8, 12]], dtype=torch.int32), r"rank_offsets must be a 1-D tensor.*\(2, 2\)"),
+    (torch.tensor([0, 4, 8, 12], dtype=torch.int32, device="meta"), "rank_offsets is on meta"),
+    (torch.tensor([0, 4, 12], dtype=torch.int32), r"rank_offsets has 3 entries \(n = 2 adapters\) but scaling"),
+]
+
+
+@pytest.mark.parametrize("offsets,match", BAD_OFFSETS, ids=["decreasing", "not-from-0", "past-A", "float", "short",
+                                                            "2d", "device", "length-vs-scaling"])
+def test_bad_offsets_raise_naming_rank_offsets(offsets, match, device):
+    x, w, b, a, bb = make_ragged(6, 16, 8, [12], torch.float32, device)
+    ids = torch.tensor([0, 1, 2, -1, 0, 1], device=device)
+    offsets = offsets if offsets.is_meta else offsets.to(device)
+    with pytest.raises(ValueError, match=match):
+        fastlora.grouped_lora_linear(x, w, b, a, bb, torch.ones(3), ids, rank_offsets=offsets)
+
+
+def test_bad_ragged_shapes_and_ranks_raise(device):
+    x, w, b, a, bb = make_ragged(6, 16, 8, [12], torch.float32, device)
+    ids = torch.tensor([0, 1, 1, -1, 0, 1], device=device)
+    offsets = torch.tensor([0, 4, 12], device=device)
+    with pytest.raises(ValueError, match=r"lora_B must have shape \(out_features, sum of ranks\) = \(8, 12\)"):
+        fastlora.grouped_lora_linear(x, w, b, a, bb[:, :10], 1.0, ids, rank_offsets=offsets)
+    with pytest.raises(ValueError, match=r"with rank_offsets, lora_A must have shape \(sum of ranks, in_features\)"):
+        fastlora.grouped_lora_linear(x, w, b, a.reshape(2, 6, 16), bb, 1.0, ids, rank_offsets=offsets)
+    with pytest.raises(TypeError, match="rank_offsets must be an integer tensor"):
+        fastlora.grouped_lora_linear(x, w, b, a, bb, 1.0, ids, rank_offsets=[0, 4, 12])
+    x, w, b, a, bb = make_ragged(6, 16, 8, [300], torch.float32, device)
+    with pytest.raises(ValueError, match="rank_offsets gives adapter 1 rank 299; ranks must be at most 256"):
+        fastlora.grouped_lora_linear(x, w, b, a, bb, 1.0, ids, rank_offsets=torch.tensor([0, 1, 300]).to(device))
