@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import itertools
 
 import harness
 import torch
@@ -155,17 +156,84 @@ def grouped_impl(name: str, pb: Problem, ids: torch.Tensor) -> Impl:
     raise ValueError(f"unknown competitor {name!r}")
 
 
-def _peft_layer(pb: Problem, dropout: float, names: list[str]):
-    """A peft LoRA Linear (from get_peft_model on a one-layer module) with adapters ``names`` in pb.dtype."""
+MIXED = ("linear", "peft-mixed", "fastlora-padded", "fastlora-ragged")
+
+
+class MixedProblem:
+    """A base (W, b) and adapters at mixed ranks (``ranks``; A_i [r_i, K], B_i [N, r_i], alpha_i = 2 r_i)."""
+
+    def __init__(self, K, N, ranks, dtype, device, seed=0):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        kw = dict(dtype=dtype, device=device)
+        self.K, self.N, self.ranks, self.dtype, self.device = K, N, tuple(ranks), dtype, device
+        self.W = (torch.randn(N, K, generator=g) * K ** -0.5).to(**kw)
+        self.b = (torch.randn(N, generator=g) * 0.1).to(**kw)
+        self.A = [(torch.randn(r, K, generator=g) * K ** -0.5).to(**kw) for r in ranks]
+        self.B = [(torch.randn(N, r, generator=g) * r ** -0.5).to(**kw) for r in ranks]
+        self.scaling = torch.full((len(ranks),), 2.0, dtype=torch.float32, device=device)
+        # the ragged stack: adapter i in rows / columns offsets[i]:offsets[i + 1]
+        self.A_ragged, self.B_ragged = torch.cat(self.A), torch.cat(self.B, dim=1)
+        self.offsets = torch.tensor([0, *itertools.accumulate(ranks)], dtype=torch.int32, device=device)
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Today's stack: every adapter zero-padded to the largest rank, (n, r_max, K) and (n, N, r_max)."""
+        n, rmax = len(self.ranks), max(self.ranks)
+        A = torch.zeros(n, rmax, self.K, dtype=self.dtype, device=self.device)
+        B = torch.zeros(n, self.N, rmax, dtype=self.dtype, device=self.device)
+        for i, r in enumerate(self.ranks):
+            A[i, :r], B[i, :, :r] = self.A[i], self.B[i]
+        return A, B
+
+
+def mixed_impl(name: str, mp: MixedProblem, ids: torch.Tensor) -> Impl:
+    """Inference implementations for a mixed batch over adapters at mixed ranks; ``info`` has the adapter bytes."""
+    W, b, n = mp.W, mp.b, len(mp.ranks)
+    if name == "linear":
+        return Impl(lambda x: F.linear(x, W, b), [])
+    if name in ("fastlora-ragged", "fastlora-padded"):
+        batch = fastlora.AdapterBatch.build(ids, n)
+        if name == "fastlora-ragged":
+            A, B, offsets = mp.A_ragged, mp.B_ragged, mp.offsets
+        else:
+            (A, B), offsets = mp.padded(), None
+        kw = dict(check_ids=False, batch=batch, rank_offsets=offsets)
+        return Impl(lambda x: fastlora.grouped_lora_linear(x, W, b, A, B, mp.scaling, ids, **kw), [],
+                    info=dict(adapter_bytes=(A.numel() + B.numel()) * A.element_size()))
+    if name == "peft-mixed":
+        names = [f"a{g}" for g in range(n)]
+        layer = _peft_layer(None, 0.0, names, base=_linear(W, b), ranks=mp.ranks)
+        layer.eval()
+        with torch.no_grad():
+            for g, nm in enumerate(names):
+                layer.lora_A[nm].weight.copy_(mp.A[g])
+                layer.lora_B[nm].weight.copy_(mp.B[g])
+        adapter_names = [names[g] for g in ids.tolist()]
+        nbytes = sum(a.numel() + bb.numel() for a, bb in zip(mp.A, mp.B, strict=True)) * W.element_size()
+        return Impl(lambda x: layer(x, adapter_names=adapter_names), [], info=dict(adapter_bytes=nbytes))
+    raise ValueError(f"unknown competitor {name!r}")
+
+
+def _linear(W, b) -> nn.Linear:
+    lin = nn.Linear(W.shape[1], W.shape[0], device="meta")
+    lin.weight = nn.Parameter(W, requires_grad=False)
+    lin.bias = nn.Parameter(b, requires_grad=False)
+    return lin
+
+
+def _peft_layer(pb: Problem | None, dropout: float, names: list[str], base: nn.Linear | None = None, ranks=None):
+    """A peft LoRA Linear (from get_peft_model on a one-layer module) with adapters ``names`` in pb.dtype; ``base``
+    and ``ranks`` (one per name, alpha = 2 r each) for adapters at mixed ranks."""
     from peft import LoraConfig, get_peft_model
 
-    model = nn.Sequential(collections.OrderedDict(proj=pb.base_linear()))
-    cfg = LoraConfig(r=pb.R, lora_alpha=pb.alpha, lora_dropout=dropout, target_modules=["proj"])
-    peft_model = get_peft_model(model, cfg, adapter_name=names[0], autocast_adapter_dtype=False)
-    for nm in names[1:]:
+    base = pb.base_linear() if base is None else base
+    ranks = [pb.R] * len(names) if ranks is None else ranks
+    model = nn.Sequential(collections.OrderedDict(proj=base))
+    cfgs = [LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["proj"]) for r in ranks]
+    peft_model = get_peft_model(model, cfgs[0], adapter_name=names[0], autocast_adapter_dtype=False)
+    for nm, cfg in zip(names[1:], cfgs[1:], strict=True):
         peft_model.add_adapter(nm, copy.copy(cfg))
     layer = peft_model.base_model.model.proj
-    layer.to(pb.dtype)  # add_adapter creates fp32 adapters; compare at the base dtype, as fastlora runs
+    layer.to(base.weight.dtype)  # add_adapter creates fp32 adapters; compare at the base dtype, as fastlora runs
     return layer
 
 

@@ -310,10 +310,13 @@ class Case:
     tf32: bool = False
     quant: str = ""  # "nf4": a 4-bit base (fastlora.lora_linear_4bit, double quant, blocksize 64)
     dora: bool = False  # DoRA: fastlora.lora_linear(magnitude=), the magnitude trained with the adapters
+    ranks: tuple = ()  # a ragged grouped stack (rank_offsets), G = len(ranks) adapters at these ranks; r unused
 
     def __str__(self):
         kind = f"grouped{self.G}" if self.G > 1 else f"{self.quant}-dense" if self.quant else "dense"
         kind = f"dora-{kind}" if self.dora else kind
+        if self.ranks:
+            kind = f"ragged{len(self.ranks)}-rmax{max(self.ranks)}"
         mode = f"train-p{self.p:g}" if self.train else "infer"
         return (f"{kind}-{mode} {self.dtype}{'-tf32' if self.tf32 else ''} M{self.M}-K{self.K}-N{self.N}-R{self.r}"
                 f"{'' if self.bias else '-nobias'}")
@@ -325,11 +328,19 @@ class Case:
         b = torch.empty(self.N, dtype=dt) if self.bias else None
         lead = (self.G,) if self.G > 1 else ()
         adt = torch.float32 if self.quant else dt  # fastlora.Linear4bit's adapters are fp32, as PEFT's QLoRA
-        a = torch.empty(*lead, self.r, self.K, dtype=adt, requires_grad=self.train)
-        bb = torch.empty(*lead, self.N, self.r, dtype=adt, requires_grad=self.train)
+        if self.ranks:
+            lead, r = (), sum(self.ranks)
+        else:
+            r = self.r
+        a = torch.empty(*lead, r, self.K, dtype=adt, requires_grad=self.train)
+        bb = torch.empty(*lead, self.N, r, dtype=adt, requires_grad=self.train)
         kw = dict(dropout_p=self.p, training=self.train, seed=1)
         with torch.set_grad_enabled(self.train), _allow_tf32(self.tf32):
-            if self.G > 1:
+            if self.ranks:
+                ids = torch.arange(self.M) % len(self.ranks)
+                offsets = torch.tensor([0, *torch.tensor(self.ranks).cumsum(0).tolist()], dtype=torch.int32)
+                y = fastlora.grouped_lora_linear(x, w, b, a, bb, 2.0, ids, rank_offsets=offsets, **kw)
+            elif self.G > 1:
                 ids = torch.arange(self.M) % self.G
                 y = fastlora.grouped_lora_linear(x, w, b, a, bb, 2.0, ids, **kw)
             elif self.quant:
@@ -345,9 +356,9 @@ class Case:
 
 
 def _calls(dtype: str, M: int, K: int, N: int, r: int, G: int = 1, ps=(0.0, 0.1), biases=(True, False),
-           infer: bool = True, tf32: bool = False, quant: str = "", dora: bool = False) -> list[Case]:
+           infer: bool = True, tf32: bool = False, quant: str = "", dora: bool = False, ranks=()) -> list[Case]:
     """Training at each dropout in ``ps`` and (``infer``) inference, with and without bias as ``biases`` says."""
-    kw = dict(G=G, tf32=tf32, quant=quant, dora=dora)
+    kw = dict(G=G, tf32=tf32, quant=quant, dora=dora, ranks=ranks)
     return [c for bias in biases
             for c in ((Case(dtype, M, K, N, r, bias=bias, train=False, **kw),) if infer else ())
             + tuple(Case(dtype, M, K, N, r, p, bias, **kw) for p in ps)]
@@ -360,6 +371,24 @@ def dora_calls(M: int) -> list[Case]:
             *_calls("fp16", M, 4096, 4096, 64, ps=(0.1,), biases=(True,), infer=False, dora=True),
             *_calls("fp32", M, 4096, 4096, 256, ps=(0.0, 0.1), biases=(True,), infer=False, dora=True),
             *_calls("fp32", M, 4096, 4096, 256, ps=(0.0, 0.1), biases=(True,), infer=False, tf32=True, dora=True)]
+
+
+# Ragged stacks (issue 24): the bench's mix (28 x r 8, 3 x r 64, 1 x r 256: T 256 wide) and a small-rank one (16 wide),
+# which give every BLOCK_R / shrink BLOCK_N the ragged launchers choose.
+RAGGED_MIXES = ((8,) * 28 + (64,) * 3 + (256,), (2, 8, 16, 4))
+
+
+def ragged_calls(M: int) -> list[Case]:
+    """Ragged grouped calls (K = N = 4096): every flag at bf16 for both mixes; training with dropout and inference at
+    fp16 and fp32 (ieee and tf32). Also the ci tier's, and ``--tier ragged`` alone."""
+    out = []
+    for ranks in RAGGED_MIXES:
+        kw = dict(G=len(ranks), ranks=ranks)
+        out += _calls("bf16", M, 4096, 4096, 0, **kw)
+        out += _calls("fp16", M, 4096, 4096, 0, ps=(0.1,), biases=(True,), **kw)
+        out += _calls("fp32", M, 4096, 4096, 0, ps=(0.1,), biases=(True,), **kw)
+        out += _calls("fp32", M, 4096, 4096, 0, ps=(0.1,), biases=(True,), tf32=True, **kw)
+    return out
 
 
 def cases(tier: str) -> list[Case]:
@@ -379,6 +408,8 @@ def cases(tier: str) -> list[Case]:
         )]
     if tier == "dora":
         return [c for M in (4096, 16, 1) for c in dora_calls(M)]
+    if tier == "ragged":
+        return [c for M in (4096, 16, 1) for c in ragged_calls(M)]
     g = harness.GRIDS["default"]
     out = []
     for dtype, tf32 in (("bf16", False), ("fp16", False), ("fp32", False), ("fp32", True)):
@@ -410,7 +441,7 @@ def report(case_list: list[Case], capability: int, jobs: int) -> list[Variant]:
     """``compile_cases`` spread over ``jobs`` fresh processes, one task per (dtype, tf32, dense/grouped, r)."""
     groups: dict[tuple, list[Case]] = {}
     for case in case_list:  # tasks that share few kernels; a repeat in another process reads Triton's disk cache
-        groups.setdefault((case.dtype, case.tf32, case.G, case.r, case.quant, case.dora), []).append(case)
+        groups.setdefault((case.dtype, case.tf32, case.G, case.r, case.quant, case.dora, case.ranks), []).append(case)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         parts = list(pool.map(compile_cases, groups.values(), [capability] * len(groups)))
@@ -496,7 +527,8 @@ def table(records: list[dict], capability: int) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--capability", type=int, choices=sorted(DEVICES), default=90, help="compile target (sm_XX)")
-    ap.add_argument("--tier", choices=("full", "ci", "dora"), default="full", help="which grid of public calls")
+    ap.add_argument("--tier", choices=("full", "ci", "dora", "ragged"), default="full",
+                    help="which grid of public calls")
     ap.add_argument("--json", metavar="PATH", help="write the records here")
     ap.add_argument("--check", action="store_true", help="exit 1 if a check fails")
     ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="worker processes (default: one per CPU)")

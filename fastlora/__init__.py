@@ -1,7 +1,7 @@
 """fastlora: fused Triton kernels for LoRA layers, single-adapter and grouped multi-adapter."""
 
 from fastlora import reference
-from fastlora.adapters import load_adapter, load_adapters_grouped, save_adapter
+from fastlora.adapters import add_adapters, load_adapter, load_adapters_grouped, remove_adapters, save_adapter
 from fastlora.convert import from_peft
 from fastlora.functional import dropout_mask, grouped_lora_linear, lora_linear, lora_linear_4bit
 from fastlora.grouping import AdapterBatch
@@ -16,6 +16,7 @@ __all__ = [
     "GroupedLinear",
     "Linear",
     "Linear4bit",
+    "add_adapters",
     "dropout_mask",
     "from_peft",
     "grouped_lora_linear",
@@ -26,6 +27,7 @@ __all__ = [
     "lora_linear_4bit",
     "merge",
     "reference",
+    "remove_adapters",
     "save_adapter",
     "unmerge",
     "use_adapters",

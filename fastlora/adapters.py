@@ -3,7 +3,8 @@
 Tensor keys are PEFT's: ``base_model.model.<module name>.lora_A.weight`` ([r, in]) and ``...lora_B.weight``
 ([out, r]), module names relative to the model passed in (the model given to ``PeftModel.from_pretrained``).
 ``save_adapter``/``load_adapter`` move one adapter between fastlora and PEFT; ``load_adapters_grouped``
-stacks several saved adapters into ``GroupedLinear`` layers for mixed-adapter batches.
+stacks several saved adapters into ``GroupedLinear`` layers for mixed-adapter batches, each at its own rank, and
+``add_adapters``/``remove_adapters`` load and evict them at run time.
 """
 
 from __future__ import annotations
@@ -145,58 +146,174 @@ def load_adapters_grouped(model: nn.Module, paths, *, dropout: float = 0.0) -> l
     """Stack the PEFT-format adapters in ``paths`` into ``GroupedLinear`` layers; adapter id i is ``paths[i]``.
 
     Every layer named in any file (an ``nn.Linear`` or unmerged ``fastlora.Linear``) becomes a ``GroupedLinear``
-    with ``num_adapters=len(paths)`` sharing the base weight. Lower ranks are zero-padded to the largest r;
-    ``scaling[i]`` is alpha_i/r_i (alpha_i/sqrt(r_i) with use_rslora), 0 where adapter i lacks the layer. Run
-    the model inside ``fastlora.use_adapters(model, ids)``. ``dropout`` applies to every adapter (0 for
-    serving). Returns the layer names; afterwards only the stacks' adapters require grad.
+    with ``num_adapters=len(paths)`` sharing the base weight, each adapter stored at its own rank (a ragged stack:
+    sum r_i * (in + out) values, rank 0 where adapter i lacks the layer). ``scaling[i]`` is alpha_i/r_i
+    (alpha_i/sqrt(r_i) with use_rslora), 0 where adapter i lacks the layer. Run the model inside
+    ``fastlora.use_adapters(model, ids)``. ``dropout`` applies to every adapter (0 for serving). Returns the layer
+    names; afterwards only the stacks' adapters require grad. A transaction like ``load_adapter``: everything is
+    read, checked and built off the model first, so a failure leaves the model as it was.
     """
     paths = list(paths)
     if not paths:
         raise ValueError("load_adapters_grouped needs at least one adapter path; got none")
     loaded = [read_adapter(p) for p in paths]
+    bases = _grouped_bases(model, paths, loaded, {})
+    with _transaction(model):
+        layers = {name: _stack(base.weight, base.bias, [_entry(c, w, name) for c, w in loaded], dropout)
+                  for name, base in bases.items()}
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer)
+    freeze_base(model)
+    return list(layers)
+
+
+def add_adapters(model: nn.Module, paths, *, dropout: float = 0.0) -> list[int]:
+    """Load the PEFT-format adapters in ``paths`` into a grouped model while it serves; return their adapter ids.
+
+    ``model``: one that ``load_adapters_grouped`` / ``add_adapters`` built (its ``GroupedLinear`` layers share one id
+    space), or a plain model (then this is ``load_adapters_grouped`` and the ids are 0, 1, ...). Each new adapter
+    takes the lowest id that ``remove_adapters`` freed, else the next new one; the other ids keep their adapters.
+    Layers named in a file that are not grouped yet (an ``nn.Linear`` or unmerged ``fastlora.Linear``) become
+    ``GroupedLinear`` (``dropout`` for them; the others keep theirs). Storage: every layer is rebuilt compact, each
+    live adapter at its own rank (no gaps, no padding), so add/remove cycles never grow it. A transaction: all files
+    are read and checked and every new layer built off the model before any is swapped in; a failure changes
+    nothing. Optimizers holding the old ``lora_A``/``lora_B`` parameters must be rebuilt.
+    """
+    paths = list(paths)
+    if not paths:
+        raise ValueError("add_adapters needs at least one adapter path; got none")
+    grouped = _grouped_layers(model)
+    if not grouped:
+        load_adapters_grouped(model, paths, dropout=dropout)
+        return list(range(len(paths)))
+    n, removed = _id_space(grouped)
+    loaded = [read_adapter(p) for p in paths]
+    free = sorted(removed)
+    ids = []
+    for _ in paths:
+        ids.append(free.pop(0) if free else max([n - 1, *ids]) + 1)
+    total = max(n, max(ids) + 1)
+    bases = _grouped_bases(model, paths, loaded, grouped)
+    with _transaction(model):
+        layers = {}
+        for name, base in bases.items():
+            entries = _entries(grouped[name], total) if name in grouped else [None] * total
+            for i, (config, weights) in zip(ids, loaded, strict=True):
+                entries[i] = _entry(config, weights, name)
+            layers[name] = _stack(base.weight, base.bias, entries, grouped[name].dropout if name in grouped
+                                  else dropout, removed.difference(ids))
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer)
+    freeze_base(model)
+    return ids
+
+
+def remove_adapters(model: nn.Module, ids) -> None:
+    """Evict adapters ``ids`` from every ``GroupedLinear`` of ``model`` (built by ``load_adapters_grouped`` /
+    ``add_adapters``). The other ids keep their adapters; a removed id used again raises ``ValueError`` (with the
+    ids check on: ``use_adapters``/``forward`` default) until ``add_adapters`` reuses it; unchecked it adds nothing
+    (rank 0, scaling 0), never the evicted weights. Every layer is rebuilt compact (the evicted rows are freed; the
+    id slot stays, one offset and one scale, for reuse). Bad ids (not ints, out of range, already removed, repeated)
+    raise before anything changes.
+    """
+    grouped = _grouped_layers(model)
+    if not grouped:
+        raise ValueError("remove_adapters found no fastlora.GroupedLinear in the model")
+    n, removed = _id_space(grouped)
+    ids = list(ids) if not isinstance(ids, int) else [ids]
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"adapter ids must be ints; got {i!r}")
+        if not 0 <= i < n:
+            raise IndexError(f"adapter id {i} is out of range: the model has ids 0..{n - 1}")
+        if i in removed:
+            raise ValueError(f"adapter id {i} was already removed")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"ids must not repeat; got {ids}")
+    layers = {}
+    for name, layer in grouped.items():
+        entries = _entries(layer, n)
+        for i in ids:
+            entries[i] = None
+        layers[name] = _stack(layer.weight, layer.bias, entries, layer.dropout, removed.union(int(i) for i in ids))
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer)
+    freeze_base(model)
+
+
+def _grouped_layers(model: nn.Module) -> dict[str, GroupedLinear]:
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, GroupedLinear)}
+
+
+def _id_space(grouped: dict[str, GroupedLinear]) -> tuple[int, frozenset]:
+    """(adapter ids, removed ids) that every grouped layer of a model shares."""
+    spaces = {(layer.num_adapters, layer.removed) for layer in grouped.values()}
+    if len(spaces) > 1:
+        raise ValueError("the model's GroupedLinear layers disagree on their adapter ids (num_adapters / removed): "
+                         "they were not built together by load_adapters_grouped / add_adapters")
+    return spaces.pop()
+
+
+def _grouped_bases(model, paths, loaded, grouped) -> dict[str, nn.Module]:
+    """{layer name: its base module} for every layer named in a file or already grouped, each file's tensors
+    checked against its layer, before anything is built."""
     files = {name for _, weights in loaded for name in weights}
-    names = [name for name, _ in model.named_modules() if name in files]
+    names = [name for name, _ in model.named_modules() if name in files or name in grouped]
     missing = files.difference(names)
     if missing:
         raise ValueError(f"adapters have weights for {sorted(missing)}, which are not modules of the model")
     bases = {}
-    for name in names:  # check every layer of every file before replacing anything
-        for path, (config, weights) in zip(paths, loaded, strict=True):
-            if name in weights:
-                bases[name] = _base_of(model, name, *weights[name], path)
-                _layer_args(config, name, weights[name][0].shape[0], path)
-        if isinstance(bases[name], Linear4bit) or _is_bnb_4bit(bases[name]):
-            raise NotImplementedError(f"{name!r} has a 4-bit base: load_adapters_grouped stacks adapters over "
-                                      "16/32-bit bases only (there is no grouped 4-bit layer)")
-    r_max = max(a.shape[0] for _, weights in loaded for a, _ in weights.values())
-    n = len(paths)
-    layers = {}
     for name in names:
-        weight, bias = bases[name].weight, bases[name].bias
-        N, K = weight.shape
-        layer = GroupedLinear(K, N, bias is not None, num_adapters=n, r=r_max, dropout=dropout, device="meta",
-                              dtype=weight.dtype)
-        lora_A = torch.zeros(n, r_max, K, dtype=weight.dtype, device=weight.device)
-        lora_B = torch.zeros(n, N, r_max, dtype=weight.dtype, device=weight.device)
-        scaling = torch.zeros(n, dtype=torch.float32, device=weight.device)
-        for i, (config, weights) in enumerate(loaded):
+        for path, (config, weights) in zip(paths, loaded, strict=True):
             if name not in weights:
                 continue
-            a, b = weights[name]
-            r = a.shape[0]
-            lora_A[i, :r] = a
-            lora_B[i, :, :r] = b
-            alpha = _alpha(config, name)
-            scaling[i] = alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
-        layer.weight, layer.bias = weight, bias
-        layer.lora_A, layer.lora_B = nn.Parameter(lora_A), nn.Parameter(lora_B)
-        layer.scaling = scaling
-        layer.alpha = None  # per adapter: see the scaling buffer
-        layers[name] = layer
-    for name, layer in layers.items():
-        _set_submodule(model, name, layer)
-    freeze_base(model)
-    return names
+            if name in grouped:
+                _check_pair(name, *weights[name], grouped[name].out_features, grouped[name].in_features, path)
+            else:
+                bases[name] = _base_of(model, name, *weights[name], path)
+            _layer_args(config, name, weights[name][0].shape[0], path)
+        if name in grouped:
+            bases[name] = grouped[name]
+        elif isinstance(bases[name], Linear4bit) or _is_bnb_4bit(bases[name]):
+            raise NotImplementedError(f"{name!r} has a 4-bit base: grouped adapters stack over 16/32-bit bases only "
+                                      "(there is no grouped 4-bit layer)")
+    return bases
+
+
+def _entry(config: dict, weights: dict, name: str):
+    """(lora_A, lora_B, scaling) of layer ``name`` in one adapter file, or None if the file lacks the layer."""
+    if name not in weights:
+        return None
+    a, b = weights[name]
+    r, alpha = a.shape[0], _alpha(config, name)
+    return a, b, alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
+
+
+def _entries(layer: GroupedLinear, total: int) -> list:
+    """A grouped layer's adapters as ``_entry`` tuples (None: rank 0), padded with None to ``total`` ids."""
+    scaling = layer.scaling.tolist()
+    out = [(*layer.adapter(g), scaling[g]) if layer.ranks[g] else None for g in range(layer.num_adapters)]
+    return out + [None] * (total - len(out))
+
+
+def _stack(weight, bias, entries: list, dropout: float, removed=frozenset()) -> GroupedLinear:
+    """A new ``GroupedLinear`` over ``weight``/``bias`` with adapter i = entries[i] (None: rank 0), compact."""
+    N, K = weight.shape
+    ranks = [0 if e is None else e[0].shape[0] for e in entries]
+    kw = dict(dtype=weight.dtype, device=weight.device)
+    lora_A, lora_B = torch.zeros(sum(ranks), K, **kw), torch.zeros(N, sum(ranks), **kw)
+    scaling = torch.zeros(len(entries), dtype=torch.float32, device=weight.device)
+    o = 0
+    with torch.no_grad():
+        for i, e in enumerate(entries):
+            if e is None:
+                continue
+            a, b, s = e
+            lora_A[o:o + a.shape[0]] = a
+            lora_B[:, o:o + a.shape[0]] = b
+            scaling[i] = s
+            o += a.shape[0]
+    return GroupedLinear.from_stack(weight, bias, lora_A, lora_B, ranks, scaling, dropout=dropout, removed=removed)
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:

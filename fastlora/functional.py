@@ -154,11 +154,21 @@ def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *
     values are checked on the host (a second synchronisation) unless ``check_ids=False`` or under torch.compile;
     unchecked, bad offsets are undefined behaviour like bad ids.
     """
+    return _grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, dropout_p=dropout_p,
+                                training=training, seed=seed, check_ids=check_ids, batch=batch,
+                                rank_offsets=rank_offsets)
+
+
+def _grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *, dropout_p=0.0, training=False,
+                         seed=None, check_ids=True, batch=None, rank_offsets=None, ragged_width=None):
+    """``grouped_lora_linear``; ``ragged_width``: T's width for offsets the caller built and trusts (a
+    ``GroupedLinear``'s own), whose values are then not read on the host."""
     _check_x_weight_bias(x, weight, bias)
     N, K = weight.shape
     checking = check_ids and not x.is_meta and not torch.compiler.is_compiling()
     if rank_offsets is not None:
-        n, width = _check_ragged(x, lora_A, lora_B, rank_offsets, N, K, scaling, checking)
+        n, width = _check_ragged(x, lora_A, lora_B, rank_offsets, N, K, scaling, checking and ragged_width is None)
+        width = ragged_width or width
     else:
         if lora_A.dim() != 3:
             raise ValueError(f"lora_A must have shape (num_adapters, r, in_features); got {tuple(lora_A.shape)}")

@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastlora import dora
-from fastlora._launch import MAX_RANK
-from fastlora.functional import _check_lora, _check_x_weight_bias, _dora_linear, grouped_lora_linear, lora_linear
+from fastlora._launch import MAX_RANK, block_r
+from fastlora.functional import _check_lora, _check_x_weight_bias, _dora_linear, _grouped_lora_linear, lora_linear
 from fastlora.grouping import AdapterBatch
 from fastlora.reference import DORA_EPS
 
@@ -144,29 +144,79 @@ class Linear(nn.Module):
 
 
 class GroupedLinear(nn.Module):
-    """A frozen base linear with a stack of ``num_adapters`` LoRA adapters; each token picks one (or -1).
+    """A frozen base linear with a ragged stack of adapters, each at its own rank; each token picks one (or -1).
 
-    ``lora_A`` (n, r, in), ``lora_B`` (n, out, r); ``scaling`` an (n,) buffer (alpha/r each, adapters loaded
-    with other alphas set their own entry). Lower-rank adapters are zero-padded to r.
+    Adapter g owns rows ``rank_offsets[g]:rank_offsets[g + 1]`` of ``lora_A`` (sum r, in) and those columns of
+    ``lora_B`` (out, sum r): the layer holds sum r_g * (in + out) adapter values, no padding to the largest rank.
+    ``scaling`` is an (n,) buffer (alpha/r each; adapters loaded with other alphas set their own entry), and
+    ``rank_offsets`` an int32 (n + 1,) buffer; ``ranks`` is the same on the host. ``GroupedLinear(in, out,
+    num_adapters=n, r=8)`` makes n adapters of rank r; ``ranks=[8, 64, 256]`` one per entry (rank 0: an empty slot).
+    ``removed``: adapter ids evicted by ``fastlora.remove_adapters`` (rank 0; using one raises ``ValueError``).
     """
 
-    def __init__(self, in_features, out_features, bias=True, *, num_adapters, r=8, alpha=8, dropout=0.0,
-                 device=None, dtype=None):
+    def __init__(self, in_features, out_features, bias=True, *, num_adapters=None, r=8, alpha=8, dropout=0.0,
+                 ranks=None, device=None, dtype=None):
         super().__init__()
-        if not isinstance(num_adapters, int) or num_adapters < 1:
-            raise ValueError(f"num_adapters must be a positive int; got {num_adapters!r}")
+        if ranks is None:
+            if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
+                raise ValueError(f"num_adapters must be a positive int; got {num_adapters!r}")
+            r, alpha, dropout, _, scale = _adapter_args(r, alpha, dropout, False)
+            ranks = [r] * num_adapters
+            scales = [scale] * num_adapters
+        else:
+            if num_adapters is not None and num_adapters != len(ranks):
+                raise ValueError(f"num_adapters = {num_adapters} but ranks has {len(ranks)} entries")
+            ranks = list(ranks)
+            if not ranks:
+                raise ValueError("ranks must name at least one adapter; got none")
+            scales = []
+            for rank in ranks:
+                if isinstance(rank, numbers.Integral) and rank == 0:
+                    scales.append(0.0)
+                    continue
+                rank, alpha, dropout, _, scale = _adapter_args(rank, alpha, dropout, False)
+                scales.append(scale)
+            ranks = [int(rank) for rank in ranks]
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        r, alpha, dropout, _, scale = _adapter_args(r, alpha, dropout, False)
-        self.in_features, self.out_features = in_features, out_features
-        self.num_adapters, self.r, self.alpha, self.dropout = num_adapters, r, alpha, dropout
-        self.weight = base.weight.requires_grad_(False)
-        self.bias = base.bias.requires_grad_(False) if bias else None
+        total = sum(ranks)
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(num_adapters, r, in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(num_adapters, out_features, r, **kw))
-        for a in self.lora_A.data:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.register_buffer("scaling", torch.full((num_adapters,), scale, device=base.weight.device))
+        lora_A = torch.empty(total, in_features, **kw)
+        for o, rank in zip(_offsets(ranks), ranks, strict=False):
+            if rank:
+                nn.init.kaiming_uniform_(lora_A[o:o + rank], a=math.sqrt(5))
+        self._setup(base.weight.requires_grad_(False), base.bias.requires_grad_(False) if bias else None,
+                    lora_A, torch.zeros(out_features, total, **kw), ranks,
+                    torch.tensor(scales, dtype=torch.float32, device=base.weight.device), dropout, frozenset())
+        self.alpha = alpha
+
+    @classmethod
+    def from_stack(cls, weight, bias, lora_A, lora_B, ranks, scaling, *, dropout=0.0, removed=()) -> GroupedLinear:
+        """A layer over ``weight``/``bias`` (shared, frozen) holding a ragged stack built elsewhere: lora_A (sum r, in),
+        lora_B (out, sum r) with adapter g at rank ``ranks[g]``, ``scaling`` fp32 (n,). The tensors are taken as they
+        are (no copy)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        weight.requires_grad_(False)
+        if bias is not None:
+            bias.requires_grad_(False)
+        self._setup(weight, bias, lora_A, lora_B, [int(r) for r in ranks], scaling, float(dropout), frozenset(removed))
+        self.alpha = None  # per adapter: see the scaling buffer
+        return self
+
+    def _setup(self, weight, bias, lora_A, lora_B, ranks, scaling, dropout, removed):
+        if len(ranks) != scaling.numel() or sum(ranks) != lora_A.shape[0] or lora_B.shape[1] != lora_A.shape[0]:
+            raise AssertionError("ragged stack parts disagree")  # built by this package, not by users
+        self.out_features, self.in_features = weight.shape
+        self.weight, self.bias = weight, bias
+        self.lora_A, self.lora_B = nn.Parameter(lora_A), nn.Parameter(lora_B)
+        self.ranks = list(ranks)
+        self.num_adapters = len(ranks)
+        self.r = max(ranks)
+        self.dropout = dropout
+        self.removed = removed
+        self.register_buffer("scaling", scaling)
+        self.register_buffer("rank_offsets", torch.tensor(_offsets(ranks) + [sum(ranks)], dtype=torch.int32,
+                                                          device=weight.device))
         self._context: _AdapterContext | None = None
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -176,14 +226,46 @@ class GroupedLinear(nn.Module):
             if self._context is None:
                 raise ValueError("GroupedLinear needs adapter_ids: pass them to forward or run the model "
                                  "inside `with fastlora.use_adapters(model, adapter_ids)`")
-            adapter_ids, batch = self._context.ids_for(x.shape[:-1], self.num_adapters, x.device)
+            adapter_ids, batch = self._context.ids_for(x.shape[:-1], self.num_adapters, x.device, self.removed)
             check = False
-        return grouped_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, adapter_ids,
-                                   dropout_p=self.dropout, training=self.training, check_ids=check, batch=batch)
+        elif self.removed and not torch.compiler.is_compiling():
+            _check_removed(adapter_ids, self.removed)
+        # the offsets are this layer's own (checked when built): no host read, T as wide as the largest rank
+        return _grouped_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, adapter_ids,
+                                    dropout_p=self.dropout, training=self.training, check_ids=check, batch=batch,
+                                    rank_offsets=self.rank_offsets, ragged_width=block_r(max(self.r, 1)))
+
+    def adapter(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lora_A [r_g, in], lora_B [out, r_g]) of adapter g: views into the stack."""
+        o = sum(self.ranks[:g])
+        return self.lora_A[o:o + self.ranks[g]], self.lora_B[:, o:o + self.ranks[g]]
 
     def extra_repr(self) -> str:
+        ranks = self.ranks if len(self.ranks) <= 8 else f"{self.ranks[:8]}..."
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"num_adapters={self.num_adapters}, r={self.r}, dropout={self.dropout}")
+                f"num_adapters={self.num_adapters}, ranks={ranks}, dropout={self.dropout}"
+                + (f", removed={sorted(self.removed)}" if self.removed else ""))
+
+
+def _offsets(ranks: list[int]) -> list[int]:
+    """The start row of each adapter in a ragged stack."""
+    out, o = [], 0
+    for r in ranks:
+        out.append(o)
+        o += r
+    return out
+
+
+def _check_removed(adapter_ids: torch.Tensor, removed) -> None:
+    """Raise if any id was evicted by ``remove_adapters`` (one host read, with the range check's)."""
+    if adapter_ids.is_meta or not adapter_ids.numel():
+        return
+    dead = torch.tensor(sorted(removed), device=adapter_ids.device, dtype=adapter_ids.dtype)
+    hit = torch.isin(adapter_ids.reshape(-1), dead)
+    if bool(hit.any()):
+        value = int(adapter_ids.reshape(-1)[hit.nonzero()[0, 0]])
+        raise ValueError(f"adapter id {value} was removed (fastlora.remove_adapters) and not reused by a later "
+                         f"add; removed ids: {sorted(removed)}")
 
 
 class _AdapterContext:
@@ -199,8 +281,8 @@ class _AdapterContext:
         self.check_ids = check_ids
         self._batches: dict = {}
 
-    def ids_for(self, token_shape: torch.Size, num_adapters: int, device: torch.device):
-        key = (tuple(token_shape), num_adapters, device)
+    def ids_for(self, token_shape: torch.Size, num_adapters: int, device: torch.device, removed=frozenset()):
+        key = (tuple(token_shape), num_adapters, device, removed)
         if key not in self._batches:
             ids = self.ids
             if ids.dim() == 1 and len(token_shape) >= 1 and token_shape[0] == ids.shape[0]:
@@ -210,6 +292,8 @@ class _AdapterContext:
                                  f"neither the batch nor the tokens of an input with token shape "
                                  f"{tuple(token_shape)}")
             ids = ids.to(device)
+            if removed and self.check_ids and not torch.compiler.is_compiling():
+                _check_removed(ids, removed)
             self._batches[key] = (ids, AdapterBatch.build(ids, num_adapters, check_ids=self.check_ids))
         return self._batches[key]
 

@@ -218,7 +218,10 @@ def test_grouped_mixed_batch_equals_each_adapter(tmp_path):
     assert len(names) == 10
     for name in names:
         layer = model.get_submodule(name)
-        assert isinstance(layer, fastlora.GroupedLinear) and layer.lora_A.shape[:2] == (3, 8)
+        ranks = [c["r"] if name.rpartition(".")[2] in c["target_modules"] else 0 for c in configs]
+        assert isinstance(layer, fastlora.GroupedLinear) and layer.ranks == ranks  # each at its own rank
+        assert layer.lora_A.shape == (sum(ranks), layer.in_features)
+        assert layer.lora_B.shape == (layer.out_features, sum(ranks))
     assert {n for n, p in model.named_parameters() if p.requires_grad} == \
         {f"{n}.{p}" for n in names for p in ("lora_A", "lora_B")}
     q = model.model.layers[0].self_attn.q_proj

@@ -176,3 +176,196 @@ def test_bad_ragged_shapes_and_ranks_raise(device):
     x, w, b, a, bb = make_ragged(6, 16, 8, [300], torch.float32, device)
     with pytest.raises(ValueError, match="rank_offsets gives adapter 1 rank 299; ranks must be at most 256"):
         fastlora.grouped_lora_linear(x, w, b, a, bb, 1.0, ids, rank_offsets=torch.tensor([0, 1, 300]).to(device))
+
+
+# ------------------------------------------------------------------------------------------ layers and models
+
+
+def test_grouped_linear_stores_each_adapter_at_its_own_rank(device):
+    torch.manual_seed(0)
+    layer = fastlora.GroupedLinear(40, 24, ranks=[2, 16, 0, 8], alpha=8, device=device)
+    torch.nn.init.normal_(layer.lora_B)
+    assert layer.lora_A.shape == (26, 40) and layer.lora_B.shape == (24, 26)
+    assert layer.rank_offsets.tolist() == [0, 2, 18, 18, 26]
+    assert layer.scaling.tolist() == [4.0, 0.5, 0.0, 1.0]
+    x = torch.randn(3, 7, 40, device=device)
+    ids = torch.randint(-1, 4, (3, 7), generator=torch.Generator().manual_seed(0)).to(device)
+    y = layer(x, ids)
+    ref = reference.grouped_lora_linear(*f64(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B),
+                                        layer.scaling.double(), ids, rank_offsets=layer.rank_offsets)
+    assert_close(y, ref, torch.float32, "y")
+    with pytest.raises(ValueError, match="r must be an int in"):
+        fastlora.GroupedLinear(40, 24, ranks=[2, 300])
+
+
+def test_compile_fullgraph_ragged(device):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = fastlora.GroupedLinear(32, 24, ranks=[2, 16, 0, 8], alpha=8, device=device)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(9, 32, device=device)
+    ids = torch.tensor([3, 0, -1, 1, 1, 2, 0, 3, 1], device=device)
+
+    def run(fn):
+        layer.zero_grad(set_to_none=True)
+        xi = x.detach().requires_grad_()
+        with fastlora.use_adapters(layer, ids):
+            y = fn(xi)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device))
+        return [y, xi.grad, layer.lora_A.grad, layer.lora_B.grad]
+
+    try:
+        got = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+        # the functional form too: offsets not read on the host while compiling, T's width from sum r
+        fn = torch.compile(lambda xi: fastlora.grouped_lora_linear(
+            xi, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, ids,
+            rank_offsets=layer.rank_offsets), fullgraph=True, backend="aot_eager")
+        functional = run(fn)
+    finally:
+        torch._dynamo.reset()
+    expected = run(layer)
+    for i, (g, f, e) in enumerate(zip(got, functional, expected, strict=True)):
+        assert_close(g, e.double(), torch.float32, f"module output {i}")
+        assert_close(f, e.double(), torch.float32, f"functional output {i}")
+
+
+def tiny_llama():
+    from tiny import tiny_llama as build  # needs transformers: imported here, so the kernel tests above run without
+
+    return build()
+
+
+# ranks 2 / 64 / 8 on different modules (and one pattern), the issue's mix on a tiny Llama (hidden 64)
+CONFIGS = [dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+           dict(r=64, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "o_proj", "up_proj"]),
+           dict(r=8, lora_alpha=8, target_modules=["down_proj", "k_proj"], rank_pattern={"k_proj": 4}),
+           dict(r=16, lora_alpha=32, target_modules=["gate_proj", "v_proj"])]
+
+
+def save_peft(path, seed, **config):
+    """A PEFT adapter over tiny_llama() (the same base every time), its weights drawn from ``seed``."""
+    peft = pytest.importorskip("peft")
+    from tiny import randomize_lora_B
+
+    base = tiny_llama()
+    torch.manual_seed(seed)
+    pm = peft.get_peft_model(base, peft.LoraConfig(**config))
+    randomize_lora_B(pm, seed=seed)
+    pm.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def peft_paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ragged-adapters")
+    return [save_peft(root / str(i), 10 + i, **c) for i, c in enumerate(CONFIGS)]
+
+
+@pytest.fixture(scope="module")
+def peft_refs(peft_paths):
+    from peft import PeftModel
+
+    base = tiny_llama().double()
+    return [PeftModel.from_pretrained(tiny_llama().double(), str(p)).eval() for p in peft_paths], base
+
+
+def lora_values(model):
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+def assert_rows_match(model, ids, paths_of, refs, base, seed=0):
+    """Row b of a mixed batch equals the PEFT model of adapter ids[b] (float64), or the base for -1."""
+    from tiny import tokens
+
+    x = tokens(batch=len(ids), seq=5, seed=seed)
+    with fastlora.use_adapters(model, torch.tensor(ids)):
+        out = model(x).logits
+    for row, i in enumerate(ids):
+        ref = base if i < 0 else refs[paths_of[i]]
+        assert_close(out[row], ref(x[row:row + 1]).logits[0], torch.float32, f"row {row} (adapter {i})")
+
+
+def test_tiny_llama_mixed_ranks_equal_each_peft_model(peft_paths, peft_refs):
+    refs, base = peft_refs
+    model = tiny_llama()
+    fastlora.load_adapters_grouped(model, peft_paths[:3])
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.ranks == [2, 64, 0] and model.model.layers[1].self_attn.k_proj.ranks == [0, 0, 4]
+    peft_values = sum(lora_values(r) for r in refs[:3])  # PEFT holds each adapter at its own rank
+    assert lora_values(model) == peft_values
+    padded = sum(3 * max(m.ranks) * (m.in_features + m.out_features) for m in model.modules()
+                 if isinstance(m, fastlora.GroupedLinear))
+    assert lora_values(model) < padded / 2
+    assert_rows_match(model, [2, 0, -1, 1, 0, 2], [0, 1, 2], refs, base)
+
+
+def test_add_remove_add(peft_paths, peft_refs):
+    refs, base = peft_refs
+    model = tiny_llama()
+    assert fastlora.add_adapters(model, peft_paths[:2]) == [0, 1]  # a plain model becomes grouped
+    assert fastlora.add_adapters(model, [peft_paths[2]]) == [2]
+    assert lora_values(model) == sum(lora_values(r) for r in refs[:3])
+    assert_rows_match(model, [2, 1, 0, -1], [0, 1, 2], refs, base, seed=1)
+    fastlora.remove_adapters(model, [1])
+    assert lora_values(model) == lora_values(refs[0]) + lora_values(refs[2])
+    assert_rows_match(model, [2, 0, -1], [0, None, 2], refs, base, seed=2)  # the others keep their ids
+    x = torch.randint(0, 128, (2, 5))
+    removed = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="adapter id 1 was removed"), fastlora.use_adapters(model, removed):
+        model(x)
+    q = model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="adapter id 1 was removed"):
+        q(torch.randn(3, 64), torch.tensor([0, 1, -1]))
+    with fastlora.use_adapters(model, torch.tensor([0, 1]), check_ids=False):  # unchecked: nothing, not stale
+        unchecked = model(x).logits
+    assert_close(unchecked[1], base(x[1:2]).logits[0], torch.float32, "removed id, unchecked")
+    with pytest.raises(ValueError, match="already removed"):
+        fastlora.remove_adapters(model, [1])
+    with pytest.raises(IndexError, match="adapter id 3 is out of range"):
+        fastlora.remove_adapters(model, [3])
+    assert fastlora.add_adapters(model, [peft_paths[3]]) == [1]  # the freed id is reused
+    assert_rows_match(model, [1, 2, 0, 1], [0, 3, 2], refs, base, seed=3)
+    assert fastlora.add_adapters(model, [peft_paths[1]]) == [3]
+
+
+def test_add_remove_cycles_keep_storage_constant(peft_paths):
+    model = tiny_llama()
+    fastlora.load_adapters_grouped(model, peft_paths[:2])
+    start = (lora_values(model), model.model.layers[0].self_attn.q_proj.num_adapters)
+    for _ in range(3):
+        fastlora.remove_adapters(model, [0])
+        assert fastlora.add_adapters(model, [peft_paths[2]]) == [0]
+        fastlora.remove_adapters(model, [0])
+        assert fastlora.add_adapters(model, [peft_paths[0]]) == [0]
+        assert (lora_values(model), model.model.layers[0].self_attn.q_proj.num_adapters) == start
+
+
+def test_failed_add_or_remove_changes_nothing(peft_paths, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(peft_paths[2], bad)
+    weights = load_file(bad / "adapter_model.safetensors")
+    key = next(k for k in weights if k.endswith("layers.1.mlp.down_proj.lora_B.weight"))
+    weights[key] = weights[key][:, :3].contiguous()
+    save_file(weights, bad / "adapter_model.safetensors")
+    model = tiny_llama()
+    fastlora.load_adapters_grouped(model, peft_paths[:2])
+    fastlora.remove_adapters(model, [0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    with pytest.raises(FileNotFoundError):
+        fastlora.add_adapters(model, [peft_paths[2], tmp_path / "missing"])
+    with pytest.raises(ValueError, match=r"down_proj.lora_B must have shape \(out_features, r\) = \(64, 8\)"):
+        fastlora.add_adapters(model, [peft_paths[3], bad])
+    with pytest.raises(ValueError, match="must not repeat"):
+        fastlora.remove_adapters(model, [1, 1])
+    with pytest.raises(TypeError, match="adapter ids must be ints"):
+        fastlora.remove_adapters(model, [1.0])
+    assert all(model.get_submodule(n) is m for n, m in modules.items() if n)
+    assert dict(model.named_modules()).keys() == modules.keys()
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert model.model.layers[0].self_attn.q_proj.removed == {0}
