@@ -19,11 +19,12 @@ class LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, seg, dropout_p, seed,
-                quant=(), qblocks=(), rank_offsets=None, t_width=0):
+                quant=(), qblocks=(), rank_offsets=None, t_width=0, rank_align=1):
         y, t, bits = _ops.lora_forward(x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, seg, dropout_p,
-                                       seed, list(quant), list(qblocks), rank_offsets, t_width)
+                                       seed, list(quant), list(qblocks), rank_offsets, t_width, rank_align)
         ctx.save_for_backward(x, weight, lora_A, lora_B, t, bits, scale_vec, perm, ids, seg, rank_offsets, *quant)
-        ctx.scaling, ctx.dropout_p, ctx.qblocks, ctx.t_width = scaling, dropout_p, qblocks, t_width
+        ctx.scaling, ctx.dropout_p, ctx.qblocks, ctx.t_width, ctx.rank_align = scaling, dropout_p, qblocks, t_width, \
+            rank_align
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
@@ -33,11 +34,11 @@ class LoRAFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx, dA, dB = _ops.lora_backward(dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, scale_vec, perm, ids,
                                         seg, ctx.dropout_p, need[0], need[3], need[4], quant, list(ctx.qblocks),
-                                        rank_offsets, ctx.t_width)
+                                        rank_offsets, ctx.t_width, ctx.rank_align)
         dw = (dy.t() @ x.to(dy.dtype)).to(weight.dtype) if need[1] else None
         db = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None
         return (dx if need[0] else None, dw, db, dA if need[3] else None, dB if need[4] else None,
-                None, None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 class DoRAFunction(torch.autograd.Function):

@@ -224,6 +224,7 @@ class Ragged:
     offsets: torch.Tensor
     width: int
     total: int  # sum r: A's rows, B's columns
+    align: int = 1  # every offset a multiple of this (8: B's rank columns load as 16-byte vectors, cp.async)
 
     @property
     def num_adapters(self) -> int:
@@ -343,8 +344,9 @@ def _prune_grad(configs, named_args, **kwargs):
         threads = 32 * c.num_warps
         bm, bp = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_P"]
         acc = bp * br // threads
-        if fma:
-            return acc + bm * (bp + br) // threads <= FMA_GRAD_BUDGET
+        if fma:  # a ragged rank chunk's offsets: 32x128 (BLOCK_R 32) / 4 warps with dropout (72) kept 8 B of stack
+            budget = FMA_GRAD_BUDGET - 16 if kwargs["RAGGED"] and kwargs["Z_DROPOUT"] else FMA_GRAD_BUDGET
+            return acc + bm * (bp + br) // threads <= budget
         if mma_sync:  # both operands' fragments in registers (sm_80, measured by bench/sm90.py):
             if acc > MMA_SYNC_MAX_ACC or ((kwargs["Z_DROPOUT"] or kwargs["COL_DOT"]) and acc >= MMA_SYNC_MAX_ACC):
                 return False  # tf32 32x64 at r = 256: 8 B at 255 registers; 32x32 dropout at r = 256: 8 B at 128;
@@ -491,7 +493,7 @@ def gemm(
     flags = dict(
         BLOCK_R=min(block_r(R), FMA_LORA_CHUNK if fma else LORA_CHUNK) if has_lora else 16,
         HAS_BIAS=bias is not None, HAS_LORA=has_lora,
-        HAS_PERM=perm is not None, W_GROUPED=w_grouped, B_GROUPED=b_grouped, RAGGED=ragged is not None,
+        HAS_PERM=perm is not None, W_GROUPED=w_grouped, B_GROUPED=b_grouped, RAGGED=ragged.align if ragged else 0,
         HAS_SCALE_VEC=scale_vec is not None,
         X_DROPOUT=x_dropout, OUT_DROPOUT=out_dropout, TMA_OK=x_desc is not None, W_KMAJOR=w_kmajor,
         W_QUANT=DENSE.value if quant is None else quant.w_quant, W_TRANS=bool(quant and quant.transposed),
@@ -583,8 +585,8 @@ def grad(
     )
     flags = dict(
         BLOCK_R=min(block_r(R), RAGGED_GRAD_CHUNK) if ragged is not None else block_r(R), HAS_PERM=perm is not None,
-        GROUPED=seg is not None, RAGGED=ragged is not None, HAS_SCALE_VEC=scale_vec is not None, Z_DROPOUT=z_dropout,
-        INPUT_PRECISION=input_precision(z.dtype, z.device), COL_DOT=col is not None,
+        GROUPED=seg is not None, RAGGED=ragged.align if ragged else 0, HAS_SCALE_VEC=scale_vec is not None,
+        Z_DROPOUT=z_dropout, INPUT_PRECISION=input_precision(z.dtype, z.device), COL_DOT=col is not None,
     )
     chunks = triton.cdiv(R, flags["BLOCK_R"]) if ragged is not None else 1  # a ragged rank's column chunks
 

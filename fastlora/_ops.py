@@ -11,7 +11,8 @@ the compute dtype in ``COMPUTE_DTYPES``); N then comes from lora_B. A dense weig
 ``qblocks`` = [].
 
 A ragged stack (``rank_offsets`` [G + 1] int32, adapter g at its own rank) passes lora_A [sum r, K] and lora_B
-[N, sum r]; T and U are then [M, ``t_width``], each row filled up to its adapter's rank only (the rest unwritten).
+[N, sum r]; T and U are then [M, ``t_width``], each row filled up to its adapter's rank only (the rest unwritten);
+``rank_align``: every offset is a multiple of it (8 enables vector loads of B's rank columns).
 """
 
 import torch
@@ -25,12 +26,13 @@ def lora_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
     scale_vec: Tensor | None, perm: Tensor | None, ids: Tensor | None, seg: Tensor | None, dropout_p: float, seed: int,
     quant: list[Tensor], qblocks: list[int], rank_offsets: Tensor | None = None, t_width: int = 0,
+    rank_align: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [M, N], T [M, R] fp32, bits): T = drop(x) A^T, y = x W^T + b + s T B^T; bits is the packed keep-mask
     (empty without dropout)."""
     M, K = x.shape
     bits = _launch.dropout_bits(M, K, x.device) if dropout_p > 0 else x.new_empty(0, dtype=torch.int32)
-    ragged = _ragged(rank_offsets, t_width, lora_A)
+    ragged = _ragged(rank_offsets, t_width, rank_align, lora_A)
     t = _launch.gemm(x, lora_A, out_dtype=torch.float32, shrink=True, perm=perm, ids=ids, seg=seg,
                      x_dropout=dropout_p > 0, dropout_p=dropout_p, seed=seed, bits=bits if dropout_p > 0 else None,
                      ragged=ragged)
@@ -42,17 +44,17 @@ def lora_forward(
 
 @lora_forward.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, seg, dropout_p, seed, quant, qblocks,
-      rank_offsets=None, t_width=0):
+      rank_offsets=None, t_width=0, rank_align=1):
     M, K = x.shape
     bits = x.new_empty(M, -(-K // 32), dtype=torch.int32) if dropout_p > 0 else x.new_empty(0, dtype=torch.int32)
     R = t_width if rank_offsets is not None else lora_A.shape[-2]
     return x.new_empty(M, lora_B.shape[-2]), x.new_empty(M, R, dtype=torch.float32), bits
 
 
-def _ragged(rank_offsets, t_width, lora_A):
+def _ragged(rank_offsets, t_width, rank_align, lora_A):
     if rank_offsets is None:
         return None
-    return _launch.Ragged(rank_offsets, t_width, lora_A.shape[0])
+    return _launch.Ragged(rank_offsets, t_width, lora_A.shape[0], rank_align)
 
 
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -74,6 +76,7 @@ def lora_backward(
     scale_vec: Tensor | None, perm: Tensor | None, ids: Tensor | None, seg: Tensor | None,
     dropout_p: float, need_dx: bool, need_dA: bool, need_dB: bool,
     quant: list[Tensor], qblocks: list[int], rank_offsets: Tensor | None = None, t_width: int = 0,
+    rank_align: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB); a gradient that is not needed comes back as an empty tensor.
 
@@ -81,7 +84,7 @@ def lora_backward(
     """
     grouped = lora_A.dim() == 3
     G = lora_A.shape[0] if grouped else 1
-    ragged = _ragged(rank_offsets, t_width, lora_A)
+    ragged = _ragged(rank_offsets, t_width, rank_align, lora_A)
     p = dropout_p
     dx, dA, dB = (dy.new_empty(0) for _ in range(3))  # distinct: custom-op outputs may not alias
     if need_dx or need_dA:
@@ -107,7 +110,7 @@ def lora_backward(
 
 @lora_backward.register_fake
 def _(dy, x, weight, lora_A, lora_B, t, bits, scaling, scale_vec, perm, ids, seg, dropout_p,
-      need_dx, need_dA, need_dB, quant, qblocks, rank_offsets=None, t_width=0):
+      need_dx, need_dA, need_dB, quant, qblocks, rank_offsets=None, t_width=0, rank_align=1):
     dx = x.new_empty(x.shape) if need_dx else dy.new_empty(0)
     dA = lora_A.new_empty(lora_A.shape) if need_dA else dy.new_empty(0)
     dB = lora_B.new_empty(lora_B.shape) if need_dB else dy.new_empty(0)

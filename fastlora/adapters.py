@@ -22,7 +22,7 @@ import torch.nn as nn
 from fastlora import _files
 from fastlora.linear4bit import Linear4bit, _is_bnb_4bit
 from fastlora.model import _check_bnb_4bit, _set_submodule, _transaction, freeze_base
-from fastlora.modules import GroupedLinear, Linear, _adapter_args
+from fastlora.modules import GroupedLinear, Linear, _adapter_args, _layout
 
 _SINGLE = (Linear, Linear4bit)  # one-adapter layers: what save_adapter writes and load_adapter fills
 
@@ -300,19 +300,18 @@ def _stack(weight, bias, entries: list, dropout: float, removed=frozenset()) -> 
     """A new ``GroupedLinear`` over ``weight``/``bias`` with adapter i = entries[i] (None: rank 0), compact."""
     N, K = weight.shape
     ranks = [0 if e is None else e[0].shape[0] for e in entries]
+    starts, total = _layout(ranks)
     kw = dict(dtype=weight.dtype, device=weight.device)
-    lora_A, lora_B = torch.zeros(sum(ranks), K, **kw), torch.zeros(N, sum(ranks), **kw)
+    lora_A, lora_B = torch.zeros(total, K, **kw), torch.zeros(N, total, **kw)
     scaling = torch.zeros(len(entries), dtype=torch.float32, device=weight.device)
-    o = 0
     with torch.no_grad():
-        for i, e in enumerate(entries):
+        for i, (o, e) in enumerate(zip(starts, entries, strict=True)):
             if e is None:
                 continue
             a, b, s = e
             lora_A[o:o + a.shape[0]] = a
             lora_B[:, o:o + a.shape[0]] = b
             scaling[i] = s
-            o += a.shape[0]
     return GroupedLinear.from_stack(weight, bias, lora_A, lora_B, ranks, scaling, dropout=dropout, removed=removed)
 
 

@@ -160,15 +160,18 @@ def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *
 
 
 def _grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *, dropout_p=0.0, training=False,
-                         seed=None, check_ids=True, batch=None, rank_offsets=None, ragged_width=None):
+                         seed=None, check_ids=True, batch=None, rank_offsets=None, ragged_width=None, ragged_align=1):
     """``grouped_lora_linear``; ``ragged_width``: T's width for offsets the caller built and trusts (a
-    ``GroupedLinear``'s own), whose values are then not read on the host."""
+    ``GroupedLinear``'s own), whose values are then not read on the host; ``ragged_align``: what they are all
+    multiples of."""
     _check_x_weight_bias(x, weight, bias)
     N, K = weight.shape
     checking = check_ids and not x.is_meta and not torch.compiler.is_compiling()
     if rank_offsets is not None:
-        n, width = _check_ragged(x, lora_A, lora_B, rank_offsets, N, K, scaling, checking and ragged_width is None)
-        width = ragged_width or width
+        n, width, align = _check_ragged(x, lora_A, lora_B, rank_offsets, N, K, scaling,
+                                        checking and ragged_width is None)
+        if ragged_width is not None:
+            width, align = ragged_width, ragged_align
     else:
         if lora_A.dim() != 3:
             raise ValueError(f"lora_A must have shape (num_adapters, r, in_features); got {tuple(lora_A.shape)}")
@@ -204,16 +207,17 @@ def _grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, 
                                              dropout_p=p, training=training, rank_offsets=rank_offsets)
     x, weight, bias = _autocast(x, weight, bias)
     seed = _seed(seed) if p > 0 else 0
-    ragged = () if rank_offsets is None else ((), (), rank_offsets.to(torch.int32), width)
+    ragged = () if rank_offsets is None else ((), (), rank_offsets.to(torch.int32), width, align)
     with torch.autocast(x.device.type, enabled=False):
         y = LoRAFunction.apply(x.reshape(-1, K), weight, bias, lora_A, lora_B, 1.0, scale_vec, batch.perm,
                                batch.sorted_ids, batch.seg_offsets, p, seed, *ragged)
     return y.reshape(*x.shape[:-1], N)
 
 
-def _check_ragged(x, lora_A, lora_B, rank_offsets, N, K, scaling, check_values) -> tuple[int, int]:
+def _check_ragged(x, lora_A, lora_B, rank_offsets, N, K, scaling, check_values) -> tuple[int, int, int]:
     """Check a ragged stack (lora_A [sum r, K], lora_B [N, sum r], rank_offsets [n + 1]); return (n, the width of T:
-    a power of two >= the largest rank, from the values when they are checked, else from sum r, at most 256)."""
+    a power of two >= the largest rank, from the values when they are checked, else from sum r, at most 256; 8 when
+    the checked offsets are all multiples of 8 and B's rows start 16-byte aligned, else 1)."""
     if not isinstance(rank_offsets, torch.Tensor):
         raise TypeError(f"rank_offsets must be an integer tensor or None; got {type(rank_offsets).__name__}")
     if rank_offsets.dtype not in (torch.int32, torch.int64):
@@ -238,7 +242,7 @@ def _check_ragged(x, lora_A, lora_B, rank_offsets, N, K, scaling, check_values) 
         raise ValueError(f"rank_offsets has {n + 1} entries (n = {n} adapters) but scaling has shape "
                          f"{tuple(scaling.shape)}; they must agree")
     if not check_values or rank_offsets.is_meta:
-        return n, min(_launch.block_r(max(total, 1)), _launch.MAX_RANK)
+        return n, min(_launch.block_r(max(total, 1)), _launch.MAX_RANK), 1
     offsets = rank_offsets.tolist()  # the one host synchronisation of the check
     ranks = [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
     if offsets[0] != 0:
@@ -253,7 +257,9 @@ def _check_ragged(x, lora_A, lora_B, rank_offsets, N, K, scaling, check_values) 
     if max(ranks) > _launch.MAX_RANK:
         g = ranks.index(max(ranks))
         raise ValueError(f"rank_offsets gives adapter {g} rank {ranks[g]}; ranks must be at most {_launch.MAX_RANK}")
-    return n, _launch.block_r(max(ranks))
+    aligned = (all(o % 8 == 0 for o in offsets) and lora_B.stride(0) % 8 == 0 and lora_B.stride(1) == 1
+               and lora_B.data_ptr() % 16 == 0)
+    return n, _launch.block_r(max(ranks)), 8 if aligned else 1
 
 
 def _short(values, limit=8):

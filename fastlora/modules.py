@@ -147,7 +147,9 @@ class GroupedLinear(nn.Module):
     """A frozen base linear with a ragged stack of adapters, each at its own rank; each token picks one (or -1).
 
     Adapter g owns rows ``rank_offsets[g]:rank_offsets[g + 1]`` of ``lora_A`` (sum r, in) and those columns of
-    ``lora_B`` (out, sum r): the layer holds sum r_g * (in + out) adapter values, no padding to the largest rank.
+    ``lora_B`` (out, sum r): its rank r_g rounded up to a multiple of 8 (zero rows / columns past r_g), the total
+    to a multiple of 16, so every adapter's columns of B start 16 bytes aligned (vector loads, cp.async). The layer
+    holds about sum r_g * (in + out) adapter values, never n * r_max * (in + out).
     ``scaling`` is an (n,) buffer (alpha/r each; adapters loaded with other alphas set their own entry), and
     ``rank_offsets`` an int32 (n + 1,) buffer; ``ranks`` is the same on the host. ``GroupedLinear(in, out,
     num_adapters=n, r=8)`` makes n adapters of rank r; ``ranks=[8, 64, 256]`` one per entry (rank 0: an empty slot).
@@ -178,10 +180,10 @@ class GroupedLinear(nn.Module):
                 scales.append(scale)
             ranks = [int(rank) for rank in ranks]
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        total = sum(ranks)
+        starts, total = _layout(ranks)
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        lora_A = torch.empty(total, in_features, **kw)
-        for o, rank in zip(_offsets(ranks), ranks, strict=False):
+        lora_A = torch.zeros(total, in_features, **kw)
+        for o, rank in zip(starts, ranks, strict=True):
             if rank:
                 nn.init.kaiming_uniform_(lora_A[o:o + rank], a=math.sqrt(5))
         self._setup(base.weight.requires_grad_(False), base.bias.requires_grad_(False) if bias else None,
@@ -191,9 +193,9 @@ class GroupedLinear(nn.Module):
 
     @classmethod
     def from_stack(cls, weight, bias, lora_A, lora_B, ranks, scaling, *, dropout=0.0, removed=()) -> GroupedLinear:
-        """A layer over ``weight``/``bias`` (shared, frozen) holding a ragged stack built elsewhere: lora_A (sum r, in),
-        lora_B (out, sum r) with adapter g at rank ``ranks[g]``, ``scaling`` fp32 (n,). The tensors are taken as they
-        are (no copy)."""
+        """A layer over ``weight``/``bias`` (shared, frozen) holding a ragged stack built elsewhere, laid out as
+        ``_layout(ranks)``: lora_A (total, in), lora_B (out, total), adapter g at rank ``ranks[g]``; ``scaling`` fp32
+        (n,). The tensors are taken as they are (no copy)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         weight.requires_grad_(False)
@@ -204,7 +206,8 @@ class GroupedLinear(nn.Module):
         return self
 
     def _setup(self, weight, bias, lora_A, lora_B, ranks, scaling, dropout, removed):
-        if len(ranks) != scaling.numel() or sum(ranks) != lora_A.shape[0] or lora_B.shape[1] != lora_A.shape[0]:
+        starts, total = _layout(ranks)
+        if len(ranks) != scaling.numel() or total != lora_A.shape[0] or lora_B.shape[1] != total:
             raise AssertionError("ragged stack parts disagree")  # built by this package, not by users
         self.out_features, self.in_features = weight.shape
         self.weight, self.bias = weight, bias
@@ -215,8 +218,8 @@ class GroupedLinear(nn.Module):
         self.dropout = dropout
         self.removed = removed
         self.register_buffer("scaling", scaling)
-        self.register_buffer("rank_offsets", torch.tensor(_offsets(ranks) + [sum(ranks)], dtype=torch.int32,
-                                                          device=weight.device))
+        end = starts[-1] + _slot(ranks[-1])
+        self.register_buffer("rank_offsets", torch.tensor([*starts, end], dtype=torch.int32, device=weight.device))
         self._context: _AdapterContext | None = None
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -231,13 +234,17 @@ class GroupedLinear(nn.Module):
         elif self.removed and not torch.compiler.is_compiling():
             _check_removed(adapter_ids, self.removed)
         # the offsets are this layer's own (checked when built): no host read, T as wide as the largest rank
+        b = self.lora_B  # its own storage is 16-byte aligned; data_ptr() does not trace, so compiled code trusts it
+        aligned = torch.compiler.is_compiling() or b.data_ptr() % 16 == 0
+        align = 8 if b.stride(1) == 1 and b.stride(0) % 8 == 0 and aligned else 1
         return _grouped_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, adapter_ids,
                                     dropout_p=self.dropout, training=self.training, check_ids=check, batch=batch,
-                                    rank_offsets=self.rank_offsets, ragged_width=block_r(max(self.r, 1)))
+                                    rank_offsets=self.rank_offsets, ragged_width=block_r(_slot(max(self.r, 1))),
+                                    ragged_align=align)
 
     def adapter(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(lora_A [r_g, in], lora_B [out, r_g]) of adapter g: views into the stack."""
-        o = sum(self.ranks[:g])
+        o = _layout(self.ranks)[0][g]
         return self.lora_A[o:o + self.ranks[g]], self.lora_B[:, o:o + self.ranks[g]]
 
     def extra_repr(self) -> str:
@@ -247,13 +254,19 @@ class GroupedLinear(nn.Module):
                 + (f", removed={sorted(self.removed)}" if self.removed else ""))
 
 
-def _offsets(ranks: list[int]) -> list[int]:
-    """The start row of each adapter in a ragged stack."""
-    out, o = [], 0
+def _slot(rank: int) -> int:
+    """The rows a rank-``rank`` adapter takes in a layer's stack: rank rounded up to a multiple of 8."""
+    return -(-rank // 8) * 8
+
+
+def _layout(ranks: list[int]) -> tuple[list[int], int]:
+    """(start row of each adapter, total rows) of a layer's ragged stack: each adapter in ``_slot(rank)`` rows, the
+    total rounded up to a multiple of 16 (B's row stride: Triton then knows every row starts aligned)."""
+    starts, o = [], 0
     for r in ranks:
-        out.append(o)
-        o += r
-    return out
+        starts.append(o)
+        o += _slot(r)
+    return starts, -(-o // 16) * 16
 
 
 def _check_removed(adapter_ids: torch.Tensor, removed) -> None:

@@ -66,7 +66,7 @@ def _lowrank(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if RAGGED:
         acc = ragged_dot(acc, t_ptr, rows, ids, s, mask_m, ro_ptr, b_ptr + offs_n.to(tl.int64) * stride_bn, mask_n,
-                         R, stride_tm, stride_tr, stride_br, BLOCK_R, INPUT_PRECISION, dtype)
+                         R, stride_tm, stride_tr, stride_br, BLOCK_R, RAGGED, INPUT_PRECISION, dtype)
     else:
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -233,7 +233,8 @@ def _lora_gemm_kernel(
     pointers, QBLOCK elements per absmax, QBLOCK2 absmax per absmax2) and multiplies in W_COMPUTE; W_TRANS: the
     operand is the stored weight's transpose (dx). The low-rank term stays in X's dtype (an fp32 X under a bf16
     4-bit base: exact adapter products, as PEFT's QLoRA computes them). W_KMAJOR: W's unit stride runs along K.
-    RAGGED (with W_GROUPED or B_GROUPED): the stack is ragged, adapter g at its own rank r_g = ro[g + 1] - ro[g]:
+    RAGGED (with W_GROUPED or B_GROUPED; > 0, every offset a multiple of it, so 8 lets B's rank columns load as
+    16-byte vectors and cp.async): the stack is ragged, adapter g at its own rank r_g = ro[g + 1] - ro[g]:
     W [sum r, K] (shrink; rows ro[g]:ro[g + 1], out's columns past r_g left unwritten) or B [N, sum r] (main; columns
     ro[g]:ro[g + 1], read over r_g only), T [M, R] with R the width (at least every r_g).
     DORA (dense, ungrouped; the values above): g_ptr the fp32 magnitude scale [N] (forward) or [K] (dx); STORE_Z
@@ -261,7 +262,7 @@ def _lora_gemm_kernel(
             row0, row_end, g = segment_tile(tile // num_n, seg_ptr, G, BLOCK_M)
             pid_n = tile % num_n
             if RAGGED:  # adapter g's rows ro[g]:ro[g + 1] of W [sum r, K]; T's columns past its rank are not written
-                o = tl.load(ro_ptr + tl.maximum(g, 0))
+                o = tl.multiple_of(tl.load(ro_ptr + tl.maximum(g, 0)), RAGGED)
                 n_end = tl.where(g >= 0, tl.minimum(tl.load(ro_ptr + tl.maximum(g, 0) + 1) - o, N), 0)
                 w_base += o.to(tl.int64) * stride_wn
                 k_len = tl.where(pid_n * BLOCK_N < n_end, K, 0)

@@ -31,9 +31,9 @@ def _lora_grad_kernel(
     GROUPED, adapter g owns sorted rows [seg[g], seg[g+1]) and token perm[row]; else one segment [0, M).
     Z_DROPOUT masks Z by the packed keep-mask bits [M, cdiv(P, 32)] (int32 words, by token) and scales by 1/(1-p).
     Unused adapters and empty splits write zeros, so the sum over splits is exact and deterministic.
-    RAGGED (grouped): adapter g has its own rank r_g = ro[g + 1] - ro[g] (capped at V's width R) and writes columns
-    ro[g]:ro[g + 1] of out [SPLIT, P, sum r] (stride_og = 0); axis 0 also walks V's columns in chunks of BLOCK_R,
-    and a chunk past r_g reads and writes nothing, so an adapter costs its own rank.
+    RAGGED (grouped; > 0, every offset a multiple of it): adapter g has its own rank r_g = ro[g + 1] - ro[g]
+    (capped at V's width R) and writes columns ro[g]:ro[g + 1] of out [SPLIT, P, sum r] (stride_og = 0); axis 0
+    also walks V's columns in chunks of BLOCK_R, and a chunk past r_g reads and writes nothing.
     M_BUCKET only keys the autotuner. COL_DOT (dense, no Z_DROPOUT): also col[split, p] = sum over the same rows of
     Z[m, p] * Y[m, p] in fp32 (Y [M, P], col fp32 [SPLIT, P]; DoRA's dm from dy and its saved Z), unscaled.
     """
@@ -42,7 +42,7 @@ def _lora_grad_kernel(
         num_rc = tl.cdiv(R, BLOCK_R)
         pid_p = tl.program_id(0) // num_rc
         r0 = (tl.program_id(0) % num_rc) * BLOCK_R
-        col0 = tl.load(ro_ptr + g)
+        col0 = tl.multiple_of(tl.load(ro_ptr + g), RAGGED)
         rank = tl.minimum(tl.load(ro_ptr + g + 1) - col0, R)
     else:
         pid_p = tl.program_id(0)

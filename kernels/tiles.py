@@ -120,9 +120,9 @@ def grouped_dot(acc, lhs, ids, rhs_ptrs, rhs_mask, stride_g, INPUT_PRECISION: tl
 
 @triton.jit
 def ragged_dot(acc, t_ptr, rows, ids, s, mask_m, ro_ptr, b_ptrs, mask_n, R, stride_tm, stride_tr, stride_br,
-               BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr, dtype: tl.constexpr):
+               BLOCK_R: tl.constexpr, ALIGN: tl.constexpr, INPUT_PRECISION: tl.constexpr, dtype: tl.constexpr):
     """acc[i, :] += s[i] * T[rows[i], :r_g] @ B[:, o_g:o_g + r_g]^T for every row i, g = ids[i], o_g = ro[g] and
-    r_g = ro[g + 1] - o_g (the ragged stack's rank offsets; r_g capped at T's width R).
+    r_g = ro[g + 1] - o_g (the ragged stack's rank offsets, each a multiple of ALIGN; r_g capped at T's width R).
 
     ``b_ptrs`` [BLOCK_N]: B's rank column 0 for the tile's output columns. Like ``grouped_dot`` it loops once per
     distinct adapter present in the tile, and inside over that adapter's own rank in chunks of BLOCK_R: a rank-8
@@ -131,7 +131,7 @@ def ragged_dot(acc, t_ptr, rows, ids, s, mask_m, ro_ptr, b_ptrs, mask_n, R, stri
     offs = tl.arange(0, BLOCK_R)
     g = tl.min(tl.where(ids >= 0, ids, NO_ADAPTER))
     while g < NO_ADAPTER:
-        o = tl.load(ro_ptr + g)
+        o = tl.multiple_of(tl.load(ro_ptr + g), ALIGN)
         rank = tl.minimum(tl.load(ro_ptr + g + 1) - o, R)
         sel = mask_m & (ids == g)
         for r0 in range(0, rank, BLOCK_R):
