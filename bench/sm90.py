@@ -38,7 +38,9 @@ training) for bf16 at r = 16, dense and grouped; then training with bias and dro
 fp16 at r = 64 and fp32 at r = 256 (ieee and tf32); fp16 grouped inference at r = 16 (its own tile issues); an nf4
 base at r = 16, bf16 (every flag) and fp32 (ieee and tf32: training with dropout 0.1); DoRA (``dora_calls``: every
 flag at bf16 r = 16, training with dropout at fp16 r = 64, training at fp32 r = 256, ieee and tf32), also alone as
-``--tier dora`` (with M = 1 too, as in the full tier).
+``--tier dora`` (with M = 1 too, as in the full tier); ragged stacks (``ragged_calls``: every flag at bf16 over the
+mix 28 x r 8, 3 x r 64, 1 x r 256, whose offsets are multiples of 8, and training with dropout over the unaligned mix
+r 2, 8, 16, 4); ``--tier ragged`` runs the ragged calls alone, with fp16 and fp32 (ieee, tf32) and M = 1 too.
 The flags left out there repeat combinations already compiled; every flag at every dtype x rank takes ~7 minutes.
 M = 1, its own specialisation of every kernel (about 40% of the full tier's variants), is left to the full tier.
 Every autotune config the pruning keeps compiles, so the largest and smallest tiles are always in. Cases run in
@@ -380,7 +382,7 @@ RAGGED_MIXES = ((8,) * 28 + (64,) * 3 + (256,), (2, 8, 16, 4))
 
 def ragged_calls(M: int) -> list[Case]:
     """Ragged grouped calls (K = N = 4096): every flag at bf16 for both mixes; training with dropout and inference at
-    fp16 and fp32 (ieee and tf32). Also the ci tier's, and ``--tier ragged`` alone."""
+    fp16 and fp32 (ieee and tf32). ``--tier ragged``; the ci tier takes the bf16 calls."""
     out = []
     for ranks in RAGGED_MIXES:
         kw = dict(G=len(ranks), ranks=ranks)
@@ -405,6 +407,8 @@ def cases(tier: str) -> list[Case]:
             *_calls("fp32", M, 4096, 4096, 16, ps=(0.1,), biases=(True,), infer=False, quant="nf4"),
             *_calls("fp32", M, 4096, 4096, 16, ps=(0.1,), biases=(True,), infer=False, tf32=True, quant="nf4"),
             *dora_calls(M),
+            *_calls("bf16", M, 4096, 4096, 0, G=32, ranks=RAGGED_MIXES[0]),
+            *_calls("bf16", M, 4096, 4096, 0, G=4, ranks=RAGGED_MIXES[1], ps=(0.1,), biases=(True,), infer=False),
         )]
     if tier == "dora":
         return [c for M in (4096, 16, 1) for c in dora_calls(M)]

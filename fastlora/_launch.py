@@ -178,6 +178,11 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
         # became FMA-only, kept 8-16 B of stack at 96 registers
     if shrink and num_warps == 8 and bk == 32 and (bm * bk < 8 * threads or (mma_sync and acc < MMA_SYNC_MAX_ACC)):
         return False  # small 8-warp shrinks: 8 B of stack at 48-128 regs (sm_90 32x16x32; sm_80 128x16x32, 64x64x32)
+    if flags.get("RAGGED") and shrink and bk >= 256:
+        return False  # ragged shrink 16x64x256 / 4 warps: 8 B of stack at 255 registers (16x16x256 unaligned: 32 B)
+    if flags.get("RAGGED") and not shrink and ((bm >= 128 and num_warps == 4) or (flags["RAGGED"] == 1 and bk >= 128)):
+        return False  # ragged_dot's loops beside the K loop: 128x64x64 / 4 warps 16 B (88 B unaligned); unaligned
+        # (scalar B loads) 32x64x128 / 4 warps 16-24 B at 128 registers, 16x64x128 8 B
     full = acc * elt // 2 >= MAX_ACC_PER_THREAD  # tf32 operand fragments take twice the registers of 16-bit ones
     if full and flags.get("DORA"):
         return False  # DoRA's epilogue (g, Z) or dy tiles scaled in registers: 8-72 B at 128 accumulator elements
@@ -344,7 +349,10 @@ def _prune_grad(configs, named_args, **kwargs):
         threads = 32 * c.num_warps
         bm, bp = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_P"]
         acc = bp * br // threads
-        if fma:  # a ragged rank chunk's offsets: 32x128 (BLOCK_R 32) / 4 warps with dropout (72) kept 8 B of stack
+        if fma:  # a ragged rank chunk's offsets: 32x128 (BLOCK_R 32) / 4 warps with dropout (72) kept 8 B of stack,
+            # 64x64 / 8 warps (32) 8 B at 48 registers
+            if kwargs["RAGGED"] and c.num_warps == 8:
+                return False
             budget = FMA_GRAD_BUDGET - 16 if kwargs["RAGGED"] and kwargs["Z_DROPOUT"] else FMA_GRAD_BUDGET
             return acc + bm * (bp + br) // threads <= budget
         if mma_sync:  # both operands' fragments in registers (sm_80, measured by bench/sm90.py):

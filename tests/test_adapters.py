@@ -220,8 +220,9 @@ def test_grouped_mixed_batch_equals_each_adapter(tmp_path):
         layer = model.get_submodule(name)
         ranks = [c["r"] if name.rpartition(".")[2] in c["target_modules"] else 0 for c in configs]
         assert isinstance(layer, fastlora.GroupedLinear) and layer.ranks == ranks  # each at its own rank
-        assert layer.lora_A.shape == (sum(ranks), layer.in_features)
-        assert layer.lora_B.shape == (layer.out_features, sum(ranks))
+        rows = -(-sum(-(-r // 8) * 8 for r in ranks) // 16) * 16  # ranks rounded up to 8, the total to 16
+        assert layer.lora_A.shape == (rows, layer.in_features)
+        assert layer.lora_B.shape == (layer.out_features, rows)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == \
         {f"{n}.{p}" for n in names for p in ("lora_A", "lora_B")}
     q = model.model.layers[0].self_attn.q_proj
