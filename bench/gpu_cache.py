@@ -52,7 +52,7 @@ MANIFEST = BENCH / "cache" / "sm90-triton.json"
 TARGET = {"triton": "3.6.0", "python": "cp312",
           "libtriton_sha256": "28daaa70a904e4f8add754e518533e8a69b94ab8b16431ce77d45f1f25282b87"}
 # The files whose change makes the archive stale: the kernels, the launchers' pruning and flags, the calls.
-SOURCES = ("kernels/*.py", "fastlora/_launch.py", "fastlora/_ops.py", "fastlora/_autograd.py",
+SOURCES = ("kernels/*.py", "fastlora/_launch.py", "fastlora/_configs.py", "fastlora/_ops.py", "fastlora/_autograd.py",
            "fastlora/functional.py", "bench/gpu_check.py", "bench/gpu_cache.py", "bench/harness.py",
            "bench/sm90.py")
 KEEP = (".json", ".cubin")  # what CompiledKernel reads: the metadata and the binary
@@ -135,10 +135,10 @@ def activate() -> dict:
 
         import triton.testing
 
-        from fastlora import _launch
+        from fastlora import _configs
 
         warmup, rep = (float(v) for v in os.environ["FASTLORA_AUTOTUNE_MS"].split(","))
-        for t in (_launch._gemm_tuned, _launch._shrink_tuned, _launch._grad_tuned):
+        for t in (_configs._gemm_tuned, _configs._shrink_tuned, _configs._grad_tuned):
             t.do_bench = functools.partial(triton.testing.do_bench, warmup=warmup, rep=rep)
         done["autotune_ms"] = (warmup, rep)
     return done
@@ -183,11 +183,11 @@ def _log_compiles(path: str) -> None:
 
 def dump_tuning(path: str) -> None:
     """The autotuner's pick per key and dispatch's decisions, to pin or compare next time."""
-    from fastlora import _launch, dispatch
+    from fastlora import _configs, dispatch
 
     out = {"dispatch": dispatch.decisions()}
     for name in ("_gemm_tuned", "_shrink_tuned", "_grad_tuned"):
-        out[name] = {repr(k): str(c) for k, c in getattr(_launch, name).cache.items()}
+        out[name] = {repr(k): str(c) for k, c in getattr(_configs, name).cache.items()}
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
 

@@ -154,9 +154,9 @@ def forced(tma: bool):
     """fastlora's autotuned kernels run one config per key, untimed: the first that pruning keeps with
     ``USE_TMA == tma`` (else the first kept: no TMA tile fits the FMA path). Yields the picks as they are made
     (none under the interpreter, whose launchers take a default config). ``bench/gpu_cache.py`` compiles these."""
-    from fastlora import _launch
+    from fastlora import _configs
 
-    tuners = (_launch._gemm_tuned, _launch._shrink_tuned, _launch._grad_tuned)
+    tuners = (_configs._gemm_tuned, _configs._shrink_tuned, _configs._grad_tuned)
     saved = [dict(t.__dict__) for t in tuners]
 
     picked: list[str] = []

@@ -73,7 +73,7 @@ from triton.runtime import driver as _driver
 from triton.runtime import jit as _jit
 
 import fastlora
-from fastlora import _launch, dispatch, functional, quant
+from fastlora import _configs, _launch, dispatch, functional, quant
 
 # Device properties Triton and the launchers query, per compute capability.
 DEVICES = {
@@ -142,7 +142,7 @@ class _CompileOnlyDriver:
 
 
 def _clear_launch_caches():
-    for obj in vars(_launch).values():
+    for obj in (*vars(_launch).values(), *vars(_configs).values()):
         if isinstance(getattr(obj, "cache_clear", None), type(functools.cache(len).cache_clear)):
             obj.cache_clear()
 
@@ -158,7 +158,7 @@ def compile_only(capability: int):
         raise RuntimeError("compile_only needs TRITON_INTERPRET unset: interpreted kernels cannot compile")
     rec = _Recorder(capability)
     saved = (_jit.JITFunction.run, _autotuner.Autotuner.run, getattr(_driver, "_active", None),
-             functional._use_kernels, _launch.target_capability, _launch.input_precision, dispatch.get_policy())
+             functional._use_kernels, _configs.target_capability, _launch.input_precision, dispatch.get_policy())
     jit_run, capability_pair = saved[0], (capability // 10, capability % 10)
 
     def run(self, *args, grid=None, warmup=False, **kwargs):
@@ -186,14 +186,14 @@ def compile_only(capability: int):
     _jit.JITFunction.run = run
     _autotuner.Autotuner.run = autotune_run
     functional._use_kernels = lambda *a, **k: True
-    _launch.target_capability = lambda device: capability_pair
+    _configs.target_capability = lambda device: capability_pair
     _launch.input_precision = _cuda_input_precision
     dispatch.set_policy("fused")
     try:
         yield rec
     finally:
         (_jit.JITFunction.run, _autotuner.Autotuner.run, _driver._active, functional._use_kernels,
-         _launch.target_capability, _launch.input_precision) = saved[:6]
+         _configs.target_capability, _launch.input_precision) = saved[:6]
         dispatch.set_policy(saved[6])
         _clear_launch_caches()
 

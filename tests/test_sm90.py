@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import triton
 
-from fastlora._launch import FMA_PTXAS_OPTIONS
+from fastlora._configs import FMA_PTXAS_OPTIONS
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
