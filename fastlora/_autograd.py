@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fastlora import _dora_ops, _ops
+from fastlora import _dora_grouped_ops, _dora_ops, _ops
 
 
 class LoRAFunction(torch.autograd.Function):
@@ -76,6 +76,50 @@ class DoRAFunction(torch.autograd.Function):
         db = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None
         return (dx if need[0] else None, dw, db, dA if need[3] else None, dB if need[4] else None, dm,
                 None, None, None, None)
+
+
+class GroupedDoRAFunction(torch.autograd.Function):
+    """Grouped DoRA (``fastlora._dora_grouped_ops``): y [M, N] from x [M, K] and a stack of adapters, each token its
+    adapter's, with g [n, N] = magnitude / norm per adapter row, exactly 1 where the magnitude is NaN (a plain LoRA
+    adapter: its tokens compute LoRA). Saves what the grouped LoRA saves plus g and, only when the magnitude requires
+    grad, Z [M, N]; dm = per adapter sum_tokens dy * Z / norm, 0 for NaN rows and adapters no token uses."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scale_vec, perm, ids, seg, dropout_p, seed,
+                rank_offsets=None, t_width=0, rank_align=1):
+        m = magnitude.detach().float()
+        plain = torch.isnan(m)
+        g = torch.where(plain, 1.0, m / norm).contiguous()
+        store_z = ctx.needs_input_grad[5]
+        y, t, bits, z = _dora_grouped_ops.grouped_dora_forward(x, weight, bias, lora_A, lora_B, scale_vec, perm, ids,
+                                                               seg, g, dropout_p, seed, store_z, rank_offsets,
+                                                               t_width, rank_align)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, t, bits, z, scale_vec, perm, ids, seg, g, norm, plain,
+                              rank_offsets)
+        ctx.dropout_p, ctx.t_width, ctx.rank_align = dropout_p, t_width, rank_align
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.magnitude_dtype = magnitude.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, t, bits, z, scale_vec, perm, ids, seg, g, norm, plain, rank_offsets = \
+            ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dA, dB, dz = _dora_grouped_ops.grouped_dora_backward(
+            dy, x, weight, lora_A, lora_B, t, bits, z, scale_vec, perm, ids, seg, g, ctx.dropout_p, need[0], need[3],
+            need[4], need[5], rank_offsets, ctx.t_width, ctx.rank_align)
+        dm = torch.where(plain, 0.0, dz / norm).to(ctx.magnitude_dtype) if need[5] else None
+        dw = None
+        if need[1]:  # full fine-tuning: each token's g row (1 for base-only tokens), the norm detached
+            tok = torch.empty_like(ids).scatter_(0, perm.long(), ids).long()  # adapter of each token, caller's order
+            gt = torch.cat([g, g.new_ones(1, g.shape[1])])[torch.where(tok < 0, g.shape[0], tok)].to(dy.dtype)
+            dw = ((dy * gt).t() @ x.to(dy.dtype)) if ctx.dropout_p == 0 else (
+                dy.t() @ x.to(dy.dtype) + (dy * (gt - 1)).t() @ _dropped(x, bits, ctx.dropout_p))
+            dw = dw.to(weight.dtype)
+        db = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None
+        return (dx if need[0] else None, dw, db, dA if need[3] else None, dB if need[4] else None, dm,
+                None, None, None, None, None, None, None, None, None, None)
 
 
 def _dropped(x, bits, p):

@@ -87,7 +87,8 @@ class DoraScale:
     x W^T + low-rank + (g - 1) * (W d(x) + low-rank) + bias from a second accumulator) or dx's X tiles (``dx=True``:
     dy scaled by g as loaded; with ``dropout`` a second accumulator for the (g - 1) * dy product, masked by the
     forward's mask). ``z``: a buffer shaped like the output for the term g multiplies (the magnitude gradient's
-    input), written by the forward."""
+    input), written by the forward. Grouped (a stack of B), g is [G, N] contiguous, one row per adapter (1 for plain
+    LoRA adapters), each tile row scaled by its adapter's row."""
 
     g: torch.Tensor
     dx: bool = False
@@ -309,8 +310,9 @@ def grad(
     past the last offset).
 
     z [M, P], v [M, R]; with ``seg`` (G+1 offsets into sorted order) and ``perm`` the sum is per adapter.
-    ``z_dropout`` masks z by ``bits``, the packed keep-mask the forward shrink wrote. ``col_dot`` [M, P] (dense, no
-    dropout): also return fp32 [P] = sum_m z[m] * col_dot[m], from the same z tiles (DoRA's magnitude gradient).
+    ``z_dropout`` masks z by ``bits``, the packed keep-mask the forward shrink wrote. ``col_dot`` [M, P] (no
+    dropout): also return fp32 [P] (with ``seg``: [G, P], per adapter) = sum_m z[m] * col_dot[m], from the same z
+    tiles (DoRA's magnitude gradient).
     """
     M, P = z.shape
     R = v.shape[1]
@@ -320,20 +322,24 @@ def grad(
         part = torch.zeros((split, 1, P, ragged.total), dtype=torch.float32, device=z.device)
     else:
         part = empty((split, G, P, R), torch.float32, z.device)
-    col = empty((split, P), torch.float32, z.device) if col_dot is not None else None
-    if P == 0 or R == 0 or part.numel() == 0:
-        out = part.sum(0)[0] if ragged is not None else part.sum(0)
-        return out if col is None else (out, col.sum(0))
-    dummy = part
+    col = empty((split, G, P), torch.float32, z.device) if col_dot is not None else None
+
+    def result(out):
+        out = out[0] if ragged is not None else out
+        return out if col is None else (out, col.sum(0) if seg is not None else col.sum(0)[0])
+
+    if P == 0 or R == 0 or (part.numel() == 0 and col is None):
+        return result(part.sum(0))
+    dummy = part if part.numel() else col  # a ragged stack of rank 0 still reduces the column dot: nothing else stored
     args = (
-        z, v, part, perm if perm is not None else dummy, seg if seg is not None else dummy,
+        z, v, dummy, perm if perm is not None else dummy, seg if seg is not None else dummy,
         ragged.offsets if ragged is not None else dummy,
         scale_vec if scale_vec is not None else dummy, bits if bits is not None else dummy,
         col_dot if col is not None else dummy, col if col is not None else dummy,
         M, P, R, m_bucket(M),
         z.stride(0), z.stride(1),
         col_dot.stride(0) if col is not None else 0, col_dot.stride(1) if col is not None else 0,
-        col.stride(0) if col is not None else 0,
+        col.stride(0) if col is not None else 0, col.stride(1) if col is not None else 0,
         v.stride(0), v.stride(1),
         part.stride(0), 0 if ragged is not None else part.stride(1), part.stride(2), part.stride(3),
         bits.stride(0) if bits is not None else 0,
@@ -355,9 +361,7 @@ def grad(
         cfg = dict(config or INTERPRET_GRAD)
         opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
         _lora_grad_kernel[grid(cfg)](*args, **cfg, **flags, **opts)
-    out = part.sum(0) if split > 1 else part[0]
-    out = out[0] if ragged is not None else out
-    return out if col is None else (out, col.sum(0))
+    return result(part.sum(0) if split > 1 else part[0])
 
 
 def _num_splits(M: int, P: int, G: int, device: torch.device) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from fastlora import _dora_ops
+from fastlora import _dora_grouped_ops, _dora_ops
 from fastlora.reference import DORA_EPS
 
 _weight_sq: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
@@ -41,3 +41,12 @@ def weight_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
     with torch.no_grad():
         return _dora_ops.dora_norm(weight.detach(), weight_sq(weight), lora_A.detach(), lora_B.detach(),
                                    float(scaling)).clamp_min(DORA_EPS)
+
+
+def grouped_weight_norm(weight, lora_A, lora_B, scale_vec, rank_offsets=None) -> torch.Tensor:
+    """max(||W_n + s_a B_a[n] A_a||, DORA_EPS) for every adapter a of a stack (padded, or ragged with
+    ``rank_offsets``), fp32 [n, N], detached: one GEMM-core launch for the whole stack."""
+    with torch.no_grad():
+        return _dora_grouped_ops.grouped_dora_norm(weight.detach(), weight_sq(weight), lora_A.detach(),
+                                                   lora_B.detach(), scale_vec.detach().float(),
+                                                   rank_offsets).clamp_min(DORA_EPS)

@@ -13,7 +13,7 @@ import numbers
 import torch
 
 from fastlora import _launch, _ops, dispatch, dora, quant, reference
-from fastlora._autograd import DoRAFunction, LoRAFunction
+from fastlora._autograd import DoRAFunction, GroupedDoRAFunction, LoRAFunction
 from fastlora._compose import ComposedLoRAFunction
 from fastlora.grouping import AdapterBatch
 
@@ -71,10 +71,14 @@ def _dora_linear(x, weight, bias, lora_A, lora_B, s, magnitude, p, training, see
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _check_magnitude(magnitude, x, N):
+def _check_magnitude(magnitude, x, N, n=None):
+    """A magnitude for out_features N: (N,) for one adapter, (n, N) for a stack of n (``n`` given)."""
     if not isinstance(magnitude, torch.Tensor):
         raise TypeError(f"magnitude must be a tensor or None; got {type(magnitude).__name__}")
-    _check_shape("magnitude", magnitude, (N,), "(out_features,)")
+    if n is None:
+        _check_shape("magnitude", magnitude, (N,), "(out_features,)")
+    else:
+        _check_shape("magnitude", magnitude, (n, N), "(num_adapters, out_features)")
     _check_device("magnitude", magnitude, x)
     if magnitude.dtype not in _DTYPES:
         raise TypeError(f"magnitude must be float16, bfloat16 or float32; got {magnitude.dtype}")
@@ -140,7 +144,7 @@ def lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, c
 
 
 def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *, dropout_p=0.0, training=False,
-                        seed=None, check_ids=True, batch=None, rank_offsets=None):
+                        seed=None, check_ids=True, batch=None, rank_offsets=None, magnitude=None):
     """Each token adds its own adapter: y_i = x_i W^T + b + scaling[g] (dropout(x_i) A[g]^T) B[g]^T, g = ids[i].
 
     lora_A [n, r, K]; lora_B [n, N, r]; scaling a number or an (n,) tensor; adapter_ids integer, shape
@@ -153,17 +157,26 @@ def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *
     o_g:o_(g+1) (rank 0: it adds nothing). Each token's low-rank work is its own adapter's rank. The offsets'
     values are checked on the host (a second synchronisation) unless ``check_ids=False`` or under torch.compile;
     unchecked, bad offsets are undefined behaviour like bad ids.
+
+    ``magnitude`` (n, out_features): DoRA per adapter, DoRA and plain LoRA adapters mixed in one batch. Row g is
+    adapter g's DoRA magnitude m_g, or **all NaN for a plain LoRA adapter** (its tokens then compute exactly the LoRA
+    above, dropout included). A DoRA adapter's tokens compute PEFT's DoRA: y_i = c_g (x_i W^T + s_g T_i B_g^T) + b with
+    c_g = m_g / max(||W + s_g B_g A_g||, eps) per output column, the norm detached; with dropout x_i W^T + b +
+    (c_g - 1) (d(x_i) W^T) + c_g s_g T_i B_g^T, T_i = d(x_i) A_g^T, one mask. Gradients: dm is 0 for NaN rows and for
+    adapters no token uses. Checked ids also check that no row mixes NaN with numbers (host read); with
+    ``check_ids=False`` a NaN element makes its column plain. See docs/dora.md.
     """
     return _grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, dropout_p=dropout_p,
                                 training=training, seed=seed, check_ids=check_ids, batch=batch,
-                                rank_offsets=rank_offsets)
+                                rank_offsets=rank_offsets, magnitude=magnitude)
 
 
 def _grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *, dropout_p=0.0, training=False,
-                         seed=None, check_ids=True, batch=None, rank_offsets=None, ragged_width=None, ragged_align=1):
+                         seed=None, check_ids=True, batch=None, rank_offsets=None, ragged_width=None, ragged_align=1,
+                         magnitude=None, norm_fn=None):
     """``grouped_lora_linear``; ``ragged_width``: T's width for offsets the caller built and trusts (a
     ``GroupedLinear``'s own), whose values are then not read on the host; ``ragged_align``: what they are all
-    multiples of."""
+    multiples of; ``norm_fn()``: grouped DoRA's max(||W + s B A||, eps) [n, N] from the caller's cache."""
     _check_x_weight_bias(x, weight, bias)
     N, K = weight.shape
     checking = check_ids and not x.is_meta and not torch.compiler.is_compiling()
@@ -200,13 +213,31 @@ def _grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, 
         raise TypeError(f"adapter_ids must be int32 or int64; got {adapter_ids.dtype}")
     else:
         _check_batch(batch, x, n)
+    if magnitude is not None:
+        _check_magnitude(magnitude, x, N, n)
+        if checking:
+            _check_plain_rows(magnitude)
     if x.device.type == "meta":
-        return _grouped_meta(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids, rank_offsets is not None)
-    if not _use_kernels(x, lora_A, lora_B):
+        return _grouped_meta(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids, rank_offsets is not None,
+                             magnitude)
+    if not _use_kernels(x, lora_A, lora_B, *(() if magnitude is None else (magnitude,))):
+        if magnitude is not None:
+            return reference.grouped_dora_linear(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids, magnitude,
+                                                 dropout_p=p, training=training, rank_offsets=rank_offsets)
         return reference.grouped_lora_linear(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids,
                                              dropout_p=p, training=training, rank_offsets=rank_offsets)
+    if magnitude is not None:  # from the stored W, before any autocast cast
+        offsets = None if rank_offsets is None else rank_offsets.to(torch.int32)
+        norm = norm_fn() if norm_fn is not None else dora.grouped_weight_norm(weight, lora_A, lora_B, scale_vec,
+                                                                              offsets)
     x, weight, bias = _autocast(x, weight, bias)
     seed = _seed(seed) if p > 0 else 0
+    if magnitude is not None:
+        shape = (None, 0, 1) if rank_offsets is None else (offsets, width, align)
+        with torch.autocast(x.device.type, enabled=False):
+            y = GroupedDoRAFunction.apply(x.reshape(-1, K), weight, bias, lora_A, lora_B, magnitude, norm, scale_vec,
+                                          batch.perm, batch.sorted_ids, batch.seg_offsets, p, seed, *shape)
+        return y.reshape(*x.shape[:-1], N)
     ragged = () if rank_offsets is None else ((), (), rank_offsets.to(torch.int32), width, align)
     with torch.autocast(x.device.type, enabled=False):
         y = LoRAFunction.apply(x.reshape(-1, K), weight, bias, lora_A, lora_B, 1.0, scale_vec, batch.perm,
@@ -283,10 +314,26 @@ def _check_batch(batch, x, n) -> None:
             raise ValueError(f"batch.{name} must be int32 on x's device {x.device}; got {t.dtype} on {t.device}")
 
 
-def _grouped_meta(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids, ragged=False):
+def _check_plain_rows(magnitude) -> None:
+    """A magnitude row is all NaN (a plain LoRA adapter) or all numbers (DoRA): one host read."""
+    nan = torch.isnan(magnitude)
+    mixed = nan.any(1) & ~nan.all(1)
+    if bool(mixed.any()):
+        g = int(mixed.nonzero()[0, 0])
+        raise ValueError(f"magnitude row {g} mixes NaN with numbers (magnitude {tuple(magnitude.shape)}): a row is "
+                         "all NaN (plain LoRA adapter) or all finite (DoRA adapter)")
+
+
+def _grouped_meta(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids, ragged=False, magnitude=None):
     """Grouped forward without data-dependent indexing, for meta tensors (shape inference, deferred init): every
     adapter on every token, masked by id (a ragged stack: the whole stack at once). Right shape, dtype and autograd
     graph; never runs on real data."""
+    if magnitude is not None:  # g per token from ||W|| (the shape of the DoRA graph, not its values)
+        g = torch.where(torch.isnan(magnitude), 1.0, magnitude / torch.linalg.vector_norm(weight, dim=1))
+        gt = g[adapter_ids.clamp_min(0)].to(x.dtype)
+        plain = _grouped_meta(x, weight, None, lora_A, lora_B, scale_vec, adapter_ids, ragged)
+        y = gt * plain
+        return y if bias is None else y + bias
     if ragged:
         sel = (adapter_ids >= 0).unsqueeze(-1).to(lora_B.dtype)
         low = sel * torch.nn.functional.linear(torch.nn.functional.linear(x.to(lora_A.dtype), lora_A), lora_B)

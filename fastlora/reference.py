@@ -80,3 +80,36 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, *, dropout_
     plain = F.linear(xd, weight)
     low = F.linear(F.linear(xd.to(lora_A.dtype), lora_A), lora_B)
     return base + ((g - 1) * plain + g * (scaling * low)).to(base.dtype)
+
+
+def grouped_dora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, magnitude, *, dropout_p=0.0,
+                        training=False, dropout_mask=None, rank_offsets=None):
+    """Per-token adapters, DoRA and plain LoRA mixed: ``magnitude`` (n, out) holds adapter g's m in row g, or NaN
+    for a plain adapter. Token i of adapter g = adapter_ids[i] (-1: none) adds
+
+        plain:  s_g (d(x_i) A_g^T) B_g^T
+        DoRA:   (c_g - 1) (d(x_i) W^T) + c_g s_g (d(x_i) A_g^T) B_g^T     c_g = m_g / max(||W + s_g B_g A_g||, eps)
+
+    to x_i W^T + b (the norm per output row, detached). Stacks as ``grouped_lora_linear``. A loop over adapters."""
+    N = weight.shape[0]
+    base = F.linear(x, weight, bias)
+    xd = _dropped(x, dropout_p, training, dropout_mask).reshape(-1, x.shape[-1])
+    ids = adapter_ids.reshape(-1)
+    out = base.reshape(-1, N)
+    offsets = None if rank_offsets is None else [int(o) for o in rank_offsets]
+    for g in range(magnitude.shape[0]):
+        rows = (ids == g).nonzero().squeeze(1)
+        s = scaling[g] if isinstance(scaling, torch.Tensor) else scaling
+        if offsets is None:
+            a, b = lora_A[g], lora_B[g]
+        else:
+            a, b = lora_A[offsets[g]:offsets[g + 1]], lora_B[:, offsets[g]:offsets[g + 1]]
+        low = s * F.linear(F.linear(xd[rows].to(a.dtype), a), b)
+        if torch.isnan(magnitude[g]).all():
+            delta = low
+        else:
+            norm = torch.linalg.vector_norm(weight.to(b.dtype) + s * (b @ a), dim=1).detach()
+            c = magnitude[g] / norm.clamp_min(DORA_EPS)
+            delta = (c - 1) * F.linear(xd[rows], weight) + c * low
+        out = out.index_add(0, rows, delta.to(out.dtype))
+    return out.reshape(base.shape)

@@ -9,7 +9,8 @@ Every matrix product of fastlora's forward and backward with a large reduction r
 
 DoRA (``DORA``, see ``dora_scale``): the magnitude scale g [N] is a per-column factor of the epilogue (forward) or
 of the X tiles as they are loaded (dx: X = dy, whose columns are the forward's outputs); with dropout a second
-accumulator over the same W tiles carries PEFT's (g - 1) * W d(x) term (docs/dora.md).
+accumulator over the same W tiles carries PEFT's (g - 1) * W d(x) term (docs/dora.md). Grouped (B_GROUPED), g is
+[G, N], one row per adapter, gathered per tile row by its adapter id (plain-LoRA adapters and base-only rows: 1).
 
 Transposes are stride swaps, never copies. With W_QUANT the W operand is a bitsandbytes 4-bit weight (packed
 codes + block scales, ``weight4.py``) dequantised per K tile in registers. With HAS_PERM, row m of the tile
@@ -39,12 +40,23 @@ DX_DROP = tl.constexpr(4)  # acc2 = low-rank + ((g - 1) * X) W^T; out = acc + ke
 
 
 @triton.jit
-def dora_scale(x, g_ptr, k0, offs_k, mask_k, minus: tl.constexpr):
-    """X tile [BLOCK_M, BLOCK_K] with column k scaled by g[k0 + k] (minus one when ``minus``), in X's dtype."""
-    g = tl.load(g_ptr + k0 + offs_k, mask=mask_k, other=0.0)  # [BLOCK_K] fp32
+def dora_g(g_ptr, ids, offs, mask, length, PER_ROW: tl.constexpr):
+    """DoRA's scale for columns ``offs``: [1, C] from g [length] or, PER_ROW (grouped), [BLOCK_M, C] from g [G, length]
+    (contiguous) at each row's adapter ``ids``; base-only rows (id -1) get 1."""
+    if PER_ROW:
+        return tl.load(g_ptr + ids.to(tl.int64)[:, None] * length + offs[None, :],
+                       mask=(ids >= 0)[:, None] & mask[None, :], other=1.0)  # [BLOCK_M, C] fp32
+    return tl.load(g_ptr + offs, mask=mask, other=0.0)[None, :]  # [1, C] fp32
+
+
+@triton.jit
+def dora_scale(x, g_ptr, ids, k0, offs_k, mask_k, K, minus: tl.constexpr, PER_ROW: tl.constexpr):
+    """X tile [BLOCK_M, BLOCK_K] with column k scaled by g[k0 + k] (of the row's adapter when PER_ROW; minus one
+    when ``minus``), in X's dtype."""
+    g = dora_g(g_ptr, ids, k0 + offs_k, mask_k, K, PER_ROW)
     if minus:
         g = g - 1.0
-    return (x.to(tl.float32) * g[None, :]).to(x.dtype)
+    return (x.to(tl.float32) * g).to(x.dtype)
 
 
 @triton.jit
@@ -89,12 +101,12 @@ def _lowrank(
 
 @triton.jit
 def _mainloop_ptr(
-    acc, acc2, x_ptr, w_ptr, bits_ptr, g_ptr, quant, rows, n0, offs_n, mask_m, mask_n, K,
+    acc, acc2, x_ptr, w_ptr, bits_ptr, g_ptr, quant, rows, ids, n0, offs_n, mask_m, mask_n, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bits, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_DROPOUT: tl.constexpr,
     W_KMAJOR: tl.constexpr, W_QUANT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr,
     QBLOCK2: tl.constexpr, W_COMPUTE: tl.constexpr, INPUT_PRECISION: tl.constexpr, FMA: tl.constexpr,
-    DORA: tl.constexpr,
+    DORA: tl.constexpr, DORA_ROWS: tl.constexpr,
 ):
     """acc += drop?(X[rows]) W^T with pointer loads (any strides, gathered rows). With X_DROPOUT the keep-mask
     is drawn here (Philox) and also written, packed, to bits (the shrink has one column tile, so once). With
@@ -102,7 +114,8 @@ def _mainloop_ptr(
     stored [N, K] weight (forward) or, W_TRANS, its transpose (dx); the stored row length is the unit stride's
     partner (stride_wn, or stride_wk when W_TRANS). The 4-bit product runs in W_COMPUTE (bitsandbytes'
     compute dtype), X tiles cast to it in registers, whatever X's own dtype. DoRA (dense W only): DX scales the
-    X tiles by g; FWD_DROP and DX_DROP also add the second product of the same W tile into acc2 (returned)."""
+    X tiles by g (each row by its adapter's g when DORA_ROWS, grouped); FWD_DROP and DX_DROP also add the second
+    product of the same W tile into acc2 (returned)."""
     offs_k = tl.arange(0, BLOCK_K)
     # FMA dots (fp32 without tf32): rows past the tile's end and, for a K-contiguous W, columns past N read row /
     # column 0 (never stored) instead of being masked, so no row or column predicates stay live across the K loop
@@ -134,14 +147,16 @@ def _mainloop_ptr(
         if W_QUANT == DENSE:
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_wn[None, :], other=0.0).to(x.dtype)
             if DORA == DX:
-                acc = tl.dot(dora_scale(x, g_ptr, k0, offs_k, mask_k, False), w, acc, input_precision=INPUT_PRECISION)
+                acc = tl.dot(dora_scale(x, g_ptr, ids, k0, offs_k, mask_k, K, False, DORA_ROWS), w, acc,
+                             input_precision=INPUT_PRECISION)
             else:
                 acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
             if DORA == FWD_DROP:  # the dropped x of the same tile, from the mask the shrink wrote
                 keep = unpack_keep(bits_ptr, rows, mask_m, k0, tl.cdiv(K, 32), stride_bits, BLOCK_M, BLOCK_K)
                 acc2 = tl.dot(tl.where(keep, x, tl.zeros_like(x)), w, acc2, input_precision=INPUT_PRECISION)
             if DORA == DX_DROP:
-                acc2 = tl.dot(dora_scale(x, g_ptr, k0, offs_k, mask_k, True), w, acc2, input_precision=INPUT_PRECISION)
+                acc2 = tl.dot(dora_scale(x, g_ptr, ids, k0, offs_k, mask_k, K, True, DORA_ROWS), w, acc2,
+                              input_precision=INPUT_PRECISION)
         else:
             if W_TRANS:  # dx: rows k0.. of the stored weight, columns n0..
                 w = load_4bit(w_ptr, quant, codebook, (k0 + offs_k).to(tl.int64), mask_k, n0, stride_wk,
@@ -166,7 +181,7 @@ def _mainloop_tma(acc, x_desc, w_desc, g_ptr, off_m, off_n, K, BLOCK_K: tl.const
     for k0 in range(0, K, BLOCK_K):
         x = x_desc.load([off_m, k0])  # [BLOCK_M, BLOCK_K]
         if DORA == DX:
-            x = dora_scale(x, g_ptr, k0, offs_k, offs_k < K - k0, False)
+            x = dora_scale(x, g_ptr, offs_k, k0, offs_k, offs_k < K - k0, K, False, False)
         if W_KMAJOR:
             w = w_desc.load([off_n, k0]).T  # [BLOCK_K, BLOCK_N]
         else:
@@ -176,15 +191,15 @@ def _mainloop_tma(acc, x_desc, w_desc, g_ptr, off_m, off_n, K, BLOCK_K: tl.const
 
 
 @triton.jit
-def _dora_epilogue(acc, acc2, g_ptr, z_ptr, bits_ptr, rows, n0, offs_n, mask_m, mask_n, N, stride_zm, stride_zn,
+def _dora_epilogue(acc, acc2, g_ptr, z_ptr, bits_ptr, rows, ids, n0, offs_n, mask_m, mask_n, N, stride_zm, stride_zn,
                    stride_bits, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DORA: tl.constexpr,
-                   STORE_Z: tl.constexpr):
+                   STORE_Z: tl.constexpr, DORA_ROWS: tl.constexpr):
     """The DoRA output tile before the bias. FWD: g * acc (Z = acc); FWD_DROP: acc + (g - 1) * Z, Z = acc2 / (1 - p);
     DX_DROP: acc + keep * acc2 / (1 - p). Z, the term g multiplies, is stored (out's dtype) when STORE_Z."""
     if DORA == DX_DROP:
         keep = unpack_keep(bits_ptr, rows, mask_m, n0, tl.cdiv(N, 32), stride_bits, BLOCK_M, BLOCK_N)
         return acc + tl.where(keep, acc2 * (1.0 / (1.0 - dropout_p)), 0.0)
-    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N] fp32
+    g = dora_g(g_ptr, ids, offs_n, mask_n, N, DORA_ROWS)  # [1 or BLOCK_M, BLOCK_N] fp32
     z = acc
     if DORA == FWD_DROP:
         z = acc2 * (1.0 / (1.0 - dropout_p))
@@ -192,8 +207,8 @@ def _dora_epilogue(acc, acc2, g_ptr, z_ptr, bits_ptr, rows, n0, offs_n, mask_m, 
         tl.store(z_ptr + rows[:, None] * stride_zm + offs_n[None, :] * stride_zn, z.to(z_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
     if DORA == FWD:
-        return acc * g[None, :]
-    return acc + (g - 1.0)[None, :] * z
+        return acc * g
+    return acc + (g - 1.0) * z
 
 
 @triton.jit
@@ -237,13 +252,14 @@ def _lora_gemm_kernel(
     16-byte vectors and cp.async): the stack is ragged, adapter g at its own rank r_g = ro[g + 1] - ro[g]:
     W [sum r, K] (shrink; rows ro[g]:ro[g + 1], out's columns past r_g left unwritten) or B [N, sum r] (main; columns
     ro[g]:ro[g + 1], read over r_g only), T [M, R] with R the width (at least every r_g).
-    DORA (dense, ungrouped; the values above): g_ptr the fp32 magnitude scale [N] (forward) or [K] (dx); STORE_Z
-    also writes the pre-scale term Z to z_ptr (out's strides), which DoRA's magnitude gradient reads.
+    DORA (dense W; the values above): g_ptr the fp32 magnitude scale [N] (forward) or [K] (dx); with B_GROUPED (grouped
+    DoRA) g [G, N] / [G, K], contiguous, each row scaled by its adapter's row (base-only rows by 1). STORE_Z also
+    writes the pre-scale term Z to z_ptr (out's strides, rows by token), which DoRA's magnitude gradient reads.
     """
     tl.static_assert(not (X_DROPOUT and HAS_LORA), "X_DROPOUT is the shrink's; the main GEMM takes OUT_DROPOUT")
     tl.static_assert(not USE_TMA or (TMA_OK and not HAS_PERM and not W_GROUPED and not X_DROPOUT))
     tl.static_assert(W_QUANT == DENSE or not (USE_TMA or W_GROUPED), "4-bit W: pointer loads, one weight")
-    tl.static_assert(DORA == NO_DORA or (W_QUANT == DENSE and not (W_GROUPED or B_GROUPED or HAS_PERM)))
+    tl.static_assert(DORA == NO_DORA or (W_QUANT == DENSE and not W_GROUPED and (B_GROUPED or not HAS_PERM)))
     tl.static_assert(not USE_TMA or DORA == NO_DORA or DORA == FWD or DORA == DX, "two accumulators: pointers")
     quant = (qabs_ptr, qabs2_ptr, qcode_ptr, qcode2_ptr, qoff_ptr)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -303,13 +319,15 @@ def _lora_gemm_kernel(
             acc = _mainloop_tma(acc, x_desc, w_desc, g_ptr, row0, pid_n * BLOCK_N, K, BLOCK_K, W_KMAJOR,
                                 INPUT_PRECISION, DORA)
         else:
-            acc, acc2 = _mainloop_ptr(acc, acc2, x_ptr, w_base, bits_ptr, g_ptr, quant, rows, pid_n * BLOCK_N, offs_n,
-                                      mask_m, mask_n, k_len, stride_xm, stride_xk, stride_wn, stride_wk, stride_bits,
-                                      dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_K, X_DROPOUT, W_KMAJOR, W_QUANT,
-                                      W_TRANS, QBLOCK, QBLOCK2, W_COMPUTE, INPUT_PRECISION, fma, DORA)
+            acc, acc2 = _mainloop_ptr(acc, acc2, x_ptr, w_base, bits_ptr, g_ptr, quant, rows, ids, pid_n * BLOCK_N,
+                                      offs_n, mask_m, mask_n, k_len, stride_xm, stride_xk, stride_wn, stride_wk,
+                                      stride_bits, dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_K, X_DROPOUT, W_KMAJOR,
+                                      W_QUANT, W_TRANS, QBLOCK, QBLOCK2, W_COMPUTE, INPUT_PRECISION, fma, DORA,
+                                      B_GROUPED)
         if DORA == FWD or DORA == FWD_DROP or DORA == DX_DROP:
-            acc = _dora_epilogue(acc, acc2, g_ptr, z_ptr, bits_ptr, rows, pid_n * BLOCK_N, offs_n, mask_m, mask_n, N,
-                                 stride_om, stride_on, stride_bits, dropout_p, BLOCK_M, BLOCK_N, DORA, STORE_Z)
+            acc = _dora_epilogue(acc, acc2, g_ptr, z_ptr, bits_ptr, rows, ids, pid_n * BLOCK_N, offs_n, mask_m, mask_n,
+                                 N, stride_om, stride_on, stride_bits, dropout_p, BLOCK_M, BLOCK_N, DORA, STORE_Z,
+                                 B_GROUPED)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 

@@ -2,7 +2,8 @@
 
     dA^T = s * drop(x)^T U     Z = x,  V = U = dy B,  Z_DROPOUT    -> [G, K, R]
     dB   = s * dy^T T          Z = dy, V = T = drop(x) A^T         -> [G, N, R]
-    DoRA's magnitude gradient rides along the dB reduction (COL_DOT): sum_m dy[m, n] * Z2[m, n] from the same dy tiles.
+    DoRA's magnitude gradient rides along the dB reduction (COL_DOT): sum_m dy[m, n] * Z2[m, n] from the same dy tiles
+(per adapter when grouped).
 """
 
 import triton
@@ -16,7 +17,7 @@ def _lora_grad_kernel(
     z_ptr, v_ptr, out_ptr, perm_ptr, seg_ptr, ro_ptr, scale_ptr, bits_ptr, y_ptr, col_ptr,
     M, P, R, M_BUCKET,
     stride_zm, stride_zp,
-    stride_ym, stride_yp, stride_cs,
+    stride_ym, stride_yp, stride_cs, stride_cg,
     stride_vm, stride_vr,
     stride_os, stride_og, stride_op, stride_or,
     stride_bits,
@@ -34,8 +35,9 @@ def _lora_grad_kernel(
     RAGGED (grouped; > 0, every offset a multiple of it): adapter g has its own rank r_g = ro[g + 1] - ro[g]
     (capped at V's width R) and writes columns ro[g]:ro[g + 1] of out [SPLIT, P, sum r] (stride_og = 0); axis 0
     also walks V's columns in chunks of BLOCK_R, and a chunk past r_g reads and writes nothing.
-    M_BUCKET only keys the autotuner. COL_DOT (dense, no Z_DROPOUT): also col[split, p] = sum over the same rows of
-    Z[m, p] * Y[m, p] in fp32 (Y [M, P], col fp32 [SPLIT, P]; DoRA's dm from dy and its saved Z), unscaled.
+    M_BUCKET only keys the autotuner. COL_DOT (no Z_DROPOUT): also col[split, g, p] = sum over the same rows of
+    Z[m, p] * Y[m, p] in fp32 (Y [M, P], col fp32 [SPLIT, G, P]; DoRA's dm from dy and its saved Z), unscaled; RAGGED:
+    written by the first rank chunk only.
     """
     g = tl.program_id(1)
     if RAGGED:
@@ -54,7 +56,9 @@ def _lora_grad_kernel(
     if GROUPED:
         start = tl.load(seg_ptr + g)
         end = tl.load(seg_ptr + g + 1)
-        if RAGGED:
+        if RAGGED and COL_DOT:  # the first rank chunk also reduces the column dot, whatever the rank
+            end = tl.where((r0 < rank) | (r0 == 0), end, start)
+        elif RAGGED:
             end = tl.where(r0 < rank, end, start)
     else:
         start = 0
@@ -99,7 +103,7 @@ def _lora_grad_kernel(
                 + offs_p[:, None] * stride_op + (col0 + offs_r)[None, :] * stride_or)
     tl.store(out_ptrs, acc * s, mask=mask_p[:, None] & mask_r[None, :])
     if COL_DOT:
-        tl.store(col_ptr + split.to(tl.int64) * stride_cs + offs_p, col, mask=mask_p)
+        tl.store(col_ptr + split.to(tl.int64) * stride_cs + g * stride_cg + offs_p, col, mask=mask_p & (r0 == 0))
 
 
 def grad_configs():
