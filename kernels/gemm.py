@@ -281,7 +281,10 @@ def _lora_gemm_kernel(
                 o = tl.multiple_of(tl.load(ro_ptr + tl.maximum(g, 0)), RAGGED)
                 n_end = tl.where(g >= 0, tl.minimum(tl.load(ro_ptr + tl.maximum(g, 0) + 1) - o, N), 0)
                 w_base += o.to(tl.int64) * stride_wn
-                k_len = tl.where(pid_n * BLOCK_N < n_end, K, 0)
+                live = pid_n * BLOCK_N < n_end
+                if X_DROPOUT:  # the first column tile draws the mask even at rank 0: DoRA's base term reads it
+                    live = live | ((pid_n == 0) & (g >= 0))
+                k_len = tl.where(live, K, 0)
             else:
                 w_base += tl.maximum(g, 0).to(tl.int64) * stride_wg
                 k_len = tl.where(g >= 0, K, 0)
