@@ -318,7 +318,7 @@ class Case:
         kind = f"grouped{self.G}" if self.G > 1 else f"{self.quant}-dense" if self.quant else "dense"
         kind = f"dora-{kind}" if self.dora else kind
         if self.ranks:
-            kind = f"ragged{len(self.ranks)}-rmax{max(self.ranks)}"
+            kind = f"{'dora-' if self.dora else ''}ragged{len(self.ranks)}-rmax{max(self.ranks)}"
         mode = f"train-p{self.p:g}" if self.train else "infer"
         return (f"{kind}-{mode} {self.dtype}{'-tf32' if self.tf32 else ''} M{self.M}-K{self.K}-N{self.N}-R{self.r}"
                 f"{'' if self.bias else '-nobias'}")
@@ -337,14 +337,18 @@ class Case:
         a = torch.empty(*lead, r, self.K, dtype=adt, requires_grad=self.train)
         bb = torch.empty(*lead, self.N, r, dtype=adt, requires_grad=self.train)
         kw = dict(dropout_p=self.p, training=self.train, seed=1)
+        # grouped DoRA: every other adapter plain (a NaN magnitude row); the values are never read by a kernel here
+        mag = dict(magnitude=torch.ones(len(self.ranks) or self.G, self.N, dtype=adt).index_fill_(
+            0, torch.arange(1, len(self.ranks) or self.G, 2), float("nan")).requires_grad_(self.train)) \
+            if self.dora and (self.ranks or self.G > 1) else {}
         with torch.set_grad_enabled(self.train), _allow_tf32(self.tf32):
             if self.ranks:
                 ids = torch.arange(self.M) % len(self.ranks)
                 offsets = torch.tensor([0, *torch.tensor(self.ranks).cumsum(0).tolist()], dtype=torch.int32)
-                y = fastlora.grouped_lora_linear(x, w, b, a, bb, 2.0, ids, rank_offsets=offsets, **kw)
+                y = fastlora.grouped_lora_linear(x, w, b, a, bb, 2.0, ids, rank_offsets=offsets, **mag, **kw)
             elif self.G > 1:
                 ids = torch.arange(self.M) % self.G
-                y = fastlora.grouped_lora_linear(x, w, b, a, bb, 2.0, ids, **kw)
+                y = fastlora.grouped_lora_linear(x, w, b, a, bb, 2.0, ids, **mag, **kw)
             elif self.quant:
                 packed, state = quant.empty_4bit((self.N, self.K), dtype=dt, quant_type=self.quant)
                 y = fastlora.lora_linear_4bit(x, packed, state, b, a, bb, 2.0, compute_dtype=dt, **kw)
@@ -373,6 +377,20 @@ def dora_calls(M: int) -> list[Case]:
             *_calls("fp16", M, 4096, 4096, 64, ps=(0.1,), biases=(True,), infer=False, dora=True),
             *_calls("fp32", M, 4096, 4096, 256, ps=(0.0, 0.1), biases=(True,), infer=False, dora=True),
             *_calls("fp32", M, 4096, 4096, 256, ps=(0.0, 0.1), biases=(True,), infer=False, tf32=True, dora=True)]
+
+
+def gdora_calls(M: int) -> list[Case]:
+    """Grouped DoRA (K = N = 4096, 32 adapters, every other one plain): padded (r = 16) and ragged (the bench mix) at
+    bf16 every flag; training with dropout at fp16 (padded r = 64) and fp32 (ieee and tf32: padded r = 16, ragged
+    mix). ``--tier gdora``, at M = 4096, 16 and 1."""
+    mix = RAGGED_MIXES[0]
+    return [*_calls("bf16", M, 4096, 4096, 16, G=32, dora=True),
+            *_calls("bf16", M, 4096, 4096, 0, G=len(mix), ranks=mix, dora=True),
+            *_calls("fp16", M, 4096, 4096, 64, G=32, ps=(0.1,), biases=(True,), infer=False, dora=True),
+            *[c for tf32 in (False, True) for c in (
+                *_calls("fp32", M, 4096, 4096, 16, G=32, ps=(0.1,), biases=(True,), infer=False, tf32=tf32, dora=True),
+                *_calls("fp32", M, 4096, 4096, 0, G=len(mix), ranks=mix, ps=(0.1,), biases=(True,), infer=False,
+                        tf32=tf32, dora=True))]]
 
 
 # Ragged stacks (issue 24): the bench's mix (28 x r 8, 3 x r 64, 1 x r 256: T 256 wide) and a small-rank one (16 wide),
@@ -412,6 +430,8 @@ def cases(tier: str) -> list[Case]:
         )]
     if tier == "dora":
         return [c for M in (4096, 16, 1) for c in dora_calls(M)]
+    if tier == "gdora":
+        return [c for M in (4096, 16, 1) for c in gdora_calls(M)]
     if tier == "ragged":
         return [c for M in (4096, 16, 1) for c in ragged_calls(M)]
     g = harness.GRIDS["default"]
@@ -531,7 +551,7 @@ def table(records: list[dict], capability: int) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--capability", type=int, choices=sorted(DEVICES), default=90, help="compile target (sm_XX)")
-    ap.add_argument("--tier", choices=("full", "ci", "dora", "ragged"), default="full",
+    ap.add_argument("--tier", choices=("full", "ci", "dora", "ragged", "gdora"), default="full",
                     help="which grid of public calls")
     ap.add_argument("--json", metavar="PATH", help="write the records here")
     ap.add_argument("--check", action="store_true", help="exit 1 if a check fails")

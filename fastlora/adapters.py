@@ -280,39 +280,48 @@ def _grouped_bases(model, paths, loaded, grouped) -> dict[str, nn.Module]:
     return bases
 
 
-def _entry(config: dict, weights: dict, name: str):
-    """(lora_A, lora_B, scaling) of layer ``name`` in one adapter file, or None if the file lacks the layer."""
+def _entry(config: dict, weights: dict, name: str, magnitude: torch.Tensor | None = None):
+    """(lora_A, lora_B, scaling, magnitude) of layer ``name`` in one adapter file, or None if the file lacks the layer.
+    ``magnitude``: the layer's DoRA magnitude [out] from that file, or None for a plain LoRA adapter (what loading a
+    DoRA file passes; ``_stack`` keeps the rows in step with the adapters)."""
     if name not in weights:
         return None
     a, b = weights[name]
     r, alpha = a.shape[0], _alpha(config, name)
-    return a, b, alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
+    return a, b, alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r, magnitude
 
 
 def _entries(layer: GroupedLinear, total: int) -> list:
     """A grouped layer's adapters as ``_entry`` tuples (None: rank 0), padded with None to ``total`` ids."""
     scaling = layer.scaling.tolist()
-    out = [(*layer.adapter(g), scaling[g]) if layer.ranks[g] else None for g in range(layer.num_adapters)]
+    out = [(*layer.adapter(g), scaling[g], layer.magnitude(g)) if layer.ranks[g] else None
+           for g in range(layer.num_adapters)]
     return out + [None] * (total - len(out))
 
 
 def _stack(weight, bias, entries: list, dropout: float, removed=frozenset()) -> GroupedLinear:
-    """A new ``GroupedLinear`` over ``weight``/``bias`` with adapter i = entries[i] (None: rank 0), compact."""
+    """A new ``GroupedLinear`` over ``weight``/``bias`` with adapter i = entries[i] (None: rank 0), compact. The
+    stack has a magnitude (n, out) when some entry has one (DoRA), its other rows NaN (plain adapters, empty slots)."""
     N, K = weight.shape
     ranks = [0 if e is None else e[0].shape[0] for e in entries]
     starts, total = _layout(ranks)
     kw = dict(dtype=weight.dtype, device=weight.device)
     lora_A, lora_B = torch.zeros(total, K, **kw), torch.zeros(N, total, **kw)
     scaling = torch.zeros(len(entries), dtype=torch.float32, device=weight.device)
+    dora = any(e is not None and e[3] is not None for e in entries)
+    magnitude = torch.full((len(entries), N), float("nan"), **kw) if dora else None
     with torch.no_grad():
         for i, (o, e) in enumerate(zip(starts, entries, strict=True)):
             if e is None:
                 continue
-            a, b, s = e
+            a, b, s, m = e
             lora_A[o:o + a.shape[0]] = a
             lora_B[:, o:o + a.shape[0]] = b
             scaling[i] = s
-    return GroupedLinear.from_stack(weight, bias, lora_A, lora_B, ranks, scaling, dropout=dropout, removed=removed)
+            if m is not None:
+                magnitude[i] = m
+    return GroupedLinear.from_stack(weight, bias, lora_A, lora_B, ranks, scaling, dropout=dropout, removed=removed,
+                                    magnitude=magnitude)
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:

@@ -154,10 +154,16 @@ class GroupedLinear(nn.Module):
     ``rank_offsets`` an int32 (n + 1,) buffer; ``ranks`` is the same on the host. ``GroupedLinear(in, out,
     num_adapters=n, r=8)`` makes n adapters of rank r; ``ranks=[8, 64, 256]`` one per entry (rank 0: an empty slot).
     ``removed``: adapter ids evicted by ``fastlora.remove_adapters`` (rank 0; using one raises ``ValueError``).
+
+    DoRA: ``lora_magnitude`` (n, out) is a trainable parameter when some adapter is DoRA, else None (a plain stack holds
+    and computes nothing more). Row g is adapter g's magnitude, or NaN for a plain LoRA adapter (and for empty or
+    removed slots): one batch mixes both (``grouped_lora_linear(magnitude=)``, docs/dora.md). ``use_dora=True`` makes
+    every adapter DoRA, initialised as PEFT does (||W_n||: B starts at zero). In eval mode the norm is cached until W,
+    A, B or the scaling change (in place or replaced).
     """
 
     def __init__(self, in_features, out_features, bias=True, *, num_adapters=None, r=8, alpha=8, dropout=0.0,
-                 ranks=None, device=None, dtype=None):
+                 ranks=None, use_dora=False, device=None, dtype=None):
         super().__init__()
         if ranks is None:
             if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
@@ -179,6 +185,8 @@ class GroupedLinear(nn.Module):
                 rank, alpha, dropout, _, scale = _adapter_args(rank, alpha, dropout, False)
                 scales.append(scale)
             ranks = [int(rank) for rank in ranks]
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be a bool; got {type(use_dora).__name__}")
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         starts, total = _layout(ranks)
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
@@ -186,28 +194,38 @@ class GroupedLinear(nn.Module):
         for o, rank in zip(starts, ranks, strict=True):
             if rank:
                 nn.init.kaiming_uniform_(lora_A[o:o + rank], a=math.sqrt(5))
+        magnitude = None
+        if use_dora:  # PEFT's initial magnitude ||W + s B A|| = ||W_n||; empty slots plain (NaN)
+            norm = dora.weight_sq(base.weight).sqrt().to(base.weight.dtype)
+            magnitude = norm.expand(len(ranks), -1).clone()
+            magnitude[torch.tensor([rank == 0 for rank in ranks], device=norm.device)] = float("nan")
         self._setup(base.weight.requires_grad_(False), base.bias.requires_grad_(False) if bias else None,
                     lora_A, torch.zeros(out_features, total, **kw), ranks,
-                    torch.tensor(scales, dtype=torch.float32, device=base.weight.device), dropout, frozenset())
+                    torch.tensor(scales, dtype=torch.float32, device=base.weight.device), dropout, frozenset(),
+                    magnitude)
         self.alpha = alpha
 
     @classmethod
-    def from_stack(cls, weight, bias, lora_A, lora_B, ranks, scaling, *, dropout=0.0, removed=()) -> GroupedLinear:
+    def from_stack(cls, weight, bias, lora_A, lora_B, ranks, scaling, *, dropout=0.0, removed=(),
+                   magnitude=None) -> GroupedLinear:
         """A layer over ``weight``/``bias`` (shared, frozen) holding a ragged stack built elsewhere, laid out as
         ``_layout(ranks)``: lora_A (total, in), lora_B (out, total), adapter g at rank ``ranks[g]``; ``scaling`` fp32
-        (n,). The tensors are taken as they are (no copy)."""
+        (n,); ``magnitude`` (n, out) or None: DoRA rows, NaN for plain adapters. The tensors are taken as they are (no
+        copy)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         weight.requires_grad_(False)
         if bias is not None:
             bias.requires_grad_(False)
-        self._setup(weight, bias, lora_A, lora_B, [int(r) for r in ranks], scaling, float(dropout), frozenset(removed))
+        self._setup(weight, bias, lora_A, lora_B, [int(r) for r in ranks], scaling, float(dropout), frozenset(removed),
+                    magnitude)
         self.alpha = None  # per adapter: see the scaling buffer
         return self
 
-    def _setup(self, weight, bias, lora_A, lora_B, ranks, scaling, dropout, removed):
+    def _setup(self, weight, bias, lora_A, lora_B, ranks, scaling, dropout, removed, magnitude=None):
         starts, total = _layout(ranks)
-        if len(ranks) != scaling.numel() or total != lora_A.shape[0] or lora_B.shape[1] != total:
+        if len(ranks) != scaling.numel() or total != lora_A.shape[0] or lora_B.shape[1] != total or (
+                magnitude is not None and tuple(magnitude.shape) != (len(ranks), weight.shape[0])):
             raise AssertionError("ragged stack parts disagree")  # built by this package, not by users
         self.out_features, self.in_features = weight.shape
         self.weight, self.bias = weight, bias
@@ -220,7 +238,24 @@ class GroupedLinear(nn.Module):
         self.register_buffer("scaling", scaling)
         end = starts[-1] + _slot(ranks[-1])
         self.register_buffer("rank_offsets", torch.tensor([*starts, end], dtype=torch.int32, device=weight.device))
+        self.lora_magnitude = None if magnitude is None else nn.Parameter(magnitude)
+        self._norm_cache = None  # (versions and storages of W, A, B, scaling, the norm) in eval mode
         self._context: _AdapterContext | None = None
+
+    @property
+    def use_dora(self) -> bool:
+        """Whether the stack holds a magnitude (some adapter may be DoRA)."""
+        return self.lora_magnitude is not None
+
+    def _norm(self) -> torch.Tensor:
+        """max(||W + s_g B_g A_g||, eps) for every adapter, fp32 [n, out]; cached in eval mode (version counters)."""
+        args = (self.weight, self.lora_A, self.lora_B, self.scaling, self.rank_offsets)
+        if self.training or torch.compiler.is_compiling() or self.weight.device.type == "meta":
+            return dora.grouped_weight_norm(*args)
+        key = tuple((t._version, t.data_ptr()) for t in args)
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            self._norm_cache = (key, dora.grouped_weight_norm(*args))
+        return self._norm_cache[1]
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         batch = None
@@ -240,17 +275,26 @@ class GroupedLinear(nn.Module):
         return _grouped_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, adapter_ids,
                                     dropout_p=self.dropout, training=self.training, check_ids=check, batch=batch,
                                     rank_offsets=self.rank_offsets, ragged_width=block_r(_slot(max(self.r, 1))),
-                                    ragged_align=align)
+                                    ragged_align=align, magnitude=self.lora_magnitude,
+                                    norm_fn=self._norm if self.lora_magnitude is not None else None)
 
     def adapter(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(lora_A [r_g, in], lora_B [out, r_g]) of adapter g: views into the stack."""
         o = _layout(self.ranks)[0][g]
         return self.lora_A[o:o + self.ranks[g]], self.lora_B[:, o:o + self.ranks[g]]
 
+    def magnitude(self, g: int) -> torch.Tensor | None:
+        """Adapter g's DoRA magnitude [out] (a view), or None for a plain adapter (no magnitude, or a NaN row)."""
+        if self.lora_magnitude is None:
+            return None
+        row = self.lora_magnitude[g]
+        return None if bool(torch.isnan(row).all()) else row
+
     def extra_repr(self) -> str:
         ranks = self.ranks if len(self.ranks) <= 8 else f"{self.ranks[:8]}..."
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"num_adapters={self.num_adapters}, ranks={ranks}, dropout={self.dropout}"
+                + (", use_dora=True" if self.use_dora else "")
                 + (f", removed={sorted(self.removed)}" if self.removed else ""))
 
 
