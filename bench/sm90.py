@@ -41,6 +41,9 @@ flag at bf16 r = 16, training with dropout at fp16 r = 64, training at fp32 r = 
 ``--tier dora`` (with M = 1 too, as in the full tier); ragged stacks (``ragged_calls``: every flag at bf16 over the
 mix 28 x r 8, 3 x r 64, 1 x r 256, whose offsets are multiples of 8, and training with dropout over the unaligned mix
 r 2, 8, 16, 4); ``--tier ragged`` runs the ragged calls alone, with fp16 and fp32 (ieee, tf32) and M = 1 too.
+``--tier gdora`` (``gdora_calls``, M = 4096, 16, 1): grouped DoRA, 32 adapters with every other one plain (NaN
+magnitude rows), padded r = 16 and the ragged bench mix at bf16 every flag, training with dropout at fp16 (padded r =
+64) and fp32 ieee and tf32 (padded r = 16, ragged mix).
 The flags left out there repeat combinations already compiled; every flag at every dtype x rank takes ~7 minutes.
 M = 1, its own specialisation of every kernel (about 40% of the full tier's variants), is left to the full tier.
 Every autotune config the pruning keeps compiles, so the largest and smallest tiles are always in. Cases run in

@@ -138,9 +138,10 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
                 and acc + 4 * bm * bk // threads <= MAX_ACC_PER_THREAD)
     if not shrink and bk <= 32:
         return False  # the FMA path's main tiles (16-bit 32x64x32 grouped: 8 B of stack; tensor cores take 64+)
-    if flags["B_GROUPED"] and bm < 64 and elt == 4:
+    if flags["B_GROUPED"] and bm < 64 and elt == 4 and not dual:
         return False  # tf32 grouped main GEMM under 64 rows (mma.sync): 32x64x32, a tf32 tile until BLOCK_K <= 32
-        # became FMA-only, kept 8-16 B of stack at 96 registers
+        # became FMA-only, kept 8-16 B of stack at 96 registers. Grouped DoRA's dropout forms keep them: no larger tf32
+        # tile fits two accumulators
     if shrink and num_warps == 8 and bk == 32 and (bm * bk < 8 * threads or (mma_sync and acc < MMA_SYNC_MAX_ACC)):
         return False  # small 8-warp shrinks: 8 B of stack at 48-128 regs (sm_90 32x16x32; sm_80 128x16x32, 64x64x32)
     if flags.get("RAGGED") and shrink and bk >= 256:

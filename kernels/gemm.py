@@ -44,9 +44,11 @@ def dora_g(g_ptr, ids, offs, mask, length, PER_ROW: tl.constexpr):
     """DoRA's scale for columns ``offs``: [1, C] from g [length] or, PER_ROW (grouped), [BLOCK_M, C] from g [G, length]
     (contiguous) at each row's adapter ``ids``; base-only rows (id -1) get 1."""
     if PER_ROW:
-        return tl.load(g_ptr + ids.to(tl.int64)[:, None] * length + offs[None, :],
-                       mask=(ids >= 0)[:, None] & mask[None, :], other=1.0)  # [BLOCK_M, C] fp32
-    return tl.load(g_ptr + offs, mask=mask, other=0.0)[None, :]  # [1, C] fp32
+        g = tl.load(g_ptr + ids.to(tl.int64)[:, None] * length + offs[None, :],
+                    mask=(ids >= 0)[:, None] & mask[None, :], other=1.0)  # [BLOCK_M, C] fp32
+    else:
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0)[None, :]  # [1, C] fp32
+    return g
 
 
 @triton.jit
