@@ -13,12 +13,14 @@ import os
 import torch
 import triton
 
-from fastlora.kernels.gemm import DX_DROP, FWD_DROP, _lora_gemm_kernel, gemm_configs
+from fastlora.kernels.gemm import DX, DX_DROP, FWD_DROP, _lora_gemm_kernel, gemm_configs
 from fastlora.kernels.grad import _lora_grad_kernel, grad_configs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# DoRA modes that keep a second accumulator (the dropout forms, kernels/gemm.py).
+# DoRA modes that keep a second accumulator (the dropout forms, kernels/gemm.py), and those that scale dx's dy tiles
+# in the K loop (grouped: a [BLOCK_M, BLOCK_K] fp32 gather of g per step, pipelined like an operand).
 DUAL_DORA = (FWD_DROP.value, DX_DROP.value)
+DX_DORA = (DX.value, DX_DROP.value)
 
 def target_capability(device: torch.device) -> tuple[int, int] | None:
     """Compute capability the kernels are compiled for: the CUDA device's, else None (interpreter).
@@ -107,6 +109,8 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     dual = flags.get("DORA") in DUAL_DORA  # DoRA with dropout: two accumulators, counted as one of twice the size
     acc = bm * block_n // threads * (2 if dual else 1)
+    grouped_dora = flags.get("DORA") and flags["B_GROUPED"]
+    g_tile = bm * bk // threads if grouped_dora and flags["DORA"] in DX_DORA else 0  # grouped dx: g per (row, k)
     if flags["X_DROPOUT"] and bk < 32:
         return False  # the mask is packed 32 columns to a word
     if flags.get("W_QUANT"):  # the dequantised W tile is in registers beside the accumulator
@@ -121,6 +125,9 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
             # 64x64x64 / 4 warps 16-32 B on sm_80 (64x128x64 and 64x64x64 on sm_90, 16x64x128 on both: clean)
     if _is_fma(elt, flags["INPUT_PRECISION"]):
         operands = (bm * bk + bk * block_n) // threads
+        if g_tile and dual and num_warps == 8 and bm >= 64:
+            return False  # grouped DoRA dx with dropout, 64x64x32 / 8 warps: 8-16 B at 255 registers (sm_90; 32x64x32
+            # on 4 and 8 warps clean)
         budget = FMA_W4_BUDGET if flags.get("W_QUANT") else FMA_BUDGET
         return acc + operands <= budget and acc + 2 * bm * bk // threads <= MAX_ACC_PER_THREAD
     mma_sync = _mma_sync(capability)
@@ -136,8 +143,9 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
         # these bounds compiled clean (32-128 rows, r = 8 ... 256, 80-243 registers)
         return (num_warps == 8 and bm >= 32 and acc < MMA_SYNC_MAX_ACC
                 and acc + 4 * bm * bk // threads <= MAX_ACC_PER_THREAD)
-    if not shrink and bk <= 32:
-        return False  # the FMA path's main tiles (16-bit 32x64x32 grouped: 8 B of stack; tensor cores take 64+)
+    if not shrink and bk <= 32 and not (grouped_dora and dual and elt == 4):
+        return False  # the FMA path's main tiles (16-bit 32x64x32 grouped: 8 B of stack; tensor cores take 64+); tf32
+        # grouped DoRA with dropout keeps them: its one larger candidate that fits shared memory spilled (below)
     if flags["B_GROUPED"] and bm < 64 and elt == 4 and not dual:
         return False  # tf32 grouped main GEMM under 64 rows (mma.sync): 32x64x32, a tf32 tile until BLOCK_K <= 32
         # became FMA-only, kept 8-16 B of stack at 96 registers. Grouped DoRA's dropout forms keep them: no larger tf32
@@ -155,6 +163,15 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
     if dual and (acc > MMA_SYNC_MAX_ACC or (bk >= 128 and acc >= MMA_SYNC_MAX_ACC)):
         return False  # two accumulators of 64 (128x128 / 8 warps, 128x64 and 64x128 / 4 warps: 8-400 B on sm_90),
         # or of 32 beside the 128-column keep-mask (32x128x128 / 4 warps: 8 B); 64x64x64 / 4 warps is clean
+    if grouped_dora and g_tile >= 64:
+        return False  # grouped DoRA dx: g gathered per (row, k) beside the accumulator; 128x64x64 / 4 warps: 24-56 B
+    if grouped_dora and bm < 64 and acc + g_tile + bk * block_n // threads > (96 if dual else 160):
+        return False  # grouped DoRA dx under 64 rows (mma.sync-style operands in registers): 16x64x256 / 4 warps
+        # 64-88 B, 32x128x128 / 4 160-216 B; with dropout 16x128x128 8 B, 32x64x128 (fp16) 8 B (16x64x128 and, without
+        # dropout, 16x128x128 and 32x64x128 clean)
+    if grouped_dora and dual and bm < 64 and (bm * bk // threads >= 32 or (elt == 4 and bk >= 128)):
+        return False  # grouped DoRA forward with dropout: 32x64x128 / 4 warps 32 B at 168 registers (bf16, padded);
+        # tf32 16x64x128 / 4 warps, forward and dx, 8-24 B at 255
     if dual and mma_sync and bk * block_n // threads > 64:
         return False  # mma.sync keeps W's fragments in registers for both dots: 16x128x128, 16x64x256 / 4 warps
         # spilled 8-56 B on sm_80 (32x64x128 and 16x64x128 clean)
@@ -165,12 +182,14 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
     return True
 
 
-def gemm_smem(cfg: dict, num_stages: int, *, elt: int, out_elt: int, block_n: int, block_r: int, lora: bool) -> int:
+def gemm_smem(cfg: dict, num_stages: int, *, elt: int, out_elt: int, block_n: int, block_r: int, lora: bool,
+              g_tile: bool = False) -> int:
     """Shared memory of one GEMM-core config: the pipelined main loop or the (earlier, reused) low-rank chunk
-    buffers, plus the TMA store's staging tile and barriers. Checked against every compiled variant by
-    bench/sm90.py (an upper bound, within a few KB for the large tiles)."""
+    buffers, plus the TMA store's staging tile and barriers; ``g_tile``: grouped DoRA's dx, whose fp32 g gather
+    [BLOCK_M, BLOCK_K] is pipelined with the operands. Checked against every compiled variant by bench/sm90.py (an
+    upper bound, within a few KB for the large tiles; the g stages within 8-17 KB)."""
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
-    smem = num_stages * (bm * bk + bk * block_n) * elt
+    smem = num_stages * ((bm * bk + bk * block_n) * elt + (bm * bk * 4 if g_tile else 0))
     if lora:
         smem = max(smem, 2 * (bm * block_r + block_r * block_n) * elt)
     if cfg.get("USE_TMA"):
@@ -194,7 +213,8 @@ def _prune_gemm(configs, named_args, **kwargs):
                                    x_elt=x.element_size()):
             continue
         smem = gemm_smem(c.kwargs, c.num_stages, elt=x.element_size(), out_elt=out.element_size(), block_n=bn,
-                         block_r=kwargs["BLOCK_R"], lora=kwargs["HAS_LORA"])
+                         block_r=kwargs["BLOCK_R"], lora=kwargs["HAS_LORA"],
+                         g_tile=bool(kwargs.get("DORA") in DX_DORA and kwargs["B_GROUPED"]))
         if smem <= limit:
             kept.append(c)
     if not kept:
