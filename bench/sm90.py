@@ -43,7 +43,7 @@ mix 28 x r 8, 3 x r 64, 1 x r 256, whose offsets are multiples of 8, and trainin
 r 2, 8, 16, 4); ``--tier ragged`` runs the ragged calls alone, with fp16 and fp32 (ieee, tf32) and M = 1 too.
 ``--tier gdora`` (``gdora_calls``, M = 4096, 16, 1): grouped DoRA, 32 adapters with every other one plain (NaN
 magnitude rows), padded r = 16 and the ragged bench mix at bf16 every flag, training with dropout at fp16 (padded r =
-64) and fp32 ieee and tf32 (padded r = 16, ragged mix).
+64) and fp32 ieee and tf32 (padded r = 16 with and without dropout, ragged mix).
 The flags left out there repeat combinations already compiled; every flag at every dtype x rank takes ~7 minutes.
 M = 1, its own specialisation of every kernel (about 40% of the full tier's variants), is left to the full tier.
 Every autotune config the pruning keeps compiles, so the largest and smallest tiles are always in. Cases run in
@@ -384,14 +384,15 @@ def dora_calls(M: int) -> list[Case]:
 
 def gdora_calls(M: int) -> list[Case]:
     """Grouped DoRA (K = N = 4096, 32 adapters, every other one plain): padded (r = 16) and ragged (the bench mix) at
-    bf16 every flag; training with dropout at fp16 (padded r = 64) and fp32 (ieee and tf32: padded r = 16, ragged
-    mix). ``--tier gdora``, at M = 4096, 16 and 1."""
+    bf16 every flag; training with dropout at fp16 (padded r = 64) and fp32 (ieee and tf32: padded r = 16 also without
+    dropout, ragged mix). ``--tier gdora``, at M = 4096, 16 and 1."""
     mix = RAGGED_MIXES[0]
     return [*_calls("bf16", M, 4096, 4096, 16, G=32, dora=True),
             *_calls("bf16", M, 4096, 4096, 0, G=len(mix), ranks=mix, dora=True),
             *_calls("fp16", M, 4096, 4096, 64, G=32, ps=(0.1,), biases=(True,), infer=False, dora=True),
             *[c for tf32 in (False, True) for c in (
-                *_calls("fp32", M, 4096, 4096, 16, G=32, ps=(0.1,), biases=(True,), infer=False, tf32=tf32, dora=True),
+                *_calls("fp32", M, 4096, 4096, 16, G=32, ps=(0.0, 0.1), biases=(True,), infer=False, tf32=tf32,
+                        dora=True),
                 *_calls("fp32", M, 4096, 4096, 0, G=len(mix), ranks=mix, ps=(0.1,), biases=(True,), infer=False,
                         tf32=tf32, dora=True))]]
 

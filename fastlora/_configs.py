@@ -143,9 +143,9 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
         # these bounds compiled clean (32-128 rows, r = 8 ... 256, 80-243 registers)
         return (num_warps == 8 and bm >= 32 and acc < MMA_SYNC_MAX_ACC
                 and acc + 4 * bm * bk // threads <= MAX_ACC_PER_THREAD)
-    if not shrink and bk <= 32 and not (grouped_dora and dual and elt == 4):
+    if not shrink and bk <= 32 and not (grouped_dora and (dual or g_tile) and elt == 4):
         return False  # the FMA path's main tiles (16-bit 32x64x32 grouped: 8 B of stack; tensor cores take 64+); tf32
-        # grouped DoRA with dropout keeps them: its one larger candidate that fits shared memory spilled (below)
+        # grouped DoRA dx and dropout forms keep them: their larger candidates spilled or exceed shared memory (below)
     if flags["B_GROUPED"] and bm < 64 and elt == 4 and not dual:
         return False  # tf32 grouped main GEMM under 64 rows (mma.sync): 32x64x32, a tf32 tile until BLOCK_K <= 32
         # became FMA-only, kept 8-16 B of stack at 96 registers. Grouped DoRA's dropout forms keep them: no larger tf32
