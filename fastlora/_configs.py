@@ -125,9 +125,9 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
             # 64x64x64 / 4 warps 16-32 B on sm_80 (64x128x64 and 64x64x64 on sm_90, 16x64x128 on both: clean)
     if _is_fma(elt, flags["INPUT_PRECISION"]):
         operands = (bm * bk + bk * block_n) // threads
-        if g_tile and dual and num_warps == 8 and bm >= 64:
-            return False  # grouped DoRA dx with dropout, 64x64x32 / 8 warps: 8-16 B at 255 registers (sm_90; 32x64x32
-            # on 4 and 8 warps clean)
+        if g_tile and num_warps == 8 and bm >= (64 if dual else 128):
+            return False  # grouped DoRA dx on 8 warps: 128x64x32 16 B, with dropout 64x64x32 8-16 B, at 255 registers
+            # (sm_90; 64x64x32 without dropout and 32x64x32 on 4 and 8 warps clean)
         budget = FMA_W4_BUDGET if flags.get("W_QUANT") else FMA_BUDGET
         return acc + operands <= budget and acc + 2 * bm * bk // threads <= MAX_ACC_PER_THREAD
     mma_sync = _mma_sync(capability)
@@ -172,6 +172,12 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
     if grouped_dora and dual and bm < 64 and (bm * bk // threads >= 32 or (elt == 4 and bk >= 128)):
         return False  # grouped DoRA forward with dropout: 32x64x128 / 4 warps 32 B at 168 registers (bf16, padded);
         # tf32 16x64x128 / 4 warps, forward and dx, 8-24 B at 255
+    if grouped_dora and dual and not g_tile and elt == 4 and bm < 64 and num_warps == 8:
+        return False  # tf32 grouped DoRA forward with dropout, 32x64x32 / 8 warps: 8 B at 80 registers (sm_90)
+    if grouped_dora and mma_sync and (acc + g_tile > MMA_SYNC_MAX_ACC or (
+            flags.get("RAGGED") and acc >= MMA_SYNC_MAX_ACC and num_warps == 4)):
+        return False  # sm_80, grouped DoRA: dx 64x128x64 / 4 warps 144-160 B, with dropout 64x64x64 / 4 40-80 B (g's
+        # gather beside mma.sync's operands); ragged forward 64x128x64 / 4 8-24 B (64x64x64 dx, 16x64x128 clean)
     if dual and mma_sync and bk * block_n // threads > 64:
         return False  # mma.sync keeps W's fragments in registers for both dots: 16x128x128, 16x64x256 / 4 warps
         # spilled 8-56 B on sm_80 (32x64x128 and 16x64x128 clean)
@@ -243,6 +249,9 @@ def _prune_grad(configs, named_args, **kwargs):
             # 64x64 / 8 warps (32) 8 B at 48 registers
             if kwargs["RAGGED"] and c.num_warps == 8:
                 return False
+            if kwargs["COL_DOT"] and mma_sync and (bm, bp, c.num_warps) == (32, 64, 4):
+                return False  # grouped DoRA's column dot at BLOCK_R 16 on sm_80: 8 B at 64 registers (ptxas's own
+                # occupancy target; 32x32, 32x128, 64x64 on 4 and 8 warps clean)
             budget = FMA_GRAD_BUDGET - 16 if kwargs["RAGGED"] and kwargs["Z_DROPOUT"] else FMA_GRAD_BUDGET
             return acc + bm * (bp + br) // threads <= budget
         if mma_sync:  # both operands' fragments in registers (sm_80, measured by bench/sm90.py):
