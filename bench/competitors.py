@@ -144,15 +144,7 @@ def grouped_impl(name: str, pb: Problem, ids: torch.Tensor) -> Impl:
             return y
         return Impl(loop, [])
     if name == "peft-mixed":
-        names = [f"a{g}" for g in range(n)]
-        layer = _peft_layer(pb, 0.0, names)
-        layer.eval()
-        with torch.no_grad():
-            for g, nm in enumerate(names):
-                layer.lora_A[nm].weight.copy_(pb.A[g])
-                layer.lora_B[nm].weight.copy_(pb.B[g])
-        adapter_names = [names[g] for g in ids.tolist()]
-        return Impl(lambda x: layer(x, adapter_names=adapter_names), [])
+        return Impl(_peft_mixed(pb.base_linear(), list(pb.A), list(pb.B), [pb.R] * n, ids), [])
     raise ValueError(f"unknown competitor {name!r}")
 
 
@@ -200,16 +192,8 @@ def mixed_impl(name: str, mp: MixedProblem, ids: torch.Tensor) -> Impl:
         return Impl(lambda x: fastlora.grouped_lora_linear(x, W, b, A, B, mp.scaling, ids, **kw), [],
                     info=dict(adapter_bytes=(A.numel() + B.numel()) * A.element_size()))
     if name == "peft-mixed":
-        names = [f"a{g}" for g in range(n)]
-        layer = _peft_layer(None, 0.0, names, base=_linear(W, b), ranks=mp.ranks)
-        layer.eval()
-        with torch.no_grad():
-            for g, nm in enumerate(names):
-                layer.lora_A[nm].weight.copy_(mp.A[g])
-                layer.lora_B[nm].weight.copy_(mp.B[g])
-        adapter_names = [names[g] for g in ids.tolist()]
         nbytes = sum(a.numel() + bb.numel() for a, bb in zip(mp.A, mp.B, strict=True)) * W.element_size()
-        return Impl(lambda x: layer(x, adapter_names=adapter_names), [], info=dict(adapter_bytes=nbytes))
+        return Impl(_peft_mixed(_linear(W, b), mp.A, mp.B, mp.ranks, ids), [], info=dict(adapter_bytes=nbytes))
     raise ValueError(f"unknown competitor {name!r}")
 
 
@@ -218,6 +202,20 @@ def _linear(W, b) -> nn.Linear:
     lin.weight = nn.Parameter(W, requires_grad=False)
     lin.bias = nn.Parameter(b, requires_grad=False)
     return lin
+
+
+def _peft_mixed(base: nn.Linear, As, Bs, ranks, ids: torch.Tensor):
+    """PEFT's mixed batch (``adapter_names``, inference): adapter g = (As[g], Bs[g]) at rank ranks[g] over ``base``,
+    token i using adapter ids[i]."""
+    names = [f"a{g}" for g in range(len(ranks))]
+    layer = _peft_layer(None, 0.0, names, base=base, ranks=ranks)
+    layer.eval()
+    with torch.no_grad():
+        for nm, a, bb in zip(names, As, Bs, strict=True):
+            layer.lora_A[nm].weight.copy_(a)
+            layer.lora_B[nm].weight.copy_(bb)
+    adapter_names = [names[g] for g in ids.tolist()]
+    return lambda x: layer(x, adapter_names=adapter_names)
 
 
 def _peft_layer(pb: Problem | None, dropout: float, names: list[str], base: nn.Linear | None = None, ranks=None):
