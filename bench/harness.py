@@ -9,6 +9,7 @@ wall-clock loop of a few calls: those numbers check the plumbing and mean nothin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import itertools
@@ -141,6 +142,17 @@ def measure_steps(fn, warmup: int, reps: int) -> Timing:
     q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
     method = "CUDA events per step" if CUDA else "CPU wall clock (TRITON_INTERPRET=1), not a GPU measurement"
     return Timing(statistics.median(times), q[0], q[3], len(times), method)
+
+
+@contextlib.contextmanager
+def allow_tf32(on: bool):
+    """fp32 matmuls on tensor cores (tf32) inside, as ``torch.backends.cuda.matmul.allow_tf32`` says; restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def sync():
