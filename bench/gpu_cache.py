@@ -248,6 +248,7 @@ def quick_calls():
         for K, N in ((h, h), (h, kv), (h, inter), (inter, h)):
             for R in g.e2e["ranks"]:
                 out += [Case(dtype, M, K, N, R, bias=False, quant=q) for q in ("", "nf4")]
+                out += [Case(dtype, M, K, N, R, bias=False, dora=True)]  # the DoRA variant
     return out
 
 

@@ -14,6 +14,7 @@ run) are merged; a case present twice keeps the later file's entry. Figures:
     qlora-vs-linear-<mode>-<dtype>.png QLoRA layer: time / bf16 nn.Linear time on the dequantised W
     qlora-memory-<dtype>.png           QLoRA layer, training: peak memory above the inputs
     qlora-e2e-<dtype>.png              Llama-shaped QLoRA training step: tokens/s per competitor
+    dora-e2e-<dtype>.png               Llama-shaped DoRA training step: tokens/s per competitor
     dora-speedup-<mode>-<dtype>.png    DoRA layer: speedup over PEFT DoRA, the issue's target dotted
     dora-vs-linear-<mode>-<dtype>.png  DoRA layer: time / nn.Linear time
     dora-vs-lora-<mode>-<dtype>.png    DoRA layer: time / fastlora LoRA's at the same rank (DoRA's extra cost)
@@ -252,7 +253,9 @@ def grouped(rows: list[dict], meta: dict, out: Path) -> list[Path]:
     return written
 
 
-def e2e(rows: list[dict], meta: dict, out: Path, qlora: bool = False) -> list[Path]:
+def e2e(rows: list[dict], meta: dict, out: Path, variant: str = "") -> list[Path]:
+    """Training tokens/s per competitor and rank; ``variant``: "" (LoRA), "qlora" (4-bit bases) or "dora"."""
+    qlora = variant == "qlora"
     written = []
     peft_impl = "qlora-peft" if qlora else "peft"
     for dtype in sorted({r["dtype"] for r in rows}):
@@ -279,10 +282,11 @@ def e2e(rows: list[dict], meta: dict, out: Path, qlora: bool = False) -> list[Pa
         r0 = rs[0]
         m = r0["model"]
         base = ", 4-bit NF4 base linears (reference: dequantised weights)" if qlora else ""
-        title = (f"Llama-shaped {'QLoRA ' if qlora else ''}training step, {dtype}{base}: {m['layers']} layers, "
+        kind = {"qlora": "QLoRA ", "dora": "DoRA "}.get(variant, "")
+        title = (f"Llama-shaped {kind}training step, {dtype}{base}: {m['layers']} layers, "
                  f"hidden {m['hidden_size']}, MLP {m['intermediate_size']}, batch {r0['batch']} x {r0['seq']} tokens\n"
                  f"(bar labels: speedup over {STYLE[peft_impl][2]})")
-        written.append(finish(fig, meta, title, out / f"{'qlora-' if qlora else ''}e2e-{dtype}.png"))
+        written.append(finish(fig, meta, title, out / f"{variant + '-' if variant else ''}e2e-{dtype}.png"))
     return written
 
 
@@ -311,7 +315,8 @@ def main(argv=None) -> int:
     written += layer_panels(suite["qlora"], meta, args.out, "speedup", QLORA)
     written += layer_panels(suite["qlora"], meta, args.out, "vs-linear", QLORA)
     written += layer_memory(suite["qlora"], meta, args.out, QLORA)
-    written += e2e(suite["qlora-e2e"], meta, args.out, qlora=True)
+    written += e2e(suite["qlora-e2e"], meta, args.out, "qlora")
+    written += e2e(suite["dora-e2e"], meta, args.out, "dora")
     for metric in ("speedup", "vs-linear", "vs-lora"):
         written += layer_panels(suite["dora"], meta, args.out, metric, DORA)
     written += layer_memory(suite["dora"], meta, args.out, DORA)
