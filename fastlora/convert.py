@@ -118,7 +118,7 @@ def _check_layer(name: str, mod) -> str:
         m = mod.lora_magnitude_vector[adapter].weight
         if m.shape != (base.out_features,) or not m.is_floating_point():
             fail(f"its DoRA magnitude is a {m.dtype} tensor of shape {tuple(m.shape)}, not ({base.out_features},)")
-        if mod.merged and mod._cache_get(f"{adapter}-weight_norm", None) is None:
+        if mod.merged and getattr(mod, "_caches", {}).get(f"{adapter}-weight_norm") is None:
             fail("it is a merged DoRA layer without PEFT's cached weight norm; call unmerge_adapter() first")
     dropout = mod.lora_dropout[adapter]
     if not isinstance(dropout, (nn.Dropout, nn.Identity)):
@@ -164,6 +164,6 @@ def _take_merged_dora(layer: Linear, mod, adapter: str) -> None:
     """What ``Linear.unmerge`` needs from a DoRA layer PEFT merged: g = m / the norm PEFT's merge divided by (its
     cached ``{adapter}-weight_norm``), so unmerging divides by the same g as PEFT's ``unmerge``. Rows with g = 0 were
     zeroed by the merge and cannot be recovered (PEFT's unmerge gives NaN there); they stay zero."""
-    g = layer.lora_magnitude.detach().float() / mod._cache_get(f"{adapter}-weight_norm", None).float()
+    g = layer.lora_magnitude.detach().float() / getattr(mod, "_caches", {}).get(f"{adapter}-weight_norm").float()
     zeroed = (g == 0).nonzero().squeeze(1)
     layer._merged_g = (g, zeroed, layer.weight.detach()[zeroed].clone())
