@@ -129,13 +129,13 @@ def test_trainer_loss_curve_matches_peft():
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     losses, peft_losses = _train(converted), _train(peft_model)
     assert len(losses) == 4 and (losses[0] - losses[-1]).abs() > 0.05, losses  # the adapters learn something
-    # fp32 both; measured: losses equal to ~1e-7 relative
+    # fp32 both; measured: the logged (4-digit) losses equal, the parameters within 2e-7 relative
     torch.testing.assert_close(losses, peft_losses, rtol=1e-5, atol=0)
     trained = {fastlora_name(n): p for n, p in peft_model.named_parameters() if p.requires_grad}
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert not torch.equal(p, init[name]), f"{name} did not train"
-            assert_close(p, trained[name], torch.float32, f"{name} after 4 steps vs PEFT", tol=1e-3)
+            assert_close(p, trained[name], torch.float32, f"{name} after 4 steps vs PEFT")
 
 
 def test_fastlora_dora_adapter_loads_in_peft(tmp_path):
