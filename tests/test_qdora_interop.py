@@ -84,5 +84,7 @@ def test_files_both_ways(saved, tmp_path):
     fastlora.save_adapter(model, tmp_path / "ours")
     ours, theirs = (load_file(tmp_path / d / adapters.WEIGHTS_NAME) for d in ("ours", "peft"))
     assert KEY in ours and ours.keys() == theirs.keys()
+    assert fastlora.load_adapter(model, tmp_path / "ours") == names  # now over fastlora.Linear4bit layers
+    assert_close(model(tokens()).logits, expected, FP32, "fastlora with its own QDoRA file")
     back = PeftModel.from_pretrained(load_4bit(saved, compute_dtype=FP32), tmp_path / "ours").train()
     assert_close(back(tokens()).logits, expected, FP32, "PEFT with fastlora's QDoRA file")
