@@ -12,7 +12,6 @@ stacks several saved adapters into ``GroupedLinear`` layers for mixed-adapter ba
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import numbers
@@ -34,8 +33,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude: base_model.model.<name>.lora_magnitude_vector, [out]
-_KEY = re.compile(r"base_model\.model\.(?P<name>.+)\.(?:(?P<part>lora_A|lora_B)\.weight|(?P<magnitude>"
-                  + MAGNITUDE + "))")
+_KEY = re.compile(r"base_model\.model\.(?P<name>.+)\.(?:(?P<part>lora_A|lora_B)\.weight|" + MAGNITUDE + ")")
 # LoraConfig fields whose non-default value changes the layer's math; fastlora implements none of them.
 _UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
                 "trainable_token_indices": None, "target_parameters": None, "use_bdlora": None,
@@ -141,7 +139,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
         mod, kw, m = _base_of(model, name, a, b, path), _layer_args(config, name, a.shape[0], path), None
         if name in magnitudes:
             m = magnitudes[name]
-            _check_dora_base(name, mod)
+            if isinstance(mod, Linear4bit) or _is_bnb_4bit(mod):
+                check_qdora(name)
             kw["use_dora"] = True
         plan.append((name, mod, kw, a, b, m))
     with _transaction(model):
@@ -150,16 +149,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
         _set_submodule(model, name, layer)
     freeze_base(model)
     return list(weights)
-
-
-def _check_dora_base(name: str, mod: nn.Module) -> None:
-    """Raise ``NotImplementedError`` if a DoRA layer cannot be built over ``mod`` (a 4-bit base without QDoRA)."""
-    if isinstance(mod, Linear4bit):
-        if "use_dora" not in inspect.signature(mod._with_new_adapter).parameters:
-            check_qdora(name)
-            raise NotImplementedError(f"{name!r}: a DoRA adapter cannot be loaded over this fastlora.Linear4bit")
-    elif _is_bnb_4bit(mod):
-        check_qdora(name)
 
 
 def _loaded_layer(mod: nn.Module, kw: dict, a: torch.Tensor, b: torch.Tensor,
