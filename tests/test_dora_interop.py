@@ -220,7 +220,7 @@ def test_dora_and_plain_layers_in_one_model(tmp_path):
 
 def test_merge_unmerge_dora_model():
     model = tiny_llama()
-    names = fastlora.inject(model, "all-linear", r=4, alpha=8, use_dora=True)
+    names = fastlora.inject(model, ["q_proj", "down_proj"], r=4, alpha=8, use_dora=True)
     randomize_lora_B(model)
     randomize_magnitudes(model)
     weights = {n: model.get_submodule(n).weight.detach().clone() for n in names}
