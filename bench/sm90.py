@@ -206,16 +206,6 @@ def _cuda_input_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-@contextlib.contextmanager
-def _allow_tf32(on: bool):
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = on
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 class _Recorder:
     def __init__(self, capability: int):
         self.capability = capability
@@ -344,7 +334,7 @@ class Case:
         mag = dict(magnitude=torch.ones(len(self.ranks) or self.G, self.N, dtype=adt).index_fill_(
             0, torch.arange(1, len(self.ranks) or self.G, 2), float("nan")).requires_grad_(self.train)) \
             if self.dora and (self.ranks or self.G > 1) else {}
-        with torch.set_grad_enabled(self.train), _allow_tf32(self.tf32):
+        with torch.set_grad_enabled(self.train), harness.allow_tf32(self.tf32):
             if self.ranks:
                 ids = torch.arange(self.M) % len(self.ranks)
                 offsets = torch.tensor([0, *torch.tensor(self.ranks).cumsum(0).tolist()], dtype=torch.int32)
