@@ -78,6 +78,7 @@ def _row_sq_4bit(packed, state) -> torch.Tensor:
 def weight_norm_4bit(packed, state, lora_A, lora_B, scaling: float) -> torch.Tensor:
     """``weight_norm`` of a packed 4-bit W: max(||deq(W)_n + s B_n A||, DORA_EPS), fp32 [N], detached."""
     tensors, qblocks = _ops.quant_args(state, torch.float32)
+    data = packed.detach().reshape(-1).view(torch.uint8)
     with torch.no_grad():
-        return _dora_ops.dora_norm_4bit(packed.detach().reshape(-1).view(torch.uint8), tensors, qblocks, weight_sq_4bit(packed, state),
-                                        lora_A.detach(), lora_B.detach(), float(scaling)).clamp_min(DORA_EPS)
+        return _dora_ops.dora_norm_4bit(data, tensors, qblocks, weight_sq_4bit(packed, state), lora_A.detach(),
+                                        lora_B.detach(), float(scaling)).clamp_min(DORA_EPS)

@@ -240,8 +240,8 @@ def _lora_gemm_kernel(
     16-byte vectors and cp.async): the stack is ragged, adapter g at its own rank r_g = ro[g + 1] - ro[g]:
     W [sum r, K] (shrink; rows ro[g]:ro[g + 1], out's columns past r_g left unwritten) or B [N, sum r] (main; columns
     ro[g]:ro[g + 1], read over r_g only), T [M, R] with R the width (at least every r_g).
-    DORA (ungrouped, dense or 4-bit W; the values above): g_ptr the fp32 magnitude scale [N] (forward) or [K] (dx); STORE_Z
-    also writes the pre-scale term Z to z_ptr (out's strides), which DoRA's magnitude gradient reads.
+    DORA (ungrouped, dense or 4-bit W; the values above): g_ptr the fp32 magnitude scale [N] (forward) or [K] (dx);
+    STORE_Z also writes the pre-scale term Z to z_ptr (out's strides), which DoRA's magnitude gradient reads.
     """
     tl.static_assert(not (X_DROPOUT and HAS_LORA), "X_DROPOUT is the shrink's; the main GEMM takes OUT_DROPOUT")
     tl.static_assert(not USE_TMA or (TMA_OK and not HAS_PERM and not W_GROUPED and not X_DROPOUT))
