@@ -466,8 +466,10 @@ def report(case_list: list[Case], capability: int, jobs: int) -> list[Variant]:
 
 
 def is_fma(rec: dict) -> bool:
-    """A variant whose dots run on FMA units: fp32 operands with input_precision 'ieee'."""
-    return rec["constexprs"].get("INPUT_PRECISION") == "ieee" and " fp32 " in f" {rec['case']} "
+    """A variant whose dots run on FMA units: fp32 operands with input_precision 'ieee' (an fp32 call, or a 4-bit W
+    computed in fp32: QDoRA's norm launch in every dtype)."""
+    c = rec["constexprs"]
+    return c.get("INPUT_PRECISION") == "ieee" and (" fp32 " in f" {rec['case']} " or c.get("W_COMPUTE") == "fp32")
 
 
 def check(records: list[dict], capability: int) -> list[str]:

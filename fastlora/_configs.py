@@ -13,7 +13,7 @@ import os
 import torch
 import triton
 
-from fastlora.kernels.gemm import DX_DROP, FWD_DROP, _lora_gemm_kernel, gemm_configs
+from fastlora.kernels.gemm import DX, DX_DROP, FWD_DROP, _lora_gemm_kernel, gemm_configs
 from fastlora.kernels.grad import _lora_grad_kernel, grad_configs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -109,6 +109,16 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
     acc = bm * block_n // threads * (2 if dual else 1)
     if flags["X_DROPOUT"] and bk < 32:
         return False  # the mask is packed 32 columns to a word
+    if flags.get("W_QUANT") and flags.get("DORA") == FWD_DROP.value:
+        # QDoRA's dropout forward: two accumulators, x and keep * x beside the dequantised W tile (sm_90, measured)
+        if elt == 4:  # tf32 16x64x128 / 4 warps: 16 B of stack at 255 registers; FMA 64x64x32 / 8 warps 8 B (in the
+            # K loop), 32x64x32 / 4 warps 8 B; 32x64x32 clean on both warp counts for tf32 (190-220 registers) and
+            # with 8 warps on the FMA path (255). Only these: the 4-bit rules below would keep none of them.
+            return bm == 32 and bk == 32 and (num_warps == 8 or not _is_fma(elt, flags["INPUT_PRECISION"]))
+        if bm >= 32 and bk >= 128:
+            return False  # 16-bit 32x64x128 / 4 warps: 8 B at 255 registers (16x64x128, 64x64x64 / 4: clean)
+    if flags.get("W_QUANT") and flags.get("DORA") == DX.value and elt == 4 and bk >= 128:
+        return False  # QDoRA's tf32 dx, dy scaled in registers: 16x64x128 / 4 warps 8 B (64x64x64 / 4 clean)
     if flags.get("W_QUANT"):  # the dequantised W tile is in registers beside the accumulator
         w = bk * block_n // threads
         budget = W4_BUDGET_MMA_SYNC if _mma_sync(capability) else W4_BUDGET
