@@ -38,7 +38,8 @@ training) for bf16 at r = 16, dense and grouped; then training with bias and dro
 fp16 at r = 64 and fp32 at r = 256 (ieee and tf32); fp16 grouped inference at r = 16 (its own tile issues); an nf4
 base at r = 16, bf16 (every flag) and fp32 (ieee and tf32: training with dropout 0.1); DoRA (``dora_calls``: every
 flag at bf16 r = 16, training with dropout at fp16 r = 64, training at fp32 r = 256, ieee and tf32), also alone as
-``--tier dora`` (with M = 1 too, as in the full tier); ragged stacks (``ragged_calls``: every flag at bf16 over the
+``--tier dora`` (with M = 1 too, as in the full tier, and the same calls over an nf4 double-quant base: QDoRA, which
+the ci tier leaves out); ragged stacks (``ragged_calls``: every flag at bf16 over the
 mix 28 x r 8, 3 x r 64, 1 x r 256, whose offsets are multiples of 8, and training with dropout over the unaligned mix
 r 2, 8, 16, 4); ``--tier ragged`` runs the ragged calls alone, with fp16 and fp32 (ieee, tf32) and M = 1 too.
 The flags left out there repeat combinations already compiled; every flag at every dtype x rank takes ~7 minutes.
