@@ -11,6 +11,10 @@ quant, blocksize 64) in a bitsandbytes Linear4bit, the model's dtype as compute 
 Competitors ``qlora-peft`` (get_peft_model over the bitsandbytes layers), ``qlora-fastlora`` (fastlora.inject
 wrapping them in fastlora.Linear4bit) and ``reference`` (the dequantised weights in nn.Linear layers,
 fastlora.reference with fp32 adapters): see ``competitors.inject_4bit``.
+
+DoRA variant (ids ``e2e-dora-...``): the same model with PEFT's DoRA on every adapted linear (``use_dora=True``;
+each magnitude starts at ||W_n||, as PEFT's): ``peft``, ``fastlora`` (``inject(use_dora=True)``) and ``reference``
+(``fastlora.reference.dora_linear``, which builds B A and the norm every call as PEFT does).
 """
 
 from __future__ import annotations
@@ -36,20 +40,27 @@ class Case:
     R: int
     impl: str
     qlora: bool = False  # 4-bit base linears
+    dora: bool = False  # PEFT's DoRA on every adapted linear
+
+    @property
+    def variant(self) -> str:
+        return "qlora" if self.qlora else "dora" if self.dora else ""
 
     @property
     def group(self) -> str:
         e = harness.grid().e2e
-        return f"e2e-{'qlora-' if self.qlora else ''}{self.dtype}-L{e['layers']}-B{e['batch']}-S{e['seq']}-r{self.R}"
+        v = f"{self.variant}-" if self.variant else ""
+        return f"e2e-{v}{self.dtype}-L{e['layers']}-B{e['batch']}-S{e['seq']}-r{self.R}"
 
     @property
     def id(self) -> str:
         return f"{self.group}-{self.impl}"
 
 
-CASES = [Case(dtype, R, impl, qlora) for qlora in (False, True) for dtype in harness.grid().dtypes
-         for R in harness.grid().e2e["ranks"] for impl in (QLORA_IMPLS if qlora else IMPLS)]
-_FIRST: dict = {}  # (qlora, dtype, R) -> (loss, grad norm) of the reference model
+CASES = [Case(dtype, R, impl, qlora, dora) for qlora, dora in ((False, False), (True, False), (False, True))
+         for dtype in harness.grid().dtypes for R in harness.grid().e2e["ranks"]
+         for impl in (QLORA_IMPLS if qlora else IMPLS)]
+_FIRST: dict = {}  # (variant, dtype, R) -> (loss, grad norm) of the reference model
 
 
 def _model(case: Case, impl: str):
@@ -60,8 +71,10 @@ def _model(case: Case, impl: str):
     torch.manual_seed(0)
     with torch.device(harness.device()):
         model = LlamaForCausalLM._from_config(cfg, dtype=harness.DTYPES[case.dtype])
-    inject = competitors.inject_4bit if case.qlora else competitors.inject
-    model, how = inject(model, impl, case.R, 2 * case.R)
+    if case.qlora:
+        model, how = competitors.inject_4bit(model, impl, case.R, 2 * case.R)
+    else:
+        model, how = competitors.inject(model, impl, case.R, 2 * case.R, dora=case.dora)
     with torch.no_grad():
         for key, A, B in competitors.adapter_pairs(model):
             g = torch.Generator(device="cpu").manual_seed(zlib.crc32(key.encode()))
@@ -79,7 +92,7 @@ def _first_step(model, ids):
 
 
 def _reference_first(case: Case, ids):
-    key = (case.qlora, case.dtype, case.R)
+    key = (case.variant, case.dtype, case.R)
     if key not in _FIRST:
         model, _ = _model(case, "reference")
         _FIRST[key] = _first_step(model, ids)
@@ -125,7 +138,8 @@ def test_e2e(benchmark, request, case: Case):
     benchmark.group = case.group
     benchmark.extra_info.update(harness.provenance())
     benchmark.extra_info.update(dict(
-        suite="qlora-e2e" if case.qlora else "e2e", mode="train", dtype=case.dtype, R=case.R, impl=case.impl,
+        suite=f"{case.variant}-e2e" if case.variant else "e2e", mode="train", dtype=case.dtype, R=case.R,
+        impl=case.impl,
         injected_by=how, model=dict(e["config"], layers=e["layers"]), batch=e["batch"], seq=e["seq"], tokens=tokens,
         median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps,
         timing=timing.method, tokens_per_s=tps, peak_mem_bytes=peak,

@@ -78,14 +78,7 @@ def test_grouped(benchmark, request, case: Case):
                                                 pb.scaling, ids)
     err = harness.check_close(case.id, y, ref, dtype)
 
-    def step():
-        with torch.no_grad():
-            impl.forward(ring.next())
-
-    timing = harness.measure(step)
-    _MS[(case.group, case.impl)] = timing.median_ms
-    peak, extra = harness.peak_memory(step)
-    harness.pedantic(benchmark, step)
+    timing, peak, extra = _timed_forward(benchmark, case, impl, ring)
 
     lora = case.impl != "linear"
     flop = harness.flops(case.M, case.K, case.N, case.R, False, lora=lora)
@@ -104,6 +97,20 @@ def test_grouped(benchmark, request, case: Case):
                    suite="grouped", mode="fwd", train=False, dtype=case.dtype, K=case.K, N=case.N, R=case.R,
                    G=case.G, M=case.M, impl=case.impl, ring=len(ring.items), ratio_to_linear=ratio,
                    speedup_over_peft=speedup, peak_mem_bytes=peak, extra_mem_bytes=extra, rel_err={"y": err})
+
+
+def _timed_forward(benchmark, case, impl, ring):
+    """(timing, peak bytes, peak above the inputs) of ``impl``'s no-grad forward over ``ring``; the median is kept in
+    _MS for the later competitors' ratios and pytest-benchmark's own rounds run."""
+    def step():
+        with torch.no_grad():
+            impl.forward(ring.next())
+
+    timing = harness.measure(step)
+    _MS[(case.group, case.impl)] = timing.median_ms
+    peak, extra = harness.peak_memory(step)
+    harness.pedantic(benchmark, step)
+    return timing, peak, extra
 
 
 # 28 x r 8, 3 x r 64, 1 x r 256: one large adapter among many small ones, what a padded stack handles worst
@@ -164,14 +171,7 @@ def test_grouped_mixed_ranks(benchmark, request, case: MixedCase):
                                                 mp.B_ragged.float(), mp.scaling, ids, rank_offsets=mp.offsets)
     err = harness.check_close(case.id, y, ref, dtype)
 
-    def step():
-        with torch.no_grad():
-            impl.forward(ring.next())
-
-    timing = harness.measure(step)
-    _MS[(case.group, case.impl)] = timing.median_ms
-    peak, extra = harness.peak_memory(step)
-    harness.pedantic(benchmark, step)
+    timing, peak, extra = _timed_forward(benchmark, case, impl, ring)
 
     lora = case.impl != "linear"
     token_rank = sum(case.ranks[i] for i in ids.tolist())  # sum over tokens of their adapter's rank

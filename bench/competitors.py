@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import inspect
 import itertools
 
 import harness
@@ -144,15 +145,7 @@ def grouped_impl(name: str, pb: Problem, ids: torch.Tensor) -> Impl:
             return y
         return Impl(loop, [])
     if name == "peft-mixed":
-        names = [f"a{g}" for g in range(n)]
-        layer = _peft_layer(pb, 0.0, names)
-        layer.eval()
-        with torch.no_grad():
-            for g, nm in enumerate(names):
-                layer.lora_A[nm].weight.copy_(pb.A[g])
-                layer.lora_B[nm].weight.copy_(pb.B[g])
-        adapter_names = [names[g] for g in ids.tolist()]
-        return Impl(lambda x: layer(x, adapter_names=adapter_names), [])
+        return Impl(_peft_mixed(pb.base_linear(), list(pb.A), list(pb.B), [pb.R] * n, ids), [])
     raise ValueError(f"unknown competitor {name!r}")
 
 
@@ -200,16 +193,8 @@ def mixed_impl(name: str, mp: MixedProblem, ids: torch.Tensor) -> Impl:
         return Impl(lambda x: fastlora.grouped_lora_linear(x, W, b, A, B, mp.scaling, ids, **kw), [],
                     info=dict(adapter_bytes=(A.numel() + B.numel()) * A.element_size()))
     if name == "peft-mixed":
-        names = [f"a{g}" for g in range(n)]
-        layer = _peft_layer(None, 0.0, names, base=_linear(W, b), ranks=mp.ranks)
-        layer.eval()
-        with torch.no_grad():
-            for g, nm in enumerate(names):
-                layer.lora_A[nm].weight.copy_(mp.A[g])
-                layer.lora_B[nm].weight.copy_(mp.B[g])
-        adapter_names = [names[g] for g in ids.tolist()]
         nbytes = sum(a.numel() + bb.numel() for a, bb in zip(mp.A, mp.B, strict=True)) * W.element_size()
-        return Impl(lambda x: layer(x, adapter_names=adapter_names), [], info=dict(adapter_bytes=nbytes))
+        return Impl(_peft_mixed(_linear(W, b), mp.A, mp.B, mp.ranks, ids), [], info=dict(adapter_bytes=nbytes))
     raise ValueError(f"unknown competitor {name!r}")
 
 
@@ -218,6 +203,20 @@ def _linear(W, b) -> nn.Linear:
     lin.weight = nn.Parameter(W, requires_grad=False)
     lin.bias = nn.Parameter(b, requires_grad=False)
     return lin
+
+
+def _peft_mixed(base: nn.Linear, As, Bs, ranks, ids: torch.Tensor):
+    """PEFT's mixed batch (``adapter_names``, inference): adapter g = (As[g], Bs[g]) at rank ranks[g] over ``base``,
+    token i using adapter ids[i]."""
+    names = [f"a{g}" for g in range(len(ranks))]
+    layer = _peft_layer(None, 0.0, names, base=base, ranks=ranks)
+    layer.eval()
+    with torch.no_grad():
+        for nm, a, bb in zip(names, As, Bs, strict=True):
+            layer.lora_A[nm].weight.copy_(a)
+            layer.lora_B[nm].weight.copy_(bb)
+    adapter_names = [names[g] for g in ids.tolist()]
+    return lambda x: layer(x, adapter_names=adapter_names)
 
 
 def _peft_layer(pb: Problem | None, dropout: float, names: list[str], base: nn.Linear | None = None, ranks=None):
@@ -360,39 +359,50 @@ def qlora_impl(name: str, qp: QProblem, train: bool) -> Impl:
 
 class ReferenceLinear(nn.Module):
     """A LoRA linear computed by ``fastlora.reference`` (the end-to-end baseline that needs no PEFT); adapters in
-    ``adapter_dtype`` (default the weight's)."""
+    ``adapter_dtype`` (default the weight's); ``dora``: PEFT's DoRA (``reference.dora_linear``), the magnitude
+    ``lora_magnitude`` starting at ||W_n|| as PEFT's does (B = 0)."""
 
-    def __init__(self, linear: nn.Linear, r: int, alpha: float, adapter_dtype: torch.dtype | None = None):
+    def __init__(self, linear: nn.Linear, r: int, alpha: float, adapter_dtype: torch.dtype | None = None,
+                 dora: bool = False):
         super().__init__()
         self.weight = linear.weight.requires_grad_(False)
         self.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
         kw = dict(device=linear.weight.device, dtype=adapter_dtype or linear.weight.dtype)
         self.lora_A = nn.Parameter(torch.zeros(r, linear.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(linear.out_features, r, **kw))
+        self.lora_magnitude = nn.Parameter(
+            torch.linalg.vector_norm(self.weight.float(), dim=1).to(kw["dtype"])) if dora else None
         self.scaling = alpha / r
 
     def forward(self, x):
+        if self.lora_magnitude is not None:
+            return reference.dora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                                         self.lora_magnitude)
         return reference.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
 
 
-def inject(model: nn.Module, impl: str, r: int, alpha: float) -> tuple[nn.Module, str]:
-    """LoRA on every nn.Linear but ``lm_head`` (PEFT's "all-linear"); returns the model and how it was done."""
+def inject(model: nn.Module, impl: str, r: int, alpha: float, dora: bool = False) -> tuple[nn.Module, str]:
+    """LoRA (``dora``: PEFT's DoRA) on every nn.Linear but ``lm_head`` (PEFT's "all-linear"); returns the model and
+    how it was done."""
     if impl == "peft":
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear")
-        return get_peft_model(model, cfg, autocast_adapter_dtype=False), "peft.get_peft_model(all-linear)"
-    if impl == "fastlora" and hasattr(fastlora, "inject"):
-        fastlora.inject(model, "all-linear", r=r, alpha=alpha)
-        how = "fastlora.inject(all-linear)"
+        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", use_dora=dora)
+        return (get_peft_model(model, cfg, autocast_adapter_dtype=False),
+                f"peft.get_peft_model(all-linear{', use_dora=True' if dora else ''})")
+    kw = dict(use_dora=True) if dora else {}
+    if impl == "fastlora" and "use_dora" in inspect.signature(fastlora.inject).parameters:
+        fastlora.inject(model, "all-linear", r=r, alpha=alpha, **kw)
+        how = f"fastlora.inject(all-linear{', use_dora=True' if dora else ''})"
     else:
-        wrap = ((lambda lin: fastlora.Linear.from_linear(lin, r=r, alpha=alpha)) if impl == "fastlora"
-                else (lambda lin: ReferenceLinear(lin, r, alpha)))
+        wrap = ((lambda lin: fastlora.Linear.from_linear(lin, r=r, alpha=alpha, **kw)) if impl == "fastlora"
+                else (lambda lin: ReferenceLinear(lin, r, alpha, dora=dora)))
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear) and name != "lm_head":
                     setattr(module, name, wrap(child))
         how = f"bench: {'fastlora.Linear.from_linear' if impl == 'fastlora' else 'ReferenceLinear'} on each nn.Linear"
+        how += ", use_dora=True" if dora else ""
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     return model, how

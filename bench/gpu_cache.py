@@ -216,7 +216,7 @@ def summarize_log(path: str) -> dict:
 
 
 def quick_calls():
-    """The fastlora calls of the quick bench grid (layer, grouped, QLoRA and end-to-end suites) as
+    """The fastlora calls of the quick bench grid (layer, grouped, QLoRA, DoRA and end-to-end suites) as
     ``bench/sm90.py`` cases: same shapes, dtypes, flags and autograd, so the same kernels compile."""
     import harness
     from sm90 import Case
@@ -235,6 +235,12 @@ def quick_calls():
         for M in g.grouped_tokens:
             out += [Case(dtype, M, K, N, g.grouped_rank, train=False)]
             out += [Case(dtype, M, K, N, g.grouped_rank, train=False, G=G) for G in g.adapters]
+        d = g.dora  # bench_dora: fastlora LoRA and DoRA, inference and training at each dropout
+        for K, N in d.get("shapes", g.shapes):
+            for M in d.get("tokens", g.tokens):
+                for R in d["ranks"]:
+                    out += [Case(dtype, M, K, N, R, train=False, dora=True)]
+                    out += [Case(dtype, M, K, N, R, p, dora=dora) for p in d["dropouts"] for dora in (False, True)]
         cfg = g.e2e["config"]  # bench_e2e: every linear of a Llama block but lm_head, no bias, training
         h, inter = cfg["hidden_size"], cfg["intermediate_size"]
         kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
@@ -242,6 +248,7 @@ def quick_calls():
         for K, N in ((h, h), (h, kv), (h, inter), (inter, h)):
             for R in g.e2e["ranks"]:
                 out += [Case(dtype, M, K, N, R, bias=False, quant=q) for q in ("", "nf4")]
+                out += [Case(dtype, M, K, N, R, bias=False, dora=True)]  # the DoRA variant
     return out
 
 

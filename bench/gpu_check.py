@@ -27,6 +27,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass
 
+import harness
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
@@ -89,7 +90,7 @@ class Check:
 
         s, p = 2.0, (DROPOUT if self.family == "dropout" else 0.0)
         kw = dict(dropout_p=p, training=True, seed=7)
-        with _tf32(self.dtype == "tf32"), forced(self.tma) as picked:
+        with harness.allow_tf32(self.dtype == "tf32"), forced(self.tma) as picked:
             if self.family == "grouped":
                 y = fastlora.grouped_lora_linear(t["x"], t["w"], t["b"], t["a"], t["bb"], s, t["ids"], **kw)
             elif self.family == "nf4":
@@ -137,16 +138,6 @@ def _leaves(t: dict) -> list[torch.Tensor]:
 def checks(small: bool) -> list[Check]:
     shape = SMALL if small else SHAPE
     return [Check(family, dtype, **shape) for dtype in DTYPES for family in FAMILIES]
-
-
-@contextlib.contextmanager
-def _tf32(on: bool):
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = on
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ wall-clock loop of a few calls: those numbers check the plumbing and mean nothin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import itertools
@@ -48,6 +49,7 @@ class Grid:
     grouped_rank: int
     e2e: dict
     qlora_ranks: tuple[int, ...]  # the QLoRA layer suite (bench_qlora.py): the layer grid's shapes and tokens
+    dora: dict  # the DoRA suite (bench_dora.py): ranks, training dropouts; shapes, tokens (default: the layer grid's)
 
 
 _LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -55,18 +57,20 @@ _LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=
 GRIDS = {
     "full": Grid("full", ("bf16", "fp16"), ((4096, 4096), (4096, 14336), (14336, 4096)), (8, 16, 64),
                  (1, 16, 128, 1024, 4096, 16384), (0.0, 0.1), (1, 4, 32, 128), (32, 1024, 8192), (4096, 4096), 16,
-                 dict(config=_LLAMA_8B, layers=4, batch=4, seq=2048, ranks=(16, 64)), (8, 16, 64)),
+                 dict(config=_LLAMA_8B, layers=4, batch=4, seq=2048, ranks=(16, 64)), (8, 16, 64),
+                 dict(ranks=(16, 64), dropouts=(0.0, 0.1))),
     "default": Grid("default", ("bf16",), ((4096, 4096), (4096, 14336), (14336, 4096)), (8, 16, 64),
                     (1, 16, 128, 1024, 4096, 16384), (0.0, 0.1), (1, 4, 32, 128), (32, 1024, 8192), (4096, 4096),
-                    16, dict(config=_LLAMA_8B, layers=4, batch=4, seq=2048, ranks=(16,)), (16, 64)),
+                    16, dict(config=_LLAMA_8B, layers=4, batch=4, seq=2048, ranks=(16,)), (16, 64),
+                    dict(ranks=(16, 64), dropouts=(0.0, 0.1))),
     "quick": Grid("quick", ("bf16",), ((4096, 4096), (4096, 14336)), (16,), (1, 128, 4096), (0.0,), (4, 32),
                   (1024,), (4096, 4096), 16, dict(config=_LLAMA_8B, layers=2, batch=2, seq=1024, ranks=(16,)),
-                  (16,)),
+                  (16,), dict(ranks=(16,), dropouts=(0.0, 0.1), shapes=((4096, 4096),), tokens=(128, 4096))),
     # fp16: triton 3.6's interpreter gets bf16 tl.dot wrong (errors ~1e10 on a bare 16x16 dot, not fastlora's).
     "smoke": Grid("smoke", ("fp16",), ((64, 64), (64, 96)), (8,), (1, 16), (0.0, 0.1), (1, 4), (32,), (64, 64), 8,
                   dict(config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=128), layers=1, batch=2, seq=8, ranks=(8,)),
-                  (8,)),
+                  (8,), dict(ranks=(8,), dropouts=(0.0, 0.1))),
 }
 
 
@@ -138,6 +142,17 @@ def measure_steps(fn, warmup: int, reps: int) -> Timing:
     q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
     method = "CUDA events per step" if CUDA else "CPU wall clock (TRITON_INTERPRET=1), not a GPU measurement"
     return Timing(statistics.median(times), q[0], q[3], len(times), method)
+
+
+@contextlib.contextmanager
+def allow_tf32(on: bool):
+    """fp32 matmuls on tensor cores (tf32) inside, as ``torch.backends.cuda.matmul.allow_tf32`` says; restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def sync():
@@ -252,12 +267,13 @@ def check_close(name: str, y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtyp
 
 def check_layer(cid: str, y, ref, dtype, train: bool, inputs, ref_inputs, dy) -> dict:
     """Relative errors of a layer's output and, when ``train``, of its gradients for ``inputs`` (x and the
-    trainable tensors) against the reference's for ``ref_inputs`` (x, A, B in float32; nn.Linear has x only)."""
+    trainable tensors) against the reference's for ``ref_inputs`` (x, A, B and DoRA's magnitude in float32;
+    nn.Linear has x only)."""
     errs = {"y": check_close(f"{cid} y", y, ref, dtype)}
     if train:
         got = torch.autograd.grad(y, inputs, dy)
         want = torch.autograd.grad(ref, ref_inputs[:len(got)], dy.float())
-        for name, g, w in zip(("dx", "dA", "dB")[:len(got)], got, want, strict=True):
+        for name, g, w in zip(("dx", "dA", "dB", "dm")[:len(got)], got, want, strict=True):
             errs[name] = check_close(f"{cid} {name}", g, w, dtype)
     return errs
 

@@ -14,6 +14,11 @@ run) are merged; a case present twice keeps the later file's entry. Figures:
     qlora-vs-linear-<mode>-<dtype>.png QLoRA layer: time / bf16 nn.Linear time on the dequantised W
     qlora-memory-<dtype>.png           QLoRA layer, training: peak memory above the inputs
     qlora-e2e-<dtype>.png              Llama-shaped QLoRA training step: tokens/s per competitor
+    dora-e2e-<dtype>.png               Llama-shaped DoRA training step: tokens/s per competitor
+    dora-speedup-<mode>-<dtype>.png    DoRA layer: speedup over PEFT DoRA, the issue's target dotted
+    dora-vs-linear-<mode>-<dtype>.png  DoRA layer: time / nn.Linear time
+    dora-vs-lora-<mode>-<dtype>.png    DoRA layer: time / fastlora LoRA's at the same rank (DoRA's extra cost)
+    dora-memory-<dtype>.png            DoRA layer, training: peak memory above the inputs
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ STYLE = {
     "qlora-peft": ("tab:orange", "^", "PEFT QLoRA"),
     "qlora-dequant": ("tab:purple", "D", "dequantise + addmm + addmm_"),
     "qlora-fastlora": ("tab:blue", "*", "fastlora.Linear4bit"),
+    "fastlora-lora": ("tab:cyan", "s", "fastlora LoRA (same r)"),
+    "peft-dora": ("tab:orange", "^", "PEFT DoRA"),
+    "peft-dora-cached": ("tab:red", "<", "PEFT DoRA + DoraCaching"),
+    "composed": ("tab:purple", "D", "factored norm + cuBLAS + addcmul"),
+    "fastlora-dora": ("tab:blue", "*", "fastlora DoRA"),
 }
 MODE_TITLE = {"fwd": "forward (inference)", "train": "forward + backward, dropout 0",
               "train-drop0.1": "forward + backward, dropout 0.1"}
@@ -67,6 +77,12 @@ DENSE = LayerSuite("layer", "LoRA linear", "peft", "reference")
 # docs/benchmarks.md, QLoRA: issue 12's targets (H100, bf16 compute); the forward one applies from M = 1024 on.
 QLORA = LayerSuite("qlora", "QLoRA linear (NF4 base, double quant, blocksize 64, fp32 adapters)", "qlora-peft",
                    "qlora-dequant", {("speedup", "train"): 1.5, ("vs-linear", "fwd"): 1.15}, "target (issue 12)")
+# issue 23's DoRA targets (H100, bf16): training <= 1.10x fastlora LoRA and >= 2x PEFT DoRA, inference <= 1.03x LoRA.
+DORA = LayerSuite("dora", "DoRA linear", "peft-dora", "composed",
+                  {("speedup", "train"): 2.0, ("speedup", "train-drop0.1"): 2.0, ("vs-lora", "train"): 1.10,
+                   ("vs-lora", "train-drop0.1"): 1.10, ("vs-lora", "fwd"): 1.03}, "target (issue 23)")
+# metric -> (the baseline implementation, its y label): time / baseline time (speedup: baseline / time, the PEFT one)
+RELATIVE = {"vs-linear": ("linear", "time / nn.Linear time"), "vs-lora": ("fastlora-lora", "time / fastlora LoRA time")}
 
 
 def load(paths: list[Path]) -> tuple[list[dict], dict]:
@@ -125,15 +141,17 @@ def _line(ax, xs, ys, impl):
 
 
 def layer_panels(rows: list[dict], meta: dict, out: Path, metric: str, suite: LayerSuite = DENSE) -> list[Path]:
-    """One figure per (mode, dtype); panels (K, N) x r; y from ``metric``: 'speedup' or 'vs-linear'."""
+    """One figure per (mode, dtype); panels (K, N) x r; y from ``metric``: 'speedup' or a key of ``RELATIVE``."""
     written = []
     by_fig = defaultdict(list)
     for r in rows:
         by_fig[(r["mode"], r["dtype"])].append(r)
     for (mode, dtype), rs in sorted(by_fig.items()):
         ms = {(r["K"], r["N"], r["R"], r["M"], r["impl"]): r["median_ms"] for r in rs}
-        base_impl = "linear" if metric == "vs-linear" else (
+        base_impl = RELATIVE[metric][0] if metric in RELATIVE else (
             suite.peft if any(r["impl"] == suite.peft for r in rs) else suite.fallback)
+        if not any(r["impl"] == base_impl for r in rs):
+            continue
         shapes = sorted({(r["K"], r["N"]) for r in rs})
         ranks = sorted({r["R"] for r in rs})
         fig, axes = plt.subplots(len(shapes), len(ranks), figsize=(max(6.0, 4.2 * len(ranks)), 3.2 * len(shapes) + 0.8),
@@ -151,7 +169,7 @@ def layer_panels(rows: list[dict], meta: dict, out: Path, metric: str, suite: La
                     if pts:
                         _line(ax, *zip(*pts, strict=True), impl)
                 ax.axhline(1.0, color=STYLE[base_impl][0], linestyle="--", linewidth=1)
-                target = suite.targets.get((metric, mode)) if base_impl in ("linear", suite.peft) else None
+                target = suite.targets.get((metric, mode)) if base_impl != suite.fallback else None
                 if target:
                     ax.axhline(target, color="tab:red", linestyle=":", linewidth=1.2, label=suite.target_label)
                 _logx(ax)
@@ -159,12 +177,13 @@ def layer_panels(rows: list[dict], meta: dict, out: Path, metric: str, suite: La
                 ax.set_title(f"K={K} N={N} r={R}", fontsize=10)
                 if j == 0:
                     ax.set_ylabel(f"speedup over {STYLE[base_impl][2]}" if metric == "speedup"
-                                  else "time / nn.Linear time")
+                                  else RELATIVE[metric][1])
                 if i == len(shapes) - 1:
                     ax.set_xlabel("tokens M")
                 ax.grid(True, alpha=0.3)
         axes[0][0].legend(fontsize=8)
-        what = "speedup over " + STYLE[base_impl][2] if metric == "speedup" else "cost relative to nn.Linear"
+        what = "speedup over " + STYLE[base_impl][2] if metric == "speedup" else \
+            f"cost relative to {STYLE[base_impl][2]}"
         title = f"{suite.title}, {MODE_TITLE.get(mode, mode)}, {dtype}: {what}"
         written.append(finish(fig, meta, title, out / f"{suite.prefix}-{metric}-{mode}-{dtype}.png"))
     return written
@@ -234,7 +253,9 @@ def grouped(rows: list[dict], meta: dict, out: Path) -> list[Path]:
     return written
 
 
-def e2e(rows: list[dict], meta: dict, out: Path, qlora: bool = False) -> list[Path]:
+def e2e(rows: list[dict], meta: dict, out: Path, variant: str = "") -> list[Path]:
+    """Training tokens/s per competitor and rank; ``variant``: "" (LoRA), "qlora" (4-bit bases) or "dora"."""
+    qlora = variant == "qlora"
     written = []
     peft_impl = "qlora-peft" if qlora else "peft"
     for dtype in sorted({r["dtype"] for r in rows}):
@@ -261,10 +282,11 @@ def e2e(rows: list[dict], meta: dict, out: Path, qlora: bool = False) -> list[Pa
         r0 = rs[0]
         m = r0["model"]
         base = ", 4-bit NF4 base linears (reference: dequantised weights)" if qlora else ""
-        title = (f"Llama-shaped {'QLoRA ' if qlora else ''}training step, {dtype}{base}: {m['layers']} layers, "
+        kind = {"qlora": "QLoRA ", "dora": "DoRA "}.get(variant, "")
+        title = (f"Llama-shaped {kind}training step, {dtype}{base}: {m['layers']} layers, "
                  f"hidden {m['hidden_size']}, MLP {m['intermediate_size']}, batch {r0['batch']} x {r0['seq']} tokens\n"
                  f"(bar labels: speedup over {STYLE[peft_impl][2]})")
-        written.append(finish(fig, meta, title, out / f"{'qlora-' if qlora else ''}e2e-{dtype}.png"))
+        written.append(finish(fig, meta, title, out / f"{variant + '-' if variant else ''}e2e-{dtype}.png"))
     return written
 
 
@@ -293,7 +315,11 @@ def main(argv=None) -> int:
     written += layer_panels(suite["qlora"], meta, args.out, "speedup", QLORA)
     written += layer_panels(suite["qlora"], meta, args.out, "vs-linear", QLORA)
     written += layer_memory(suite["qlora"], meta, args.out, QLORA)
-    written += e2e(suite["qlora-e2e"], meta, args.out, qlora=True)
+    written += e2e(suite["qlora-e2e"], meta, args.out, "qlora")
+    written += e2e(suite["dora-e2e"], meta, args.out, "dora")
+    for metric in ("speedup", "vs-linear", "vs-lora"):
+        written += layer_panels(suite["dora"], meta, args.out, metric, DORA)
+    written += layer_memory(suite["dora"], meta, args.out, DORA)
     for path in written:
         print(f"plot: wrote {path}")
     return 0

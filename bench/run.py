@@ -28,7 +28,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 PUBLISHED_IMG = ROOT / "docs" / "img" / "bench"
-SUITES = ("layer", "grouped", "e2e", "qlora")
+SUITES = ("layer", "grouped", "e2e", "qlora", "dora")
 
 
 def parse_args(argv=None):

@@ -204,16 +204,6 @@ def _cuda_input_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-@contextlib.contextmanager
-def _allow_tf32(on: bool):
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = on
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 class _Recorder:
     def __init__(self, capability: int):
         self.capability = capability
@@ -338,7 +328,7 @@ class Case:
         a = torch.empty(*lead, r, self.K, dtype=adt, requires_grad=self.train)
         bb = torch.empty(*lead, self.N, r, dtype=adt, requires_grad=self.train)
         kw = dict(dropout_p=self.p, training=self.train, seed=1)
-        with torch.set_grad_enabled(self.train), _allow_tf32(self.tf32):
+        with torch.set_grad_enabled(self.train), harness.allow_tf32(self.tf32):
             if self.ranks:
                 ids = torch.arange(self.M) % len(self.ranks)
                 offsets = torch.tensor([0, *torch.tensor(self.ranks).cumsum(0).tolist()], dtype=torch.int32)

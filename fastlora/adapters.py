@@ -2,6 +2,9 @@
 
 Tensor keys are PEFT's: ``base_model.model.<module name>.lora_A.weight`` ([r, in]) and ``...lora_B.weight``
 ([out, r]), module names relative to the model passed in (the model given to ``PeftModel.from_pretrained``).
+DoRA adapters (``"use_dora": true`` in the config) add ``base_model.model.<module name>.lora_magnitude_vector``
+([out]; PEFT 0.21's ``save_pretrained`` drops the ``.weight`` of its ``lora_magnitude_vector.<adapter>.weight``
+parameter, as every PEFT since the DoRA refactor does, for compatibility with older files).
 ``save_adapter``/``load_adapter`` move one adapter between fastlora and PEFT; ``load_adapters_grouped``
 stacks several saved adapters into ``GroupedLinear`` layers for mixed-adapter batches, each at its own rank, and
 ``add_adapters``/``remove_adapters`` load and evict them at run time.
@@ -21,7 +24,7 @@ import torch.nn as nn
 
 from fastlora import _files
 from fastlora.linear4bit import Linear4bit, _is_bnb_4bit
-from fastlora.model import _check_bnb_4bit, _set_submodule, _transaction, freeze_base
+from fastlora.model import _check_bnb_4bit, _set_submodule, _transaction, check_qdora, freeze_base
 from fastlora.modules import GroupedLinear, Linear, _adapter_args, _layout
 
 _SINGLE = (Linear, Linear4bit)  # one-adapter layers: what save_adapter writes and load_adapter fills
@@ -29,9 +32,10 @@ _SINGLE = (Linear, Linear4bit)  # one-adapter layers: what save_adapter writes a
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_KEY = re.compile(r"base_model\.model\.(?P<name>.+)\.(?P<part>lora_A|lora_B)\.weight")
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude: base_model.model.<name>.lora_magnitude_vector, [out]
+_KEY = re.compile(r"base_model\.model\.(?P<name>.+)\.(?:(?P<part>lora_A|lora_B)\.weight|" + MAGNITUDE + ")")
 # LoraConfig fields whose non-default value changes the layer's math; fastlora implements none of them.
-_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
+_UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
                 "trainable_token_indices": None, "target_parameters": None, "use_bdlora": None,
                 "alora_invocation_tokens": None, "arrow_config": None, "kasa_config": None, "velora_config": None,
                 "monteclora_config": None, "use_qalora": False, "layer_replication": None}
@@ -44,6 +48,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     The config's ``r``/``lora_alpha`` are the most common values; layers that differ get ``rank_pattern``/
     ``alpha_pattern`` entries (as PEFT writes them). ``lora_dropout`` is the most common dropout (it does not
     change saved weights). Layers with different ``use_rslora`` raise ``ValueError``. Returns the layer names.
+    DoRA layers: ``"use_dora": true`` and each magnitude under ``base_model.model.<name>.lora_magnitude_vector``, as
+    PEFT writes them; PEFT's config has one ``use_dora``, so a model mixing DoRA and plain layers raises
+    ``ValueError`` (nothing written).
 
     Atomic: both files are written beside ``path`` and replace the old ones in one step, so a crash or a failed
     write leaves the old adapter or the new one, never a mix; other files in ``path`` are kept (``fastlora._files``).
@@ -54,9 +61,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     if not layers:
         raise ValueError("save_adapter found no fastlora.Linear or fastlora.Linear4bit in the model")
     dora = [name for name, mod in layers.items() if getattr(mod, "use_dora", False)]
-    if dora:
-        raise NotImplementedError(f"save_adapter does not write DoRA adapters yet (PEFT's magnitude keys); layers "
-                                  f"{dora[:3]}{' ...' if len(dora) > 3 else ''} use DoRA")
+    if dora and len(dora) < len(layers):
+        plain = [name for name in layers if name not in dora]
+        raise ValueError(f"save_adapter needs all layers DoRA or none (PEFT's config has one use_dora); DoRA: "
+                         f"{_some(dora)}, plain LoRA: {_some(plain)}; nothing was written")
     rslora = {mod.use_rslora for mod in layers.values()}
     if len(rslora) > 1:
         raise ValueError("save_adapter needs one use_rslora for all layers (PEFT's config has one); got both")
@@ -75,7 +83,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
         "alpha_pattern": {name: mod.alpha for name, mod in layers.items() if mod.alpha != alpha},
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_dora": False,
+        "use_dora": bool(dora),
         "inference_mode": True,
     }
     try:
@@ -86,9 +94,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     for name, mod in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = mod.lora_A.detach().cpu().contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = mod.lora_B.detach().cpu().contiguous()
+        if dora:
+            tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = mod.lora_magnitude.detach().cpu().contiguous()
     files = {CONFIG_NAME: text.encode(), WEIGHTS_NAME: save(tensors, metadata={"format": "pt"})}
     _files.replace_files(path, files, name_first_out=CONFIG_NAME)
     return list(layers)
+
+
+def _some(names: list[str]) -> str:
+    return f"{names[:3]}{' ...' if len(names) > 3 else ''}"
 
 
 def _plain(value):
@@ -113,23 +127,34 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     weight), a bitsandbytes ``Linear4bit`` (wrapped into a ``fastlora.Linear4bit`` sharing its packed weight), an
     unmerged ``fastlora.Linear`` or a ``fastlora.Linear4bit`` (its adapter is replaced). Rank comes from the
     tensors, alpha from ``lora_alpha``/``alpha_pattern``, dropout and ``use_rslora`` from the config. Afterwards
-    only the adapters of fastlora layers require grad (as ``inject``). DoRA, ``lora_bias``, ``fan_in_fan_out`` and
-    ``modules_to_save`` adapters raise ``NotImplementedError``.
+    only the adapters of fastlora layers require grad (as ``inject``). A DoRA adapter (``"use_dora": true``) builds
+    DoRA layers holding the file's magnitudes (a 4-bit base needs a ``fastlora.Linear4bit`` with DoRA, else
+    ``NotImplementedError``). ``lora_bias``, ``fan_in_fan_out`` and ``modules_to_save`` adapters raise
+    ``NotImplementedError``. A transaction: the files, every tensor's shape and dtype and every base are checked
+    and the new layers built before any is swapped in; a failure leaves the model as it was.
     """
-    config, weights = read_adapter(path)
+    config, weights, magnitudes = read_adapter_with_magnitudes(path)
     plan = []  # everything is checked and every new layer built before the model changes
     for name, (a, b) in weights.items():
-        plan.append((name, _base_of(model, name, a, b, path), _layer_args(config, name, a.shape[0], path), a, b))
+        mod, kw, m = _base_of(model, name, a, b, path), _layer_args(config, name, a.shape[0], path), None
+        if name in magnitudes:
+            m = magnitudes[name]
+            if isinstance(mod, Linear4bit) or _is_bnb_4bit(mod):
+                check_qdora(name)
+            kw["use_dora"] = True
+        plan.append((name, mod, kw, a, b, m))
     with _transaction(model):
-        layers = {name: _loaded_layer(mod, kw, a, b) for name, mod, kw, a, b in plan}
+        layers = {name: _loaded_layer(mod, kw, a, b, m) for name, mod, kw, a, b, m in plan}
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
     freeze_base(model)
     return list(weights)
 
 
-def _loaded_layer(mod: nn.Module, kw: dict, a: torch.Tensor, b: torch.Tensor) -> Linear | Linear4bit:
-    """A new fastlora layer over ``mod``'s base (shared) holding adapter (a, b); ``mod`` itself is not changed."""
+def _loaded_layer(mod: nn.Module, kw: dict, a: torch.Tensor, b: torch.Tensor,
+                  m: torch.Tensor | None = None) -> Linear | Linear4bit:
+    """A new fastlora layer over ``mod``'s base (shared) holding adapter (a, b) and, for DoRA (``kw["use_dora"]``),
+    magnitude m; ``mod`` itself is not changed."""
     if isinstance(mod, Linear4bit):  # new adapter parameters (fp32) over the same packed weight
         layer = mod._with_new_adapter(**kw)
     elif _is_bnb_4bit(mod):
@@ -139,6 +164,8 @@ def _loaded_layer(mod: nn.Module, kw: dict, a: torch.Tensor, b: torch.Tensor) ->
     with torch.no_grad():
         layer.lora_A.copy_(a)
         layer.lora_B.copy_(b)
+        if m is not None:
+            layer.lora_magnitude.copy_(m)
     return layer
 
 
@@ -316,7 +343,28 @@ def _stack(weight, bias, entries: list, dropout: float, removed=frozenset()) -> 
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """(config dict, {module name: (lora_A [r, in], lora_B [out, r])}) from a PEFT-format adapter directory."""
+    """(config dict, {module name: (lora_A [r, in], lora_B [out, r])}) from a PEFT-format LoRA adapter directory.
+
+    A DoRA adapter (``"use_dora": true``) raises ``NotImplementedError``: this reader's callers would drop its
+    magnitudes. ``read_adapter_with_magnitudes`` reads both kinds.
+    """
+    config, weights, magnitudes = read_adapter_with_magnitudes(path)
+    if magnitudes:
+        raise NotImplementedError(f"{path} is a DoRA adapter (use_dora: true), which this caller does not support "
+                                  "(read_adapter returns no magnitudes; see read_adapter_with_magnitudes)")
+    return config, weights
+
+
+def read_adapter_with_magnitudes(path: str | os.PathLike) -> tuple[
+        dict, dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(config, {module name: (lora_A [r, in], lora_B [out, r])}, {module name: magnitude [out]}) from a PEFT-format
+    LoRA or DoRA adapter directory: ``read_adapter`` plus DoRA's magnitudes.
+
+    The magnitudes are ``{}`` for a plain LoRA adapter; for a DoRA one (``"use_dora": true``) they name exactly the
+    layers of the weights, each a floating-point tensor of shape (out_features,) = (lora_B.shape[0],), in the file's
+    dtype. Anything else (a missing magnitude, one in a non-DoRA file, a bad shape or dtype) raises ``ValueError``
+    naming the file, the key and the shapes. Nothing here looks at a model.
+    """
     from safetensors.torch import load_file
 
     config_file, weights_file = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
@@ -344,17 +392,33 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.T
     for key, tensor in load_file(weights_file).items():
         m = _KEY.fullmatch(key)
         if m is None:
-            raise NotImplementedError(f"{path}: tensor {key!r} is not a LoRA A/B weight (DoRA, lora_bias, "
-                                      "embedding or modules_to_save adapters are not supported)")
-        parts.setdefault(m["name"], {})[m["part"]] = tensor
-    weights = {}
+            raise NotImplementedError(f"{path}: tensor {key!r} is not a LoRA A/B weight or a DoRA magnitude "
+                                      "(lora_bias, embedding or modules_to_save adapters are not supported)")
+        parts.setdefault(m["name"], {})[m["part"] or MAGNITUDE] = tensor
+    weights, magnitudes = {}, {}
+    dora = config.get("use_dora", False)
     for name, pair in parts.items():
-        if set(pair) != {"lora_A", "lora_B"}:
+        if not {"lora_A", "lora_B"} <= set(pair):
             raise ValueError(f"{path}: layer {name!r} has {sorted(pair)} but needs both lora_A and lora_B")
         weights[name] = (pair["lora_A"], pair["lora_B"])
+        key = f"{PREFIX}{name}.{MAGNITUDE}"
+        if MAGNITUDE not in pair:
+            if dora:
+                raise ValueError(f"{weights_file}: {key} is missing: {CONFIG_NAME} says use_dora: true, so every "
+                                 "layer needs its DoRA magnitude")
+            continue
+        m, out = pair[MAGNITUDE], pair["lora_B"].shape[0]
+        if not dora:
+            raise ValueError(f"{weights_file}: {key} is a DoRA magnitude but {CONFIG_NAME} says use_dora: false")
+        if not m.is_floating_point():
+            raise ValueError(f"{weights_file}: {key} must be a floating-point tensor; got {m.dtype}")
+        if m.shape != (out,):
+            raise ValueError(f"{weights_file}: {key} must have shape (out_features,) = ({out},) as lora_B "
+                             f"{tuple(pair['lora_B'].shape)}; got {tuple(m.shape)}")
+        magnitudes[name] = m
     if not weights:
         raise ValueError(f"{path}: the adapter file holds no LoRA weights")
-    return config, weights
+    return config, weights, magnitudes
 
 
 def _base_of(model, name, a, b, source):
@@ -403,8 +467,9 @@ def _check_config(config: dict, source: str) -> None:
             raise ValueError(f"{source}: {field} must be an object of module-name patterns; got {pattern!r}")
         for key, value in pattern.items():
             number(f"{field}[{key!r}]", value, integral)
-    if not isinstance(config.get("use_rslora", False), bool):
-        raise ValueError(f"{source}: use_rslora must be true or false; got {config['use_rslora']!r}")
+    for field in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(field, False), bool):
+            raise ValueError(f"{source}: {field} must be true or false; got {config[field]!r}")
 
 
 def _layer_args(config: dict, name: str, r: int, source) -> dict:

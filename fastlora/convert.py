@@ -6,6 +6,11 @@ Its forward runs the base in the bitsandbytes layer's ``compute_dtype`` (x cast 
 to x's dtype), then ``lora_B(lora_A(dropout(x.to(lora dtype)))) * scaling`` in the adapters' dtype (fp32: its
 ``autocast_adapter_dtype=True`` upcasts 16-bit adapters), cast to the result's dtype and added. Either wrapper
 becomes a ``fastlora.Linear4bit`` sharing the bitsandbytes weight, bias and quant state.
+
+DoRA: PEFT keeps the magnitude in ``lora_magnitude_vector[adapter].weight`` (a ``DoraLinearLayer``) and marks the
+layer with a ``DoraLinearVariant`` in ``lora_variant``; the new layer is built with ``use_dora=True`` and shares
+that parameter as its ``lora_magnitude``. A merged DoRA layer keeps PEFT's cached ``{adapter}-weight_norm`` (the
+norm the merge divided by), from which the new layer's unmerge factor is taken.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from fastlora.linear4bit import Linear4bit, _is_bnb_4bit
-from fastlora.model import _check_bnb_4bit, _check_unquantized, _set_submodule
+from fastlora.model import _check_bnb_4bit, _check_unquantized, _set_submodule, check_qdora
 from fastlora.modules import Linear
 
 
@@ -28,10 +33,12 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     themselves (an optimizer built over the PEFT model keeps training them), and copies r, alpha, scaling,
     dropout p and the merged state, so outputs and trainable parameters are unchanged. A layer over a
     bitsandbytes ``Linear4bit`` (QLoRA) becomes a ``fastlora.Linear4bit`` that shares the packed weight, quant
-    state, bias and compute dtype. Everything is checked before anything is replaced: DoRA and the other LoRA
-    variants, ``lora_bias``, ``fan_in_fan_out``/Conv1D bases, several active adapters, disabled adapters,
-    adapters merged into a 4-bit base, non-Linear LoRA layers (Embedding, Conv, 8-bit and other quantized
-    bases) and ``modules_to_save``/trainable-token wrappers raise ``NotImplementedError`` naming the layer.
+    state, bias and compute dtype. A DoRA layer (``use_dora=True``) becomes a DoRA layer sharing PEFT's magnitude
+    parameter as ``lora_magnitude`` (over a 4-bit base only where ``fastlora.Linear4bit`` has DoRA). Everything
+    is checked before anything is replaced: the other LoRA variants, ``lora_bias``, ``fan_in_fan_out``/Conv1D
+    bases, several active adapters, disabled adapters, adapters merged into a 4-bit base, non-Linear LoRA layers
+    (Embedding, Conv, 8-bit and other quantized bases) and ``modules_to_save``/trainable-token wrappers raise
+    ``NotImplementedError`` naming the layer.
 
     HF ``Trainer`` refuses a quantised model that is not a ``PeftModel`` ("purely quantized models"): train a
     converted QLoRA model by passing the ``PeftModel`` (converted in place) to the Trainer, not the return value.
@@ -88,10 +95,10 @@ def _check_layer(name: str, mod) -> str:
     adapter = active[0]
     if mod.merged_adapters not in ([], [adapter]):
         fail(f"merged adapters {mod.merged_adapters} differ from the active adapter {adapter!r}")
-    if mod.use_dora.get(adapter, False) or adapter in mod.lora_magnitude_vector:
-        fail("DoRA (use_dora=True)")
-    if adapter in getattr(mod, "lora_variant", {}):
-        fail(f"LoRA variant {type(mod.lora_variant[adapter]).__name__}")
+    dora = _is_dora(mod, adapter)
+    variant = getattr(mod, "lora_variant", {}).get(adapter)
+    if variant is not None and not dora:
+        fail(f"LoRA variant {type(variant).__name__}")
     if mod.lora_bias.get(adapter, False) or mod.lora_B[adapter].bias is not None:
         fail("lora_bias=True")
     if getattr(mod, "fan_in_fan_out", False) or getattr(mod, "is_target_conv_1d_layer", False):
@@ -103,24 +110,60 @@ def _check_layer(name: str, mod) -> str:
         if mod.merged:
             fail("its adapter is merged into the 4-bit base (re-quantised); call unmerge_adapter() first")
         _check_bnb_4bit(name, base)
+        if dora:
+            check_qdora(name)
     else:
         _check_unquantized(name, base)
+    if dora:
+        m = mod.lora_magnitude_vector[adapter].weight
+        if m.shape != (base.out_features,) or not m.is_floating_point():
+            fail(f"its DoRA magnitude is a {m.dtype} tensor of shape {tuple(m.shape)}, not ({base.out_features},)")
+        if mod.merged and getattr(mod, "_caches", {}).get(f"{adapter}-weight_norm") is None:
+            fail("it is a merged DoRA layer without PEFT's cached weight norm; call unmerge_adapter() first")
     dropout = mod.lora_dropout[adapter]
     if not isinstance(dropout, (nn.Dropout, nn.Identity)):
         fail(f"dropout module {type(dropout).__name__}")
     return adapter
 
 
+def _is_dora(mod, adapter: str) -> bool:
+    """Whether PEFT layer ``mod`` runs ``adapter`` as DoRA (0.21 marks it by a ``DoraLinearVariant``; older
+    versions by ``use_dora`` alone; both keep the magnitude in ``lora_magnitude_vector``)."""
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    variant = getattr(mod, "lora_variant", {}).get(adapter)
+    if variant is not None:
+        return type(variant) is DoraLinearVariant
+    return bool(mod.use_dora.get(adapter, False)) or adapter in mod.lora_magnitude_vector
+
+
 def _convert(mod, adapter: str) -> Linear | Linear4bit:
     dropout = mod.lora_dropout[adapter]
     base = mod.get_base_layer()
     four_bit = _is_bnb_4bit(base)
-    layer = (Linear4bit if four_bit else Linear).from_linear(
-        base, r=mod.r[adapter], alpha=mod.lora_alpha[adapter],
-        dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0, use_rslora=mod.use_rslora.get(adapter, False))
+    dora = _is_dora(mod, adapter)
+    kw = dict(r=mod.r[adapter], alpha=mod.lora_alpha[adapter],
+              dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+              use_rslora=mod.use_rslora.get(adapter, False))
+    if dora:
+        kw["use_dora"] = True
+    layer = (Linear4bit if four_bit else Linear).from_linear(base, **kw)
     layer.scaling = mod.scaling[adapter]  # may have been rescaled (PEFT's scale_layer)
     layer.lora_A = mod.lora_A[adapter].weight
     layer.lora_B = mod.lora_B[adapter].weight
+    if dora:
+        layer.lora_magnitude = mod.lora_magnitude_vector[adapter].weight
     if not four_bit:
         layer.merged = mod.merged
+        if dora and mod.merged:
+            _take_merged_dora(layer, mod, adapter)
     return layer
+
+
+def _take_merged_dora(layer: Linear, mod, adapter: str) -> None:
+    """What ``Linear.unmerge`` needs from a DoRA layer PEFT merged: g = m / the norm PEFT's merge divided by (its
+    cached ``{adapter}-weight_norm``), so unmerging divides by the same g as PEFT's ``unmerge``. Rows with g = 0 were
+    zeroed by the merge and cannot be recovered (PEFT's unmerge gives NaN there); they stay zero."""
+    g = layer.lora_magnitude.detach().float() / getattr(mod, "_caches", {}).get(f"{adapter}-weight_norm").float()
+    zeroed = (g == 0).nonzero().squeeze(1)
+    layer._merged_g = (g, zeroed, layer.weight.detach()[zeroed].clone())

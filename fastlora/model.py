@@ -8,6 +8,7 @@ Its ``Linear4bit`` subclasses ``nn.Linear``, so "all-linear" selects it, as PEFT
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from collections.abc import Iterable
 
@@ -22,7 +23,7 @@ _FASTLORA = (Linear, Linear4bit, GroupedLinear)
 
 
 def inject(model: nn.Module, target_modules, *, r: int, alpha: float, dropout: float = 0.0,
-           use_rslora: bool = False) -> list[str]:
+           use_rslora: bool = False, use_dora: bool = False) -> list[str]:
     """Replace the ``nn.Linear`` layers named by ``target_modules`` with fastlora layers; return their names.
 
     An ``nn.Linear`` becomes a ``fastlora.Linear``; a bitsandbytes ``Linear4bit`` (what ``from_pretrained`` with
@@ -36,15 +37,26 @@ def inject(model: nn.Module, target_modules, *, r: int, alpha: float, dropout: f
     with ``re.fullmatch`` against the full name; or ``"all-linear"``: every ``nn.Linear`` except the output
     layer (``model.get_output_embeddings()`` for a Hugging Face model, else any module named ``lm_head``).
     The new layers share the base weight and bias. Afterwards every parameter of the model is frozen except
-    the ``lora_A``/``lora_B`` of fastlora layers, as ``peft.get_peft_model`` does.
+    the adapters (``lora_A``/``lora_B``, and ``lora_magnitude`` with DoRA) of fastlora layers, as
+    ``peft.get_peft_model`` does.
+
+    ``use_dora=True`` (PEFT's ``LoraConfig(use_dora=True)``): every new layer is a DoRA layer with a trainable
+    ``lora_magnitude`` initialised as PEFT does (docs/dora.md). A 4-bit target needs a ``fastlora.Linear4bit``
+    with DoRA (QDoRA); where that is missing, ``NotImplementedError`` is raised before the model changes.
     """
     names = match_modules(model, target_modules)
     kw = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
     _adapter_args(**kw)
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora must be a bool; got {use_dora!r}")
+    if use_dora:
+        kw["use_dora"] = True
     for name in names:
         mod = model.get_submodule(name)
         if _is_bnb_4bit(mod):
             _check_bnb_4bit(name, mod)
+            if use_dora:
+                check_qdora(name)
         else:
             _check_unquantized(name, mod)
     with _transaction(model):
@@ -61,6 +73,18 @@ def _wrap(name: str, linear: nn.Linear, kw: dict) -> Linear | Linear4bit:
         return Linear4bit.from_linear(linear, **kw)
     _check_unquantized(name, linear)
     return Linear.from_linear(linear, **kw)
+
+
+def qdora_supported() -> bool:
+    """Whether ``fastlora.Linear4bit.from_linear`` takes ``use_dora`` (QDoRA: DoRA over a 4-bit base)."""
+    return "use_dora" in inspect.signature(Linear4bit.from_linear).parameters
+
+
+def check_qdora(name: str) -> None:
+    """Raise ``NotImplementedError`` for a DoRA layer over the 4-bit base at ``name`` if QDoRA is not available."""
+    if not qdora_supported():
+        raise NotImplementedError(f"{name!r}: DoRA over a 4-bit base (QDoRA) needs fastlora.Linear4bit(use_dora=True), "
+                                  "which this fastlora does not have yet; use a 16/32-bit base or plain LoRA")
 
 
 def _check_unquantized(name: str, linear: nn.Linear) -> None:
@@ -147,11 +171,13 @@ def match_modules(model: nn.Module, target_modules) -> list[str]:
 
 
 def freeze_base(model: nn.Module) -> None:
-    """requires_grad=False on every parameter except the adapters of fastlora layers."""
+    """requires_grad=False on every parameter except the adapters of fastlora layers (``lora_A``, ``lora_B`` and
+    the DoRA ``lora_magnitude``)."""
     adapters = set()
     for mod in model.modules():
         if isinstance(mod, _FASTLORA):
-            adapters.update((id(mod.lora_A), id(mod.lora_B)))
+            adapters.update(id(p) for p in (mod.lora_A, mod.lora_B, getattr(mod, "lora_magnitude", None))
+                            if p is not None)
     for p in model.parameters():
         p.requires_grad_(id(p) in adapters)
 

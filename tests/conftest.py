@@ -7,6 +7,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FASTLORA_POISON", "1")
+# torch 2.13's inductor cache does not key its CPU kernels on ATEN_CPU_CAPABILITY: on an AVX512 machine, a run
+# with ATEN_CPU_CAPABILITY=avx2 reused kernels the default run had built (and the reverse), giving wrong outputs,
+# NaN and "malloc(): unaligned tcache chunk detected" in plain torch, no fastlora involved. One cache per capability.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import getpass
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}")
 
 import pytest  # noqa: E402
 

@@ -103,7 +103,6 @@ def _gpt2_fan_in_fan_out():
 
 
 UNSUPPORTED = {
-    "dora": (lambda: peft_llama(use_dora=True), "q_proj.*DoRA"),
     "lora-bias": (lambda: peft_llama(lora_bias=True), "q_proj.*lora_bias"),
     "embedding": (lambda: peft_llama(target_modules=["embed_tokens", "q_proj"]), "embed_tokens.*Embedding"),
     "two-active": (lambda: _two_active(pm := peft_llama()) or pm, "q_proj.*2 active adapters"),
@@ -188,9 +187,6 @@ def _save_tiny(tmp_path, **config):
 def test_load_adapter_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         fastlora.load_adapter(tiny_llama(), tmp_path / "missing")
-    path = _save_tiny(tmp_path / "dora", use_dora=True)
-    with pytest.raises(NotImplementedError, match="use_dora"):
-        fastlora.load_adapter(tiny_llama(), path)
     path = _save_tiny(tmp_path / "ok")
     small = tiny_llama()
     small.model.layers = small.model.layers[:1]

@@ -149,13 +149,6 @@ def test_numpy_hyperparameters_save_as_plain_json(tmp_path):
         assert json.load(f) == config
 
 
-def test_save_adapter_refuses_dora_rather_than_dropping_the_magnitude(tmp_path):
-    model = nn.Sequential(fastlora.Linear(8, 8, r=2, use_dora=True))
-    with pytest.raises(NotImplementedError, match=r"DoRA adapters.*\['0'\] use DoRA"):
-        fastlora.save_adapter(model, tmp_path / "ad")
-    assert not (tmp_path / "ad").exists()
-
-
 def _files_of(path):
     return {name: (path / name).read_bytes() for name in sorted(os.listdir(path))}
 

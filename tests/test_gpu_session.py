@@ -21,9 +21,9 @@ import gpu_check  # noqa: E402
 
 # One cell per suite; the end-to-end suite (a model and its reference per cell: ~30 s here) is left to the manual
 # full dry run (docs/gpu-session.md), its plumbing being the other suites'.
-SUITES = ("layer", "grouped", "qlora")
-ONE_CELL_PER_SUITE = ("fwd-fp16-K64-N64-r8-M1-fastlora or qlora-fwd-fp16-K64-N64-r8-M1-qlora-fastlora or "
-                      "G4-M32-fastlora-grouped")
+SUITES = ("layer", "grouped", "qlora", "dora")
+ONE_CELL_PER_SUITE = ("fwd-fp16-K64-N64-r8-M1-fastlora and not dora or qlora-fwd-fp16-K64-N64-r8-M1-qlora-fastlora or "
+                      "G4-M32-fastlora-grouped or dora-train-drop0.1-fp16-K64-N64-r8-M16-fastlora-dora")
 MIB = 1 << 20
 
 

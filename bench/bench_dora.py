@@ -1,0 +1,149 @@
+"""One DoRA linear layer (PEFT's ``use_dora=True``): every competitor of ``dora_impls`` over dtype x (K, N) x r x
+tokens M x mode.
+
+Modes: ``fwd`` (inference, no grad), ``train`` (forward + backward, base frozen, dropout 0) and
+``train-drop<p>`` (PEFT's dropout form: a second base product on the dropped x). Backward returns dx, dA, dB and
+the magnitude's gradient (nn.Linear: dx; fastlora LoRA: dx, dA, dB). Each case checks its output and gradients
+against a float32 run of ``fastlora.reference.dora_linear`` (``lora_linear`` for fastlora LoRA) on the same dropout
+mask once, then times it. Recorded per cell: the ratio to nn.Linear, to fastlora LoRA (issue 23's targets: training
+<= 1.10x, inference <= 1.03x), the speedup over PEFT DoRA, and peak memory above the inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import competitors
+import dora_impls
+import harness
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlora import reference
+
+
+@dataclass(frozen=True)
+class Case:
+    mode: str
+    dtype: str
+    K: int
+    N: int
+    R: int
+    M: int
+    impl: str
+
+    @property
+    def train(self) -> bool:
+        return self.mode.startswith("train")
+
+    @property
+    def dropout(self) -> float:
+        return float(self.mode.removeprefix("train-drop")) if "drop" in self.mode else 0.0
+
+    @property
+    def group(self) -> str:
+        return f"dora-{self.mode}-{self.dtype}-K{self.K}-N{self.N}-r{self.R}-M{self.M}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.group}-{self.impl}"
+
+
+def _cases():
+    g = harness.grid()
+    modes = ["fwd"] + [("train" if p == 0 else f"train-drop{p:g}") for p in g.dora["dropouts"]]
+    shapes, tokens = g.dora.get("shapes", g.shapes), g.dora.get("tokens", g.tokens)
+    return [Case(mode, dtype, K, N, R, M, impl) for dtype in g.dtypes for mode in modes for K, N in shapes
+            for R in g.dora["ranks"] for M in tokens for impl in dora_impls.DORA
+            if mode == "fwd" or impl not in dora_impls.INFERENCE_ONLY]
+
+
+CASES = _cases()
+_MS: dict = {}  # (group, impl) -> median ms, for the ratios of later competitors
+_PROBLEM: dict = {}
+
+
+def _problem(c: Case) -> tuple[competitors.Problem, torch.Tensor]:
+    key = (c.dtype, c.K, c.N, c.R)
+    if key not in _PROBLEM:
+        _PROBLEM.clear()
+        pb = competitors.Problem(c.K, c.N, c.R, harness.DTYPES[c.dtype], harness.device())
+        _PROBLEM[key] = pb, dora_impls.magnitude(pb)
+    return _PROBLEM[key]
+
+
+def _check(c: Case, pb, m, impl: competitors.Impl, x: torch.Tensor, dy: torch.Tensor) -> dict:
+    """Output and gradients against a float32 reference on the same dropout mask (fastlora's seeded mask, or
+    torch's RNG replayed for F.dropout / nn.Dropout)."""
+    p, seed = (c.dropout if c.train else 0.0), 1234
+    if impl.checked_forward is not None:
+        y = impl.checked_forward(x, seed)
+        mask = fastlora_mask(x, p, seed) if p else None
+    else:
+        torch.manual_seed(seed)
+        y = impl.forward(x)
+        mask = None
+        if p:
+            torch.manual_seed(seed)
+            mask = F.dropout(torch.ones_like(x), p) != 0
+    xr = x.detach().float().requires_grad_(c.train)
+    Ar, Br, mr = (t.float().requires_grad_(c.train) for t in (pb.A, pb.B, m.to(pb.dtype)))
+    W, b = pb.W.float(), pb.b.float()
+    if c.impl == "linear":
+        ref = F.linear(xr, W, b)
+    elif c.impl == "fastlora-lora":
+        ref = reference.lora_linear(xr, W, b, Ar, Br, pb.scaling, dropout_p=p, training=c.train, dropout_mask=mask)
+    else:
+        ref = reference.dora_linear(xr, W, b, Ar, Br, pb.scaling, mr, dropout_p=p, training=c.train,
+                                    dropout_mask=mask)
+    return harness.check_layer(c.id, y, ref, pb.dtype, c.train, [x, *impl.params], [xr, Ar, Br, mr], dy)
+
+
+def fastlora_mask(x, p, seed):
+    import fastlora
+
+    return fastlora.dropout_mask(x.shape, p, seed, x.device)
+
+
+def _ms(c: Case, impl_name: str) -> float:
+    """This case's group's time for ``impl_name`` (measured now if its own case did not run)."""
+    key = (c.group, impl_name)
+    if key not in _MS:
+        pb, m = _problem(c)
+        impl = dora_impls.dora_impl(impl_name, pb, m, c.dropout, c.train)
+        ring = harness.input_ring(c.M, c.K, c.N, pb.dtype, c.train)
+        step = harness.layer_step(impl.forward, impl.params, c.train)
+        _MS[key] = harness.measure(lambda: step(ring.next())).median_ms
+    return _MS[key]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
+def test_dora(benchmark, request, case: Case):
+    if case.impl.startswith("peft") and not harness.have_peft():
+        pytest.skip("peft is not installed")
+    pb, m = _problem(case)
+    impl = dora_impls.dora_impl(case.impl, pb, m, case.dropout, case.train)
+    ring = harness.input_ring(case.M, case.K, case.N, pb.dtype, case.train)
+    errs = _check(case, pb, m, impl, *ring.items[0])
+    step = harness.layer_step(impl.forward, impl.params, case.train)
+    timing = harness.measure(lambda: step(ring.next()))
+    _MS[(case.group, case.impl)] = timing.median_ms
+    peak, extra = harness.peak_memory(lambda: step(ring.items[0]))
+    harness.pedantic(benchmark, lambda: step(ring.next()))
+
+    lora = case.impl != "linear"
+    flop = harness.flops(case.M, case.K, case.N, case.R, case.train, lora=lora)
+    nbytes = harness.bytes_moved(case.M, case.K, case.N, case.R, pb.W.element_size(), case.train, lora=lora)
+    ratio = timing.median_ms / _ms(case, "linear")
+    to_lora = timing.median_ms / _ms(case, "fastlora-lora") if lora else None
+    peft_ms = _MS.get((case.group, "peft-dora"))
+    speedup = peft_ms / timing.median_ms if peft_ms else None
+    benchmark.group = case.group
+    harness.record(benchmark, request, timing=timing, flop=flop, nbytes=nbytes,
+                   summary_extra=f"  {ratio:6.2f}x nn.Linear" + (f"  {to_lora:5.2f}x LoRA" if to_lora else "")
+                   + (f"  {speedup:5.2f}x vs PEFT DoRA" if speedup else ""),
+                   suite="dora", mode=case.mode, train=case.train, dropout=case.dropout, dtype=case.dtype,
+                   K=case.K, N=case.N, R=case.R, M=case.M, impl=case.impl, ring=len(ring.items),
+                   ratio_to_linear=ratio, ratio_to_fastlora_lora=to_lora, speedup_over_peft=speedup,
+                   peak_mem_bytes=peak, extra_mem_bytes=extra, rel_err=errs, **impl.info)
