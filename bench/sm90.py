@@ -38,7 +38,8 @@ training) for bf16 at r = 16, dense and grouped; then training with bias and dro
 fp16 at r = 64 and fp32 at r = 256 (ieee and tf32); fp16 grouped inference at r = 16 (its own tile issues); an nf4
 base at r = 16, bf16 (every flag) and fp32 (ieee and tf32: training with dropout 0.1); DoRA (``dora_calls``: every
 flag at bf16 r = 16, training with dropout at fp16 r = 64, training at fp32 r = 256, ieee and tf32), also alone as
-``--tier dora`` (with M = 1 too, as in the full tier); ragged stacks (``ragged_calls``: every flag at bf16 over the
+``--tier dora`` (with M = 1 too, as in the full tier, and the same calls over an nf4 double-quant base: QDoRA, which
+the ci tier leaves out); ragged stacks (``ragged_calls``: every flag at bf16 over the
 mix 28 x r 8, 3 x r 64, 1 x r 256, whose offsets are multiples of 8, and training with dropout over the unaligned mix
 r 2, 8, 16, 4); ``--tier ragged`` runs the ragged calls alone, with fp16 and fp32 (ieee, tf32) and M = 1 too.
 ``--tier gdora`` (``gdora_calls``, M = 4096, 16, 1): grouped DoRA, 32 adapters with every other one plain (NaN
@@ -304,7 +305,7 @@ class Case:
     G: int = 1
     tf32: bool = False
     quant: str = ""  # "nf4": a 4-bit base (fastlora.lora_linear_4bit, double quant, blocksize 64)
-    dora: bool = False  # DoRA: fastlora.lora_linear(magnitude=), the magnitude trained with the adapters
+    dora: bool = False  # DoRA: lora_linear(magnitude=) or, with quant, lora_linear_4bit(magnitude=) (QDoRA)
     ranks: tuple = ()  # a ragged grouped stack (rank_offsets), G = len(ranks) adapters at these ranks; r unused
 
     def __str__(self):
@@ -344,7 +345,8 @@ class Case:
                 y = fastlora.grouped_lora_linear(x, w, b, a, bb, 2.0, ids, **mag, **kw)
             elif self.quant:
                 packed, state = quant.empty_4bit((self.N, self.K), dtype=dt, quant_type=self.quant)
-                y = fastlora.lora_linear_4bit(x, packed, state, b, a, bb, 2.0, compute_dtype=dt, **kw)
+                m = torch.empty(self.N, dtype=adt, requires_grad=self.train) if self.dora else None
+                y = fastlora.lora_linear_4bit(x, packed, state, b, a, bb, 2.0, compute_dtype=dt, magnitude=m, **kw)
             elif self.dora:
                 m = torch.empty(self.N, dtype=adt, requires_grad=self.train)
                 y = fastlora.lora_linear(x, w, b, a, bb, 2.0, magnitude=m, **kw)
@@ -363,13 +365,19 @@ def _calls(dtype: str, M: int, K: int, N: int, r: int, G: int = 1, ps=(0.0, 0.1)
             + tuple(Case(dtype, M, K, N, r, p, bias, **kw) for p in ps)]
 
 
-def dora_calls(M: int) -> list[Case]:
+def dora_calls(M: int, qdora: bool = True) -> list[Case]:
     """DoRA (dense, K = N = 4096): every flag at bf16 r = 16, training with dropout at fp16 r = 64 and fp32 r = 256
-    (ieee and tf32). The ci tier's at M = 4096 and 16; ``--tier dora`` and the full tier add M = 1."""
-    return [*_calls("bf16", M, 4096, 4096, 16, dora=True),
-            *_calls("fp16", M, 4096, 4096, 64, ps=(0.1,), biases=(True,), infer=False, dora=True),
-            *_calls("fp32", M, 4096, 4096, 256, ps=(0.0, 0.1), biases=(True,), infer=False, dora=True),
-            *_calls("fp32", M, 4096, 4096, 256, ps=(0.0, 0.1), biases=(True,), infer=False, tf32=True, dora=True)]
+    (ieee and tf32); then the same over an nf4 double-quant base (QDoRA, the 4-bit product in that dtype, fp32
+    adapters and magnitude) unless ``qdora`` is off. The ci tier's dense calls at M = 4096 and 16; ``--tier dora``
+    and the full tier take all of them and add M = 1."""
+    out = []
+    for q in ("", "nf4") if qdora else ("",):
+        out += [*_calls("bf16", M, 4096, 4096, 16, quant=q, dora=True),
+                *_calls("fp16", M, 4096, 4096, 64, ps=(0.1,), biases=(True,), infer=False, quant=q, dora=True),
+                *_calls("fp32", M, 4096, 4096, 256, ps=(0.0, 0.1), biases=(True,), infer=False, quant=q, dora=True),
+                *_calls("fp32", M, 4096, 4096, 256, ps=(0.0, 0.1), biases=(True,), infer=False, tf32=True, quant=q,
+                        dora=True)]
+    return out
 
 
 def gdora_calls(M: int) -> list[Case]:
@@ -418,7 +426,7 @@ def cases(tier: str) -> list[Case]:
             *_calls("bf16", M, 4096, 4096, 16, biases=(True,), quant="nf4"),
             *_calls("fp32", M, 4096, 4096, 16, ps=(0.1,), biases=(True,), infer=False, quant="nf4"),
             *_calls("fp32", M, 4096, 4096, 16, ps=(0.1,), biases=(True,), infer=False, tf32=True, quant="nf4"),
-            *dora_calls(M),
+            *dora_calls(M, qdora=False),
             *_calls("bf16", M, 4096, 4096, 0, G=32, ranks=RAGGED_MIXES[0]),
             *_calls("bf16", M, 4096, 4096, 0, G=4, ranks=RAGGED_MIXES[1], ps=(0.1,), biases=(True,), infer=False),
         )]
@@ -473,8 +481,10 @@ def report(case_list: list[Case], capability: int, jobs: int) -> list[Variant]:
 
 
 def is_fma(rec: dict) -> bool:
-    """A variant whose dots run on FMA units: fp32 operands with input_precision 'ieee'."""
-    return rec["constexprs"].get("INPUT_PRECISION") == "ieee" and " fp32 " in f" {rec['case']} "
+    """A variant whose dots run on FMA units: fp32 operands with input_precision 'ieee' (an fp32 call, or a 4-bit W
+    computed in fp32: QDoRA's norm launch in every dtype)."""
+    c = rec["constexprs"]
+    return c.get("INPUT_PRECISION") == "ieee" and (" fp32 " in f" {rec['case']} " or c.get("W_COMPUTE") == "fp32")
 
 
 def check(records: list[dict], capability: int) -> list[str]:

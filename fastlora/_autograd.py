@@ -47,26 +47,29 @@ class DoRAFunction(torch.autograd.Function):
 
     Saves what LoRA saves (x, T, the packed mask) plus g and, only when the magnitude requires grad, Z [M, N] (the
     term g multiplies, written by the forward kernel): dm = sum_tokens dy * Z / norm, reduced in fp32 beside dB from
-    the same dy tiles. Nothing of size M x N when the magnitude is frozen.
+    the same dy tiles. Nothing of size M x N when the magnitude is frozen. A 4-bit weight (``quant``, ``qblocks``: see
+    ``fastlora._ops``) is saved packed, as it is.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, quant=(), qblocks=()):
         g = magnitude.detach().float() / norm
         store_z = ctx.needs_input_grad[5]
-        y, t, bits, z = _dora_ops.dora_forward(x, weight, bias, lora_A, lora_B, scaling, g, dropout_p, seed, store_z)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, t, bits, g, norm, z)
-        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+        y, t, bits, z = _dora_ops.dora_forward(x, weight, bias, lora_A, lora_B, scaling, g, dropout_p, seed, store_z,
+                                               list(quant), list(qblocks))
+        ctx.save_for_backward(x, weight, lora_A, lora_B, t, bits, g, norm, z, *quant)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.qblocks = scaling, dropout_p, seed, qblocks
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.magnitude_dtype = magnitude.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, t, bits, g, norm, z = ctx.saved_tensors
+        x, weight, lora_A, lora_B, t, bits, g, norm, z, *quant = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dA, dB, dz = _dora_ops.dora_backward(dy, x, weight, lora_A, lora_B, t, bits, z, ctx.scaling, g,
-                                                 ctx.dropout_p, need[0], need[3], need[4], need[5])
+                                                 ctx.dropout_p, need[0], need[3], need[4], need[5], quant,
+                                                 list(ctx.qblocks))
         dm = (dz / norm).to(ctx.magnitude_dtype) if need[5] else None
         dw = None
         if need[1]:  # full fine-tuning: the norm is detached, W enters through the base products only
@@ -75,7 +78,7 @@ class DoRAFunction(torch.autograd.Function):
             dw = dw.to(weight.dtype)
         db = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None
         return (dx if need[0] else None, dw, db, dA if need[3] else None, dB if need[4] else None, dm,
-                None, None, None, None)
+                None, None, None, None, None, None)
 
 
 class GroupedDoRAFunction(torch.autograd.Function):

@@ -113,6 +113,22 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
     g_tile = bm * bk // threads if grouped_dora and flags["DORA"] in DX_DORA else 0  # grouped dx: g per (row, k)
     if flags["X_DROPOUT"] and bk < 32:
         return False  # the mask is packed 32 columns to a word
+    if flags.get("W_QUANT") and flags.get("DORA") in (FWD_DROP.value, DX.value, DX_DROP.value) and elt == 4:
+        # QDoRA in fp32 (measured): the dropout forward keeps x and keep * x beside the dequantised W tile and two
+        # accumulators: tf32 16x64x128 / 4 warps kept 16 B of stack at 255 registers (sm_90), FMA 64x64x32 / 8 warps
+        # 8 B (in the K loop) and 32x64x32 / 4 warps 8 B. dx scales dy in registers: tf32 16x64x128 / 4 warps 8 B on
+        # sm_90, 32 B with dropout on sm_80. 32x64x32 (which the 4-bit rules below would not keep) compiled clean.
+        small = bm == 32 and bk == 32
+        if _is_fma(elt, flags["INPUT_PRECISION"]):
+            if flags["DORA"] == FWD_DROP.value:
+                return small and num_warps == 8
+        elif small or flags["DORA"] == FWD_DROP.value or _mma_sync(capability):
+            return small
+        elif flags["DORA"] == DX.value and bk >= 128:
+            return False  # sm_90 tf32 dx: 64x64x64 / 4 warps kept (clean), 16x64x128 not
+    if flags.get("W_QUANT") and flags.get("DORA") == FWD_DROP.value and bm >= 32 and bk >= 128:
+        return False  # 16-bit QDoRA dropout forward 32x64x128 / 4 warps: 8 B at 255 registers (16x64x128, 64x64x64
+        # / 4 warps clean)
     if flags.get("W_QUANT"):  # the dequantised W tile is in registers beside the accumulator
         w = bk * block_n // threads
         budget = W4_BUDGET_MMA_SYNC if _mma_sync(capability) else W4_BUDGET

@@ -195,7 +195,7 @@ def gemm(
     config: dict | None = None,
 ) -> torch.Tensor:
     """out [M, N] = drop?(x) w^T + bias + scale * drop?(t b^T), see ``_lora_gemm_kernel``; ``dora`` applies a DoRA
-    magnitude scale (``DoraScale``; dense w only) and fills its ``z``.
+    magnitude scale (``DoraScale``; dense or 4-bit w, ungrouped) and fills its ``z``.
 
     x [M, K]; w [N, K] (a tensor or a ``Packed4bit``) or, grouped, [G, N, K]; t [M, R]; b [N, R] or [G, N, R];
     perm/ids [M] (sorted order -> token, adapter id of each sorted row); seg [G + 1] (the segment offsets, needed

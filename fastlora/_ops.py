@@ -60,6 +60,13 @@ def _ragged(rank_offsets, t_width, rank_align, lora_A):
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def quant_args(state, compute_dtype: torch.dtype) -> tuple[list[Tensor], list[int]]:
+    """(``quant``, ``qblocks``) of a ``fastlora.quant.QuantState4bit`` for the ops, the product in ``compute_dtype``."""
+    tensors = [state.absmax, state.code] + ([state.absmax2, state.code2, state.offset] if state.double_quant else [])
+    return tensors, [state.blocksize, state.blocksize2 if state.double_quant else 1,
+                     COMPUTE_DTYPES.index(compute_dtype)]
+
+
 def _weight(weight: Tensor, quant: list[Tensor], qblocks: list[int], N: int, K: int):
     """The W operand: ``weight`` itself (``quant`` empty), or its packed 4-bit form with the quantisation state."""
     if not quant:

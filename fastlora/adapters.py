@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from fastlora import _files
 from fastlora.linear4bit import Linear4bit, _is_bnb_4bit
-from fastlora.model import _check_bnb_4bit, _set_submodule, _transaction, check_qdora, freeze_base
+from fastlora.model import _check_bnb_4bit, _set_submodule, _transaction, freeze_base
 from fastlora.modules import GroupedLinear, Linear, _adapter_args, _layout
 
 _SINGLE = (Linear, Linear4bit)  # one-adapter layers: what save_adapter writes and load_adapter fills
@@ -128,8 +128,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     unmerged ``fastlora.Linear`` or a ``fastlora.Linear4bit`` (its adapter is replaced). Rank comes from the
     tensors, alpha from ``lora_alpha``/``alpha_pattern``, dropout and ``use_rslora`` from the config. Afterwards
     only the adapters of fastlora layers require grad (as ``inject``). A DoRA adapter (``"use_dora": true``) builds
-    DoRA layers holding the file's magnitudes (a 4-bit base needs a ``fastlora.Linear4bit`` with DoRA, else
-    ``NotImplementedError``). ``lora_bias``, ``fan_in_fan_out`` and ``modules_to_save`` adapters raise
+    DoRA layers holding the file's magnitudes (over a 4-bit base: ``fastlora.Linear4bit(use_dora=True)``).
+    ``lora_bias``, ``fan_in_fan_out`` and ``modules_to_save`` adapters raise
     ``NotImplementedError``. A transaction: the files, every tensor's shape and dtype and every base are checked
     and the new layers built before any is swapped in; a failure leaves the model as it was.
     """
@@ -139,8 +139,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
         mod, kw, m = _base_of(model, name, a, b, path), _layer_args(config, name, a.shape[0], path), None
         if name in magnitudes:
             m = magnitudes[name]
-            if isinstance(mod, Linear4bit) or _is_bnb_4bit(mod):
-                check_qdora(name)
             kw["use_dora"] = True
         plan.append((name, mod, kw, a, b, m))
     with _transaction(model):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from fastlora.linear4bit import Linear4bit, _is_bnb_4bit
-from fastlora.model import _check_bnb_4bit, _check_unquantized, _set_submodule, check_qdora
+from fastlora.model import _check_bnb_4bit, _check_unquantized, _set_submodule
 from fastlora.modules import Linear
 
 
@@ -110,8 +110,6 @@ def _check_layer(name: str, mod) -> str:
         if mod.merged:
             fail("its adapter is merged into the 4-bit base (re-quantised); call unmerge_adapter() first")
         _check_bnb_4bit(name, base)
-        if dora:
-            check_qdora(name)
     else:
         _check_unquantized(name, base)
     if dora:

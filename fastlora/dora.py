@@ -3,6 +3,8 @@
 ||W_n||^2 is cached per weight tensor (W is frozen) and recomputed when W changes in place or is replaced (its
 version counter or storage changed); the rest is one small GEMM per step (``fastlora._dora_ops.dora_norm``). Under
 torch.compile the cache is skipped (version counters do not trace): ||W||^2 is then recomputed each call.
+A 4-bit W (QDoRA, ``weight_sq_4bit``): ||deq(W)_n||^2 in fp32 from the packed bytes, decoded ROWS rows at a time,
+cached on the packed tensor (its version and storage, and the block scales'); U = A deq(W)^T by the 4-bit GEMM.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from fastlora import _dora_grouped_ops, _dora_ops
+from fastlora import _dora_grouped_ops, _dora_ops, _ops, quant
 from fastlora.reference import DORA_EPS
 
 _weight_sq: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
@@ -41,6 +43,45 @@ def weight_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
     with torch.no_grad():
         return _dora_ops.dora_norm(weight.detach(), weight_sq(weight), lora_A.detach(), lora_B.detach(),
                                    float(scaling)).clamp_min(DORA_EPS)
+
+
+def weight_sq_4bit(packed: torch.Tensor, state) -> torch.Tensor:
+    """||deq(W)_n||^2, fp32 [N], of a packed 4-bit weight (``state``: its ``QuantState4bit``, K a multiple of the
+    block size), cached while the packed bytes and the block scales keep their versions and storages."""
+    if torch.compiler.is_compiling() or packed.device.type == "meta":
+        return _row_sq_4bit(packed, state)
+    key = (packed._version, packed.data_ptr(), state.absmax._version, state.absmax.data_ptr(), tuple(state.shape),
+           state.quant_type)
+    hit = _weight_sq.get(packed)
+    if hit is None or hit[0] != key:
+        hit = (key, _row_sq_4bit(packed, state))
+        _weight_sq[packed] = hit
+    return hit[1]
+
+
+def _row_sq_4bit(packed, state) -> torch.Tensor:
+    N, K = state.shape
+    if packed.device.type == "meta":
+        return torch.empty(N, dtype=torch.float32, device="meta")
+    with torch.no_grad():
+        data = packed.detach().reshape(-1).view(torch.uint8)
+        absmax = quant.dequantize_absmax(state).float().reshape(-1, K // state.blocksize)  # [N, blocks per row]
+        out = []
+        for r0 in range(0, N, ROWS):  # a ROWS x K fp32 temporary, never N x K
+            byte = data[r0 * K // 2:min(r0 + ROWS, N) * K // 2]
+            q = torch.stack([byte >> 4, byte & 15], dim=1).reshape(-1).int()
+            w = state.code[q].view(-1, K // state.blocksize, state.blocksize) * absmax[r0:r0 + ROWS, :, None]
+            out.append(w.square().sum((1, 2)))
+        return torch.cat(out)
+
+
+def weight_norm_4bit(packed, state, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """``weight_norm`` of a packed 4-bit W: max(||deq(W)_n + s B_n A||, DORA_EPS), fp32 [N], detached."""
+    tensors, qblocks = _ops.quant_args(state, torch.float32)
+    data = packed.detach().reshape(-1).view(torch.uint8)
+    with torch.no_grad():
+        return _dora_ops.dora_norm_4bit(data, tensors, qblocks, weight_sq_4bit(packed, state), lora_A.detach(),
+                                        lora_B.detach(), float(scaling)).clamp_min(DORA_EPS)
 
 
 def grouped_weight_norm(weight, lora_A, lora_B, scale_vec, rank_offsets=None) -> torch.Tensor:

@@ -85,7 +85,7 @@ def _check_magnitude(magnitude, x, N, n=None):
 
 
 def lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, compute_dtype=torch.bfloat16,
-                     dropout_p=0.0, training=False, seed=None):
+                     dropout_p=0.0, training=False, seed=None, magnitude=None):
     """``lora_linear`` over a bitsandbytes 4-bit base: y = x deq(W)^T + b + scaling * (dropout(x) A^T) B^T.
 
     weight: the packed codes (uint8, (N*K + 1) // 2 bytes, any shape, as bitsandbytes stores them); quant_state:
@@ -94,7 +94,18 @@ def lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, c
     as they are (PEFT's QLoRA keeps them fp32), and y comes back in x's dtype; under torch.autocast x is first
     cast to the autocast dtype. W is dequantised tile by tile inside the GEMM (forward and dx), never written out
     in 16 bits.
+
+    ``magnitude`` [N] (QDoRA: DoRA over the 4-bit base, PEFT's semantics as ``lora_linear(magnitude=)``) with W the
+    dequantised weight: g = magnitude / max(||W + s B A||, eps), the norm detached, computed in fp32 from the packed
+    weight (||W_n||^2 cached per weight); see docs/dora.md.
     """
+    return _lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, compute_dtype=compute_dtype,
+                             dropout_p=dropout_p, training=training, seed=seed, magnitude=magnitude)
+
+
+def _lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, compute_dtype, dropout_p, training,
+                      seed, magnitude, norm_fn=None):
+    """``lora_linear_4bit``; ``norm_fn()``: DoRA's max(||W + s B A||, eps) from the caller's cache."""
     if not isinstance(quant_state, quant.QuantState4bit):
         raise TypeError(f"quant_state must be a fastlora.quant.QuantState4bit; got {type(quant_state).__name__}")
     quant_state.validate()
@@ -127,19 +138,29 @@ def lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, c
         if bias.dtype not in _DTYPES:
             raise TypeError(f"bias must be float16, bfloat16 or float32; got {bias.dtype}")
     s, p = _check_lora(x, lora_A, lora_B, N, K, scaling, dropout_p, training)
+    if magnitude is not None:
+        _check_magnitude(magnitude, x, N)
     if _autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    if not _use_kernels(x, lora_A, lora_B, extra_dtypes=(compute_dtype,)):
+    extra = (compute_dtype,) if magnitude is None else (compute_dtype, magnitude.dtype)
+    if not _use_kernels(x, lora_A, lora_B, extra_dtypes=extra):
         w = quant.dequantize_4bit(weight, quant_state, dtype=compute_dtype)
+        if magnitude is not None:
+            return reference.dora_linear(x, w, bias, lora_A, lora_B, s, magnitude, dropout_p=p, training=training,
+                                         compute_dtype=compute_dtype)
         return reference.lora_linear(x, w, bias, lora_A, lora_B, s, dropout_p=p, training=training,
                                      compute_dtype=compute_dtype)
     seed = _seed(seed) if p > 0 else 0
-    st = quant_state
-    tensors = [st.absmax, st.code] + ([st.absmax2, st.code2, st.offset] if st.double_quant else [])
-    qblocks = [st.blocksize, st.blocksize2 if st.double_quant else 1, _ops.COMPUTE_DTYPES.index(compute_dtype)]
+    tensors, qblocks = _ops.quant_args(quant_state, compute_dtype)
+    packed = weight.view(torch.uint8).reshape(-1)
     with torch.autocast(x.device.type, enabled=False):
-        y = LoRAFunction.apply(x.reshape(-1, K), weight.view(torch.uint8).reshape(-1), bias, lora_A, lora_B, s,
-                               None, None, None, None, p, seed, tensors, qblocks)
+        if magnitude is not None:
+            norm = norm_fn() if norm_fn is not None else dora.weight_norm_4bit(weight, quant_state, lora_A, lora_B, s)
+            y = DoRAFunction.apply(x.reshape(-1, K), packed, bias, lora_A, lora_B, magnitude, norm, s, p, seed,
+                                   tensors, qblocks)
+        else:
+            y = LoRAFunction.apply(x.reshape(-1, K), packed, bias, lora_A, lora_B, s, None, None, None, None, p,
+                                   seed, tensors, qblocks)
     return y.reshape(*x.shape[:-1], N)
 
 

@@ -8,8 +8,8 @@ import sys
 import torch
 import torch.nn as nn
 
-from fastlora import quant
-from fastlora.functional import lora_linear_4bit
+from fastlora import dora, quant
+from fastlora.functional import _lora_linear_4bit
 from fastlora.modules import Linear, _adapter_args
 
 _STATE = ("absmax", "code", "absmax2", "code2", "offset")
@@ -26,26 +26,35 @@ class Linear4bit(nn.Module):
     state as buffers (``quant_absmax`` ...); ``from_linear(bitsandbytes.nn.Linear4bit)`` shares that layer's
     ``Params4bit`` and its quant state as they are.
 
-    Merging is refused: folding B A into 4-bit codes re-quantises the whole weight (PEFT does it and warns of
-    the rounding), after which ``unmerge`` cannot restore the base. ``dequantize()`` gives a ``fastlora.Linear``
-    over the dequantised weight, sharing the adapter, which merges exactly.
+    ``use_dora=True`` (QDoRA: PEFT's DoRA over the 4-bit base): a trainable ``lora_magnitude`` (out,), fp32 like the
+    adapters, initialised as PEFT does to ||W_n|| of the dequantised W (B being zero); y = g (x W^T + s T B^T) + b
+    with g = lora_magnitude / max(||W + s B A||, eps) (PEFT's dropout form in training, docs/dora.md). The norm is
+    computed in fp32 from the packed weight; in eval mode it is cached until W, its block scales, A or B change.
+
+    Merging is refused: folding B A (and, with DoRA, g) into 4-bit codes re-quantises the whole weight (PEFT does it
+    and warns of the rounding), after which ``unmerge`` cannot restore the base. ``dequantize()`` gives a
+    ``fastlora.Linear`` over the dequantised weight, sharing the adapter (and magnitude), which merges exactly.
     """
 
     def __init__(self, in_features, out_features, bias=True, *, r=8, alpha=8, dropout=0.0, use_rslora=False,
-                 compute_dtype=torch.bfloat16, quant_type="nf4", blocksize=64, double_quant=True, device=None):
+                 use_dora=False, compute_dtype=torch.bfloat16, quant_type="nf4", blocksize=64, double_quant=True,
+                 device=None):
         super().__init__()
         _check_compute_dtype(compute_dtype)
+        _check_use_dora(use_dora)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=compute_dtype)
         self._quantize(base, quant_type, blocksize, double_quant)
-        self._setup(base.bias, r, alpha, dropout, use_rslora, compute_dtype)
+        self._setup(base.bias, r, alpha, dropout, use_rslora, compute_dtype, use_dora)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, *, r=8, alpha=8, dropout=0.0, use_rslora=False, compute_dtype=None,
-                    quant_type="nf4", blocksize=64, double_quant=True) -> Linear4bit:
+    def from_linear(cls, linear: nn.Module, *, r=8, alpha=8, dropout=0.0, use_rslora=False, use_dora=False,
+                    compute_dtype=None, quant_type="nf4", blocksize=64, double_quant=True) -> Linear4bit:
         """Wrap ``linear``: an ``nn.Linear`` is quantised (quant_type, blocksize, double_quant; its weight is not
         kept), a ``bitsandbytes.nn.Linear4bit`` is shared as it is (its format wins; no copy). The bias is shared
-        and frozen. compute_dtype None: the bitsandbytes layer's, else bfloat16."""
+        and frozen. compute_dtype None: the bitsandbytes layer's, else bfloat16. ``use_dora``: QDoRA (see the
+        class)."""
         _adapter_args(r, alpha, dropout, use_rslora)  # before anything below touches ``linear``
+        _check_use_dora(use_dora)
         if compute_dtype is not None:
             _check_compute_dtype(compute_dtype)
         self = cls.__new__(cls)
@@ -71,12 +80,13 @@ class Linear4bit(nn.Module):
             self._quantize(linear, quant_type, blocksize, double_quant)
         else:
             raise TypeError(f"linear must be an nn.Linear or a bitsandbytes.nn.Linear4bit; got {type(linear).__name__}")
-        self._setup(linear.bias, r, alpha, dropout, use_rslora, compute_dtype or torch.bfloat16)
+        self._setup(linear.bias, r, alpha, dropout, use_rslora, compute_dtype or torch.bfloat16, use_dora)
         return self
 
-    def _with_new_adapter(self, *, r, alpha, dropout=0.0, use_rslora=False) -> Linear4bit:
+    def _with_new_adapter(self, *, r, alpha, dropout=0.0, use_rslora=False, use_dora=False) -> Linear4bit:
         """A new layer over this one's packed weight, quantisation state and bias (shared, not copied), with a fresh
-        adapter; this layer is left as it is."""
+        adapter (and, ``use_dora``, a fresh magnitude ||W_n||); this layer is left as it is."""
+        _check_use_dora(use_dora)
         new = type(self).__new__(type(self))
         nn.Module.__init__(new)
         new.weight = self.weight
@@ -87,7 +97,7 @@ class Linear4bit(nn.Module):
         for name in _STATE:
             if "quant_" + name in self._buffers:
                 new.register_buffer("quant_" + name, self._buffers["quant_" + name], persistent=False)
-        new._setup(self.bias, r, alpha, dropout, use_rslora, self.compute_dtype)
+        new._setup(self.bias, r, alpha, dropout, use_rslora, self.compute_dtype, use_dora)
         return new.train(self.training)
 
     def _quantize(self, linear: nn.Linear, quant_type, blocksize, double_quant):
@@ -149,8 +159,9 @@ class Linear4bit(nn.Module):
         else:
             self._set_buffers(state)
 
-    def _setup(self, bias, r, alpha, dropout, use_rslora, compute_dtype):
+    def _setup(self, bias, r, alpha, dropout, use_rslora, compute_dtype, use_dora=False):
         _check_compute_dtype(compute_dtype)
+        _check_use_dora(use_dora)
         if self.in_features % self.blocksize:
             raise ValueError(f"in_features = {self.in_features} must be a multiple of the quantisation blocksize "
                              f"{self.blocksize}: the fused 4-bit GEMM reads each weight row as whole blocks")
@@ -165,6 +176,23 @@ class Linear4bit(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
+        self.use_dora = use_dora
+        self._norm_cache = None  # (versions and storages of W, its block scales, A, B; the norm) in eval mode
+        if use_dora:
+            # PEFT's initial magnitude ||W + s B A|| per row is ||W_n||: B starts at zero
+            self.lora_magnitude = nn.Parameter(dora.weight_sq_4bit(self.weight, self.quant_state).sqrt())
+
+    def _norm(self) -> torch.Tensor:
+        """max(||W + s B A||, eps) per row, fp32 [out], W dequantised; cached in eval mode (version counters)."""
+        state = self.quant_state
+        if self.training or torch.compiler.is_compiling() or self.weight.device.type == "meta":
+            return dora.weight_norm_4bit(self.weight, state, self.lora_A, self.lora_B, self.scaling)
+        key = (self.scaling, *((t._version, t.data_ptr()) for t in (self.weight, state.absmax, self.lora_A,
+                                                                     self.lora_B)))
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            self._norm_cache = (key, dora.weight_norm_4bit(self.weight, state, self.lora_A, self.lora_B,
+                                                           self.scaling))
+        return self._norm_cache[1]
 
     @property
     def quant_state(self) -> quant.QuantState4bit:
@@ -198,8 +226,10 @@ class Linear4bit(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lora_linear_4bit(x, self.weight, self.quant_state, self.bias, self.lora_A, self.lora_B, self.scaling,
-                                compute_dtype=self.compute_dtype, dropout_p=self.dropout, training=self.training)
+        return _lora_linear_4bit(x, self.weight, self.quant_state, self.bias, self.lora_A, self.lora_B, self.scaling,
+                                 compute_dtype=self.compute_dtype, dropout_p=self.dropout, training=self.training,
+                                 seed=None, magnitude=self.lora_magnitude if self.use_dora else None,
+                                 norm_fn=self._norm if self.use_dora else None)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W [out, in] decoded as bitsandbytes' ``dequantize_4bit`` does, in ``dtype`` (default compute_dtype)."""
@@ -208,19 +238,24 @@ class Linear4bit(nn.Module):
     @torch.no_grad()
     def dequantize(self) -> Linear:
         """A ``fastlora.Linear`` over the dequantised weight (compute_dtype) that shares this layer's bias and
-        adapter parameters; it computes the same function and can ``merge`` exactly."""
+        adapter parameters (and ``lora_magnitude``); it computes the same function, up to the rounding of W to
+        compute_dtype (with DoRA also in the norm), and can ``merge`` exactly."""
         base = nn.Linear(self.in_features, self.out_features, bias=False, device=self.weight.device,
                          dtype=self.compute_dtype)
         base.weight.copy_(self.dequantized_weight())
         base.bias = self.bias
-        layer = Linear.from_linear(base, r=self.r, alpha=self.alpha, dropout=self.dropout, use_rslora=self.use_rslora)
+        layer = Linear.from_linear(base, r=self.r, alpha=self.alpha, dropout=self.dropout, use_rslora=self.use_rslora,
+                                   use_dora=self.use_dora)
         layer.scaling = self.scaling
         layer.lora_A, layer.lora_B = self.lora_A, self.lora_B
+        if self.use_dora:
+            layer.lora_magnitude = self.lora_magnitude
         return layer.train(self.training)
 
     def merge(self) -> None:
+        what = "its DoRA adapter (g (W + s B A))" if self.use_dora else "its adapter"
         raise NotImplementedError(
-            "fastlora.Linear4bit cannot merge its adapter into the 4-bit weight: that re-quantises the whole base "
+            f"fastlora.Linear4bit cannot merge {what} into the 4-bit weight: that re-quantises the whole base "
             "(lossy, and unmerge could not restore it). Call .dequantize() for a fastlora.Linear over the "
             "dequantised weight and merge that.")
 
@@ -229,8 +264,14 @@ class Linear4bit(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, quant_type={self.quant_type}, "
+                f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, use_dora={self.use_dora}, "
+                f"quant_type={self.quant_type}, "
                 f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+
+
+def _check_use_dora(use_dora) -> None:
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora must be a bool; got {type(use_dora).__name__}")
 
 
 def _check_compute_dtype(dtype) -> None:

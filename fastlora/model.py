@@ -8,7 +8,6 @@ Its ``Linear4bit`` subclasses ``nn.Linear``, so "all-linear" selects it, as PEFT
 from __future__ import annotations
 
 import contextlib
-import inspect
 import re
 from collections.abc import Iterable
 
@@ -55,8 +54,6 @@ def inject(model: nn.Module, target_modules, *, r: int, alpha: float, dropout: f
         mod = model.get_submodule(name)
         if _is_bnb_4bit(mod):
             _check_bnb_4bit(name, mod)
-            if use_dora:
-                check_qdora(name)
         else:
             _check_unquantized(name, mod)
     with _transaction(model):
@@ -73,18 +70,6 @@ def _wrap(name: str, linear: nn.Linear, kw: dict) -> Linear | Linear4bit:
         return Linear4bit.from_linear(linear, **kw)
     _check_unquantized(name, linear)
     return Linear.from_linear(linear, **kw)
-
-
-def qdora_supported() -> bool:
-    """Whether ``fastlora.Linear4bit.from_linear`` takes ``use_dora`` (QDoRA: DoRA over a 4-bit base)."""
-    return "use_dora" in inspect.signature(Linear4bit.from_linear).parameters
-
-
-def check_qdora(name: str) -> None:
-    """Raise ``NotImplementedError`` for a DoRA layer over the 4-bit base at ``name`` if QDoRA is not available."""
-    if not qdora_supported():
-        raise NotImplementedError(f"{name!r}: DoRA over a 4-bit base (QDoRA) needs fastlora.Linear4bit(use_dora=True), "
-                                  "which this fastlora does not have yet; use a 16/32-bit base or plain LoRA")
 
 
 def _check_unquantized(name: str, linear: nn.Linear) -> None:

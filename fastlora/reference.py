@@ -65,19 +65,24 @@ DORA_EPS = 1e-6
 
 
 def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, *, dropout_p=0.0, training=False,
-                dropout_mask=None):
+                dropout_mask=None, compute_dtype=None):
     """PEFT's DoRA written out: g = m / max(||W + s B A||, eps) per output row, the norm detached;
 
         y = x W^T + b + (g - 1) (d(x) W^T) + g s (d(x) A^T) B^T     d(x) = x without dropout (then = g (...) + b)
 
-    The out x in matrix W + s B A is built here, as PEFT does; the kernels never build it.
+    The out x in matrix W + s B A is built here, as PEFT does; the kernels never build it. ``compute_dtype`` (a
+    quantised base, as in ``lora_linear``): the base products x W^T + b and d(x) W^T run in it.
     """
     delta = scaling * (lora_B @ lora_A)
     norm = torch.linalg.vector_norm(weight.to(delta.dtype) + delta, dim=1).detach()
     g = magnitude / norm.clamp_min(DORA_EPS)
-    base = F.linear(x, weight, bias)
     xd = _dropped(x, dropout_p, training, dropout_mask)
-    plain = F.linear(xd, weight)
+    if compute_dtype is None:
+        base, plain = F.linear(x, weight, bias), F.linear(xd, weight)
+    else:
+        cd = compute_dtype
+        base = F.linear(x.to(cd), weight.to(cd), None if bias is None else bias.to(cd)).to(x.dtype)
+        plain = F.linear(xd.to(cd), weight.to(cd)).to(x.dtype)
     low = F.linear(F.linear(xd.to(lora_A.dtype), lora_A), lora_B)
     return base + ((g - 1) * plain + g * (scaling * low)).to(base.dtype)
 

@@ -52,13 +52,14 @@ def dora_g(g_ptr, ids, offs, mask, length, PER_ROW: tl.constexpr):
 
 
 @triton.jit
-def dora_scale(x, g_ptr, ids, k0, offs_k, mask_k, K, minus: tl.constexpr, PER_ROW: tl.constexpr):
+def dora_scale(x, g_ptr, ids, k0, offs_k, mask_k, K, minus: tl.constexpr, PER_ROW: tl.constexpr,
+               dtype: tl.constexpr):
     """X tile [BLOCK_M, BLOCK_K] with column k scaled by g[k0 + k] (of the row's adapter when PER_ROW; minus one
-    when ``minus``), in X's dtype."""
+    when ``minus``), in ``dtype`` (X's, or a 4-bit W's compute dtype: one rounding)."""
     g = dora_g(g_ptr, ids, k0 + offs_k, mask_k, K, PER_ROW)
     if minus:
         g = g - 1.0
-    return (x.to(tl.float32) * g).to(x.dtype)
+    return (x.to(tl.float32) * g).to(dtype)
 
 
 @triton.jit
@@ -115,9 +116,9 @@ def _mainloop_ptr(
     W_QUANT, W is fetched 4-bit and dequantised (``quant``: absmax, absmax2, code, code2, offset pointers) from the
     stored [N, K] weight (forward) or, W_TRANS, its transpose (dx); the stored row length is the unit stride's
     partner (stride_wn, or stride_wk when W_TRANS). The 4-bit product runs in W_COMPUTE (bitsandbytes'
-    compute dtype), X tiles cast to it in registers, whatever X's own dtype. DoRA (dense W only): DX scales the
-    X tiles by g (each row by its adapter's g when DORA_ROWS, grouped); FWD_DROP and DX_DROP also add the second
-    product of the same W tile into acc2 (returned)."""
+    compute dtype), X tiles cast to it in registers, whatever X's own dtype. DoRA (dense or 4-bit W, the same dots
+    either way): DX scales the X tiles by g (each row by its adapter's g when DORA_ROWS, grouped); FWD_DROP and
+    DX_DROP also add the second product of the same W tile into acc2 (returned)."""
     offs_k = tl.arange(0, BLOCK_K)
     # FMA dots (fp32 without tf32): rows past the tile's end and, for a K-contiguous W, columns past N read row /
     # column 0 (never stored) instead of being masked, so no row or column predicates stay live across the K loop
@@ -134,6 +135,7 @@ def _mainloop_ptr(
             mask_wn = tl.full((BLOCK_N,), 1, tl.int1)
     x_ptrs = x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + cols_w.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
+    dt: tl.constexpr = x_ptr.dtype.element_ty if W_QUANT == DENSE else W_COMPUTE  # the dot's operand dtype
     if W_QUANT != DENSE:
         codebook = tl.load(quant[2] + tl.arange(0, 16))
     for k0 in range(0, K, BLOCK_K):
@@ -147,18 +149,7 @@ def _mainloop_ptr(
         else:
             x = tl.load(x_ptrs, mask=mask_xm[:, None] & mask_k[None, :], other=0.0)
         if W_QUANT == DENSE:
-            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_wn[None, :], other=0.0).to(x.dtype)
-            if DORA == DX:
-                acc = tl.dot(dora_scale(x, g_ptr, ids, k0, offs_k, mask_k, K, False, DORA_ROWS), w, acc,
-                             input_precision=INPUT_PRECISION)
-            else:
-                acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-            if DORA == FWD_DROP:  # the dropped x of the same tile, from the mask the shrink wrote
-                keep = unpack_keep(bits_ptr, rows, mask_m, k0, tl.cdiv(K, 32), stride_bits, BLOCK_M, BLOCK_K)
-                acc2 = tl.dot(tl.where(keep, x, tl.zeros_like(x)), w, acc2, input_precision=INPUT_PRECISION)
-            if DORA == DX_DROP:
-                acc2 = tl.dot(dora_scale(x, g_ptr, ids, k0, offs_k, mask_k, K, True, DORA_ROWS), w, acc2,
-                              input_precision=INPUT_PRECISION)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_wn[None, :], other=0.0).to(dt)
         else:
             if W_TRANS:  # dx: rows k0.. of the stored weight, columns n0..
                 w = load_4bit(w_ptr, quant, codebook, (k0 + offs_k).to(tl.int64), mask_k, n0, stride_wk,
@@ -166,7 +157,18 @@ def _mainloop_ptr(
             else:  # forward: rows offs_n, columns k0.., transposed to [BLOCK_K, BLOCK_N]
                 w = load_4bit(w_ptr, quant, codebook, offs_n.to(tl.int64), mask_n, k0, stride_wn,
                               BLOCK_K, W_QUANT, QBLOCK, QBLOCK2).T
-            acc = tl.dot(x.to(W_COMPUTE), w.to(W_COMPUTE), acc, input_precision=INPUT_PRECISION)
+            w = w.to(dt)
+        if DORA == DX:
+            acc = tl.dot(dora_scale(x, g_ptr, ids, k0, offs_k, mask_k, K, False, DORA_ROWS, dt), w, acc,
+                         input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(x.to(dt), w, acc, input_precision=INPUT_PRECISION)
+        if DORA == FWD_DROP:  # the dropped x of the same tile, from the mask the shrink wrote
+            keep = unpack_keep(bits_ptr, rows, mask_m, k0, tl.cdiv(K, 32), stride_bits, BLOCK_M, BLOCK_K)
+            acc2 = tl.dot(tl.where(keep, x, tl.zeros_like(x)).to(dt), w, acc2, input_precision=INPUT_PRECISION)
+        if DORA == DX_DROP:
+            acc2 = tl.dot(dora_scale(x, g_ptr, ids, k0, offs_k, mask_k, K, True, DORA_ROWS, dt), w, acc2,
+                          input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if X_DROPOUT:
@@ -183,7 +185,7 @@ def _mainloop_tma(acc, x_desc, w_desc, g_ptr, off_m, off_n, K, BLOCK_K: tl.const
     for k0 in range(0, K, BLOCK_K):
         x = x_desc.load([off_m, k0])  # [BLOCK_M, BLOCK_K]
         if DORA == DX:
-            x = dora_scale(x, g_ptr, offs_k, k0, offs_k, offs_k < K - k0, K, False, False)
+            x = dora_scale(x, g_ptr, offs_k, k0, offs_k, offs_k < K - k0, K, False, False, x.dtype)
         if W_KMAJOR:
             w = w_desc.load([off_n, k0]).T  # [BLOCK_K, BLOCK_N]
         else:
@@ -254,14 +256,16 @@ def _lora_gemm_kernel(
     16-byte vectors and cp.async): the stack is ragged, adapter g at its own rank r_g = ro[g + 1] - ro[g]:
     W [sum r, K] (shrink; rows ro[g]:ro[g + 1], out's columns past r_g left unwritten) or B [N, sum r] (main; columns
     ro[g]:ro[g + 1], read over r_g only), T [M, R] with R the width (at least every r_g).
-    DORA (dense W; the values above): g_ptr the fp32 magnitude scale [N] (forward) or [K] (dx); with B_GROUPED (grouped
-    DoRA) g [G, N] / [G, K], contiguous, each row scaled by its adapter's row (base-only rows by 1). STORE_Z also
-    writes the pre-scale term Z to z_ptr (out's strides, rows by token), which DoRA's magnitude gradient reads.
+    DORA (dense or 4-bit W; the values above): g_ptr the fp32 magnitude scale [N] (forward) or [K] (dx); with
+    B_GROUPED (grouped DoRA, dense W) g [G, N] / [G, K], contiguous, each row scaled by its adapter's row (base-only
+    rows by 1). STORE_Z also writes the pre-scale term Z to z_ptr (out's strides, rows by token), which DoRA's
+    magnitude gradient reads.
     """
     tl.static_assert(not (X_DROPOUT and HAS_LORA), "X_DROPOUT is the shrink's; the main GEMM takes OUT_DROPOUT")
     tl.static_assert(not USE_TMA or (TMA_OK and not HAS_PERM and not W_GROUPED and not X_DROPOUT))
     tl.static_assert(W_QUANT == DENSE or not (USE_TMA or W_GROUPED), "4-bit W: pointer loads, one weight")
-    tl.static_assert(DORA == NO_DORA or (W_QUANT == DENSE and not W_GROUPED and (B_GROUPED or not HAS_PERM)))
+    tl.static_assert(DORA == NO_DORA or (not W_GROUPED and (B_GROUPED or not HAS_PERM)))
+    tl.static_assert(DORA == NO_DORA or W_QUANT == DENSE or not B_GROUPED, "grouped DoRA: dense W")
     tl.static_assert(not USE_TMA or DORA == NO_DORA or DORA == FWD or DORA == DX, "two accumulators: pointers")
     quant = (qabs_ptr, qabs2_ptr, qcode_ptr, qcode2_ptr, qoff_ptr)
     num_n = tl.cdiv(N, BLOCK_N)

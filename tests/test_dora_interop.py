@@ -14,7 +14,6 @@ from tolerance import assert_close
 
 import fastlora
 from fastlora import adapters
-from fastlora.model import qdora_supported
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -296,35 +295,6 @@ def test_magnitude_in_a_plain_file_and_read_adapter(tmp_path):
                                          "use_dora: false"):
         fastlora.load_adapter(model, tmp_path)
     assert_unchanged(before, snapshot(model))
-
-
-@pytest.mark.skipif(qdora_supported(), reason="fastlora.Linear4bit has DoRA (QDoRA): tested with it")
-def test_4bit_dora_is_refused_before_anything_changes(tmp_path):
-    """Until fastlora.Linear4bit takes use_dora: inject, load_adapter and from_peft over a bitsandbytes 4-bit base
-    refuse DoRA, naming the layer, with the model unchanged (the 4-bit layer last, after full-precision ones)."""
-    bnb = pytest.importorskip("bitsandbytes")
-
-    def model_4bit():
-        model = tiny_llama()
-        model.model.layers[1].self_attn.q_proj = bnb.nn.Linear4bit(64, 64, bias=False).to("cpu")  # quantised here
-        return model
-
-    four = "'model.layers.1.self_attn.q_proj': DoRA over a 4-bit base"
-    model = model_4bit()
-    before = snapshot(model)
-    with pytest.raises(NotImplementedError, match=four):
-        fastlora.inject(model, ["q_proj", "v_proj"], r=2, alpha=4, use_dora=True)
-    assert_unchanged(before, snapshot(model))
-
-    peft_dora().save_pretrained(str(tmp_path))
-    with pytest.raises(NotImplementedError, match=four):
-        fastlora.load_adapter(model, tmp_path)
-    assert_unchanged(before, snapshot(model))
-
-    pm = get_peft_model(model_4bit(), LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj"]))
-    with pytest.raises(NotImplementedError, match=four):
-        fastlora.from_peft(pm)
-    assert not any(isinstance(m, (fastlora.Linear, fastlora.Linear4bit)) for m in pm.modules())
 
 
 def test_inject_checks_use_dora():

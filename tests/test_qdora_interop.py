@@ -16,10 +16,8 @@ from tolerance import REL_TOL, assert_close  # noqa: E402
 
 import fastlora  # noqa: E402
 from fastlora import adapters, reference  # noqa: E402
-from fastlora.model import qdora_supported  # noqa: E402
 
 saved = qlora.saved  # the fixture: a tiny Llama on disk, loaded 4-bit by each test
-pytestmark = pytest.mark.skipif(not qdora_supported(), reason="fastlora.Linear4bit has no use_dora (QDoRA) yet")
 
 
 def peft_qdora(path):
