@@ -174,18 +174,20 @@ def load_adapters_grouped(model: nn.Module, paths, *, dropout: float = 0.0) -> l
     with ``num_adapters=len(paths)`` sharing the base weight, each adapter stored at its own rank (a ragged stack:
     sum r_i * (in + out) values, rank 0 where adapter i lacks the layer). ``scaling[i]`` is alpha_i/r_i
     (alpha_i/sqrt(r_i) with use_rslora), 0 where adapter i lacks the layer. Run the model inside
-    ``fastlora.use_adapters(model, ids)``. ``dropout`` applies to every adapter (0 for serving). Returns the layer
+    ``fastlora.use_adapters(model, ids)``. ``dropout`` applies to every adapter (0 for serving). DoRA folders
+    (``"use_dora": true``) and plain ones mix: a layer with any DoRA adapter gets a ``lora_magnitude`` (n, out) with
+    the files' magnitudes and NaN rows for the plain adapters (``grouped_lora_linear``'s convention). Returns the layer
     names; afterwards only the stacks' adapters require grad. A transaction like ``load_adapter``: everything is
     read, checked and built off the model first, so a failure leaves the model as it was.
     """
     paths = list(paths)
     if not paths:
         raise ValueError("load_adapters_grouped needs at least one adapter path; got none")
-    loaded = [read_adapter(p) for p in paths]
-    bases = _grouped_bases(model, paths, loaded, {})
+    loaded = [read_adapter_with_magnitudes(p) for p in paths]
+    bases = _grouped_bases(model, paths, [(c, w) for c, w, _ in loaded], {})
     with _transaction(model):
-        layers = {name: _stack(base.weight, base.bias, [_entry(c, w, name) for c, w in loaded], dropout)
-                  for name, base in bases.items()}
+        layers = {name: _stack(base.weight, base.bias, [_entry(c, w, name, m.get(name)) for c, w, m in loaded],
+                               dropout) for name, base in bases.items()}
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
     freeze_base(model)
@@ -212,19 +214,19 @@ def add_adapters(model: nn.Module, paths, *, dropout: float = 0.0) -> list[int]:
         load_adapters_grouped(model, paths, dropout=dropout)
         return list(range(len(paths)))
     n, removed = _id_space(grouped)
-    loaded = [read_adapter(p) for p in paths]
+    loaded = [read_adapter_with_magnitudes(p) for p in paths]
     free = sorted(removed)
     ids = []
     for _ in paths:
         ids.append(free.pop(0) if free else max([n - 1, *ids]) + 1)
     total = max(n, max(ids) + 1)
-    bases = _grouped_bases(model, paths, loaded, grouped)
+    bases = _grouped_bases(model, paths, [(c, w) for c, w, _ in loaded], grouped)
     with _transaction(model):
         layers = {}
         for name, base in bases.items():
             entries = _entries(grouped[name], total) if name in grouped else [None] * total
-            for i, (config, weights) in zip(ids, loaded, strict=True):
-                entries[i] = _entry(config, weights, name)
+            for i, (config, weights, magnitudes) in zip(ids, loaded, strict=True):
+                entries[i] = _entry(config, weights, name, magnitudes.get(name))
             layers[name] = _stack(base.weight, base.bias, entries, grouped[name].dropout if name in grouped
                                   else dropout, removed.difference(ids))
     for name, layer in layers.items():

@@ -302,3 +302,31 @@ def test_inject_checks_use_dora():
     with pytest.raises(TypeError, match="use_dora must be a bool"):
         fastlora.inject(model, "all-linear", r=2, alpha=2, use_dora=1)
     assert type(model[0]) is nn.Linear
+
+
+def test_grouped_layers_mix_dora_and_plain_folders(tmp_path):
+    """load_adapters_grouped / add_adapters over a DoRA folder and a plain one: each sequence of one batch gets its
+    own adapter's PEFT logits (DoRA, plain LoRA, base only); the stacks' magnitudes hold NaN rows for plain adapters."""
+    dora = peft_dora()  # q_proj, v_proj
+    plain = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj"])).eval()
+    randomize_lora_B(plain, seed=5)
+    dora.save_pretrained(str(tmp_path / "dora"))
+    plain.save_pretrained(str(tmp_path / "plain"))
+    ids = tokens(batch=3)
+    want = torch.cat([dora(ids[:1]).logits, plain(ids[1:2]).logits, tiny_llama()(ids[2:]).logits])
+
+    model = tiny_llama()
+    fastlora.load_adapters_grouped(model, [tmp_path / "dora", tmp_path / "plain"])
+    q, k = (model.get_submodule(f"model.layers.0.self_attn.{p}") for p in ("q_proj", "k_proj"))
+    assert q.lora_magnitude.shape == (2, 64) and torch.isnan(q.lora_magnitude[1]).all()
+    assert torch.equal(q.lora_magnitude[0], dora.get_submodule(
+        "base_model.model.model.layers.0.self_attn.q_proj").lora_magnitude_vector["default"].weight.detach())
+    assert k.lora_magnitude is None  # no DoRA adapter has k_proj: a plain stack
+    with fastlora.use_adapters(model, torch.tensor([0, 1, -1])[:, None].expand(3, ids.shape[1])):
+        assert_close(model(ids).logits, want, torch.float32, "grouped DoRA + plain vs PEFT")
+
+    served = tiny_llama()
+    fastlora.load_adapters_grouped(served, [tmp_path / "plain"])
+    assert fastlora.add_adapters(served, [tmp_path / "dora"]) == [1]  # a DoRA folder into a plain grouped model
+    with fastlora.use_adapters(served, torch.tensor([1, 0, -1])[:, None].expand(3, ids.shape[1])):
+        assert_close(served(ids).logits, want, torch.float32, "add_adapters(DoRA) vs PEFT")
