@@ -305,9 +305,12 @@ class _DequantMatmul(torch.autograd.Function):
         return dy @ ctx.dequant(), None, None
 
 
-def qlora_impl(name: str, qp: QProblem, train: bool) -> Impl:
-    """The QLoRA competitors (dropout 0); ``Impl.info`` says how each was built where that varies."""
+def qlora_impl(name: str, qp: QProblem, train: bool, magnitude: torch.Tensor | None = None) -> Impl:
+    """The QLoRA competitors (dropout 0); ``Impl.info`` says how each was built where that varies. ``magnitude``
+    (fp32 [N]): the QDoRA forms of ``qlora-fastlora`` and ``qlora-peft`` (``use_dora=True``, the magnitude trained
+    with the adapters)."""
     pb = qp.pb
+    dora = dict(use_dora=True) if magnitude is not None else {}
     b, s, dtype = pb.b, pb.scaling, pb.dtype
     if name == "linear":
         return Impl(lambda x: F.linear(x, qp.W, b), [])
@@ -327,29 +330,31 @@ def qlora_impl(name: str, qp: QProblem, train: bool) -> Impl:
             base, how = bnb_linear4bit(qp.packed, qp.state, b, dtype), "Linear4bit.from_linear(bitsandbytes Linear4bit)"
         else:
             base, how = pb.base_linear(), "Linear4bit.from_linear(nn.Linear): fastlora.quant, checked byte-equal"
-        mod = fastlora.Linear4bit.from_linear(base, r=pb.R, alpha=pb.alpha, compute_dtype=dtype, **QUANT)
+        mod = fastlora.Linear4bit.from_linear(base, r=pb.R, alpha=pb.alpha, compute_dtype=dtype, **QUANT, **dora)
         if not (torch.equal(mod.weight.data, qp.packed) and torch.equal(mod.quant_state.absmax, qp.state.absmax)):
             raise AssertionError("qlora-fastlora does not hold the weights every other competitor decodes")
+        params = [mod.lora_A, mod.lora_B] + ([mod.lora_magnitude] if dora else [])
         with torch.no_grad():
-            mod.lora_A.copy_(A)
-            mod.lora_B.copy_(B)
+            for t, v in zip(params, (A, B, magnitude), strict=False):
+                t.copy_(v)
         mod.train(train)
-        mod.lora_A.requires_grad_(train)
-        mod.lora_B.requires_grad_(train)
-        return Impl(mod, [mod.lora_A, mod.lora_B], info=dict(built_by=how))
+        for t in params:
+            t.requires_grad_(train)
+        return Impl(mod, params, info=dict(built_by=how))
     if name == "qlora-peft":
         from peft import LoraConfig, get_peft_model
 
         model = nn.Sequential(collections.OrderedDict(proj=bnb_linear4bit(qp.packed, qp.state, b, dtype)))
         model.is_loaded_in_4bit = True  # what from_pretrained sets; PEFT then wraps in its bnb Linear4bit
         layer = get_peft_model(model, LoraConfig(r=pb.R, lora_alpha=pb.alpha, lora_dropout=0.0,
-                                                 target_modules=["proj"])).base_model.model.proj
+                                                 target_modules=["proj"], **dora)).base_model.model.proj
         if type(layer).__module__ != "peft.tuners.lora.bnb":
             raise AssertionError(f"PEFT wrapped the bitsandbytes layer in {type(layer)}, not its bnb Linear4bit")
         params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        params += [layer.lora_magnitude_vector["default"].weight] if dora else []
         with torch.no_grad():
-            params[0].copy_(A)
-            params[1].copy_(B)
+            for t, v in zip(params, (A, B, magnitude), strict=False):
+                t.copy_(v)
         for t in params:
             t.requires_grad_(train)
         layer.train(train)

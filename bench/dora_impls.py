@@ -22,13 +22,18 @@ from fastlora.reference import DORA_EPS
 
 DORA = ("linear", "fastlora-lora", "peft-dora", "peft-dora-cached", "composed", "fastlora-dora")
 INFERENCE_ONLY = ("peft-dora-cached",)
+# QDoRA (a 4-bit base, ``competitors.QProblem``): nn.Linear on the dequantised W, fastlora QLoRA, PEFT's DoRA over a
+# bitsandbytes Linear4bit, fastlora.Linear4bit(use_dora=True); each maps to ``competitors.qlora_impl`` (+ magnitude)
+QDORA = {"linear": ("linear", False), "qlora-fastlora": ("qlora-fastlora", False),
+         "qdora-peft": ("qlora-peft", True), "qdora-fastlora": ("qlora-fastlora", True)}
 
 
-def magnitude(pb: competitors.Problem) -> torch.Tensor:
+def magnitude(pb: competitors.Problem, W: torch.Tensor | None = None) -> torch.Tensor:
     """PEFT's initial magnitude ||W + s B A|| per row, perturbed by 10% so g is not 1 (fp32, as PEFT keeps it
-    for fp32 adapters; cast to the adapters' dtype by each competitor)."""
+    for fp32 adapters; cast to the adapters' dtype by each competitor). ``W``: the base if not ``pb.W`` (QDoRA: the
+    dequantised weight)."""
     g = torch.Generator(device="cpu").manual_seed(7)
-    w = pb.W.float() + pb.scaling * (pb.B.float() @ pb.A.float())
+    w = (pb.W if W is None else W).float() + pb.scaling * (pb.B.float() @ pb.A.float())
     noise = 1 + 0.1 * torch.randn(pb.N, generator=g).to(pb.device)
     return torch.linalg.vector_norm(w, dim=1) * noise
 
@@ -81,6 +86,12 @@ def dora_impl(name: str, pb: competitors.Problem, m: torch.Tensor, dropout: floa
 
         return competitors.Impl(_Cached(layer, DoraCaching), params, info=dict(cache="peft.helpers.DoraCaching"))
     raise ValueError(f"unknown DoRA competitor {name!r}")
+
+
+def qdora_impl(name: str, qp: competitors.QProblem, m: torch.Tensor, train: bool) -> competitors.Impl:
+    """A ``QDORA`` competitor over ``qp``'s 4-bit base (dropout 0, as the QLoRA suite)."""
+    base, dora = QDORA[name]
+    return competitors.qlora_impl(base, qp, train, magnitude=m.float() if dora else None)
 
 
 class _Cached:

@@ -241,6 +241,7 @@ def quick_calls():
                 for R in d["ranks"]:
                     out += [Case(dtype, M, K, N, R, train=False, dora=True)]
                     out += [Case(dtype, M, K, N, R, p, dora=dora) for p in d["dropouts"] for dora in (False, True)]
+                    out += [Case(dtype, M, K, N, R, train=t, quant="nf4", dora=True) for t in (False, True)]  # QDoRA
         cfg = g.e2e["config"]  # bench_e2e: every linear of a Llama block but lm_head, no bias, training
         h, inter = cfg["hidden_size"], cfg["intermediate_size"]
         kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]

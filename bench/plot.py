@@ -19,6 +19,7 @@ run) are merged; a case present twice keeps the later file's entry. Figures:
     dora-vs-linear-<mode>-<dtype>.png  DoRA layer: time / nn.Linear time
     dora-vs-lora-<mode>-<dtype>.png    DoRA layer: time / fastlora LoRA's at the same rank (DoRA's extra cost)
     dora-memory-<dtype>.png            DoRA layer, training: peak memory above the inputs
+    qdora-{speedup,vs-linear,vs-lora}-<mode>-<dtype>.png, qdora-memory-<dtype>.png: the same over a 4-bit base
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ STYLE = {
     "peft-dora-cached": ("tab:red", "<", "PEFT DoRA + DoraCaching"),
     "composed": ("tab:purple", "D", "factored norm + cuBLAS + addcmul"),
     "fastlora-dora": ("tab:blue", "*", "fastlora DoRA"),
+    "qdora-peft": ("tab:orange", "^", "PEFT QDoRA"),
+    "qdora-fastlora": ("tab:green", "*", "fastlora.Linear4bit DoRA"),
 }
 MODE_TITLE = {"fwd": "forward (inference)", "train": "forward + backward, dropout 0",
               "train-drop0.1": "forward + backward, dropout 0.1"}
@@ -71,6 +74,7 @@ class LayerSuite:
     fallback: str
     targets: dict = field(default_factory=dict)
     target_label: str = ""
+    lora: str = "fastlora-lora"  # the 'vs-lora' baseline: fastlora LoRA at the same rank
 
 
 DENSE = LayerSuite("layer", "LoRA linear", "peft", "reference")
@@ -81,8 +85,11 @@ QLORA = LayerSuite("qlora", "QLoRA linear (NF4 base, double quant, blocksize 64,
 DORA = LayerSuite("dora", "DoRA linear", "peft-dora", "composed",
                   {("speedup", "train"): 2.0, ("speedup", "train-drop0.1"): 2.0, ("vs-lora", "train"): 1.10,
                    ("vs-lora", "train-drop0.1"): 1.10, ("vs-lora", "fwd"): 1.03}, "target (issue 23)")
+QDORA = LayerSuite("qdora", "QDoRA linear (NF4 base, double quant, blocksize 64, fp32 adapters)", "qdora-peft",
+                   "linear", {("vs-lora", "train"): 1.10, ("vs-lora", "fwd"): 1.03}, "target (issue 23)",
+                   lora="qlora-fastlora")
 # metric -> (the baseline implementation, its y label): time / baseline time (speedup: baseline / time, the PEFT one)
-RELATIVE = {"vs-linear": ("linear", "time / nn.Linear time"), "vs-lora": ("fastlora-lora", "time / fastlora LoRA time")}
+RELATIVE = {"vs-linear": ("linear", "time / nn.Linear time"), "vs-lora": (None, "time / fastlora LoRA time")}
 
 
 def load(paths: list[Path]) -> tuple[list[dict], dict]:
@@ -148,7 +155,7 @@ def layer_panels(rows: list[dict], meta: dict, out: Path, metric: str, suite: La
         by_fig[(r["mode"], r["dtype"])].append(r)
     for (mode, dtype), rs in sorted(by_fig.items()):
         ms = {(r["K"], r["N"], r["R"], r["M"], r["impl"]): r["median_ms"] for r in rs}
-        base_impl = RELATIVE[metric][0] if metric in RELATIVE else (
+        base_impl = (RELATIVE[metric][0] or suite.lora) if metric in RELATIVE else (
             suite.peft if any(r["impl"] == suite.peft for r in rs) else suite.fallback)
         if not any(r["impl"] == base_impl for r in rs):
             continue
@@ -320,6 +327,9 @@ def main(argv=None) -> int:
     for metric in ("speedup", "vs-linear", "vs-lora"):
         written += layer_panels(suite["dora"], meta, args.out, metric, DORA)
     written += layer_memory(suite["dora"], meta, args.out, DORA)
+    for metric in ("speedup", "vs-linear", "vs-lora"):
+        written += layer_panels(suite["qdora"], meta, args.out, metric, QDORA)
+    written += layer_memory(suite["qdora"], meta, args.out, QDORA)
     for path in written:
         print(f"plot: wrote {path}")
     return 0

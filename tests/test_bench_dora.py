@@ -45,3 +45,24 @@ def test_composed_differs_from_lora():
     dora = dora_impls.dora_impl("composed", pb, m, 0.0, False).forward(x)
     lora = dora_impls.dora_impl("fastlora-lora", pb, m, 0.0, False).forward(x)
     assert harness.rel_err(dora, lora) > 1e-2
+
+
+@pytest.mark.parametrize("impl", list(dora_impls.QDORA))
+@pytest.mark.parametrize("mode", ("fwd", "train"))
+def test_qdora_competitor_matches_reference(mode, impl):
+    """The QDoRA cells: each competitor over the 4-bit base against reference.dora_linear on W decoded in fp32."""
+    if impl == "qdora-peft":
+        pytest.importorskip("peft")
+        if harness.bnb_unavailable():
+            pytest.skip(harness.bnb_unavailable())
+        if mode == "fwd" and not harness.CUDA:
+            pytest.skip("bitsandbytes' CPU inference path repacks the weight before PEFT's DoRA dequantises it")
+    case = bench_dora.Case(mode, "fp32", 64, 24, 4, 9, impl, "nf4")
+    qp, m = bench_dora._problem(case)
+    built = bench_dora._impl(case, impl)
+    x, dy = harness.input_ring(case.M, case.K, case.N, torch.float32, case.train).items[0]
+    errs = bench_dora._check(case, qp, m, built, x, dy)
+    want = {"y"} | ({"dx"} if case.train else set())
+    if case.train and impl != "linear":
+        want |= {"dA", "dB"} | ({"dm"} if impl.startswith("qdora") else set())
+    assert set(errs) == want and all(e < 1e-4 for e in errs.values()), errs
