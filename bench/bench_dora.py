@@ -29,14 +29,7 @@ from fastlora import reference
 
 
 @dataclass(frozen=True)
-class Case:
-    mode: str
-    dtype: str
-    K: int
-    N: int
-    R: int
-    M: int
-    impl: str
+class Case(harness.LayerCase):
     quant: str = ""  # "nf4": QDoRA over the QLoRA suite's 4-bit base
 
     @property
@@ -44,20 +37,8 @@ class Case:
         return KINDS[self.quant]
 
     @property
-    def train(self) -> bool:
-        return self.mode.startswith("train")
-
-    @property
-    def dropout(self) -> float:
-        return float(self.mode.removeprefix("train-drop")) if "drop" in self.mode else 0.0
-
-    @property
     def group(self) -> str:
-        return f"{self.kind['suite']}-{self.mode}-{self.dtype}-K{self.K}-N{self.N}-r{self.R}-M{self.M}"
-
-    @property
-    def id(self) -> str:
-        return f"{self.group}-{self.impl}"
+        return f"{self.kind['suite']}-{super().group}"
 
 
 # per kind: the suite name, the competitors, fastlora's LoRA baseline and PEFT's DoRA
@@ -107,18 +88,9 @@ def _check(c: Case, pb, m, impl: competitors.Impl, x: torch.Tensor, dy: torch.Te
     """Output and gradients against a float32 reference on the same dropout mask (fastlora's seeded mask, or
     torch's RNG replayed for F.dropout / nn.Dropout); ``pb`` a QProblem for 4-bit cases (W decoded in float32,
     fp32 adapters)."""
-    p, seed = (c.dropout if c.train else 0.0), 1234
+    p = c.dropout if c.train else 0.0
     s = pb.pb.scaling if c.quant else pb.scaling
-    if impl.checked_forward is not None:
-        y = impl.checked_forward(x, seed)
-        mask = fastlora_mask(x, p, seed) if p else None
-    else:
-        torch.manual_seed(seed)
-        y = impl.forward(x)
-        mask = None
-        if p:
-            torch.manual_seed(seed)
-            mask = F.dropout(torch.ones_like(x), p) != 0
+    y, mask = harness.seeded_run(impl, x, p)
     xr = x.detach().float().requires_grad_(c.train)
     if c.quant:
         W, b, dtype = pb.W32, pb.pb.b.float(), pb.pb.dtype
@@ -133,12 +105,6 @@ def _check(c: Case, pb, m, impl: competitors.Impl, x: torch.Tensor, dy: torch.Te
     else:
         ref = reference.dora_linear(xr, W, b, Ar, Br, s, mr, dropout_p=p, training=c.train, dropout_mask=mask)
     return harness.check_layer(c.id, y, ref, dtype, c.train, [x, *impl.params], [xr, Ar, Br, mr], dy)
-
-
-def fastlora_mask(x, p, seed):
-    import fastlora
-
-    return fastlora.dropout_mask(x.shape, p, seed, x.device)
 
 
 def _ms(c: Case, impl_name: str) -> float:

@@ -7,8 +7,6 @@ output (and gradients) against a float32 run of fastlora.reference once, then ti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import competitors
 import harness
 import pytest
@@ -17,32 +15,7 @@ import torch.nn.functional as F
 
 from fastlora import reference
 
-
-@dataclass(frozen=True)
-class Case:
-    mode: str
-    dtype: str
-    K: int
-    N: int
-    R: int
-    M: int
-    impl: str
-
-    @property
-    def train(self) -> bool:
-        return self.mode.startswith("train")
-
-    @property
-    def dropout(self) -> float:
-        return float(self.mode.removeprefix("train-drop")) if "drop" in self.mode else 0.0
-
-    @property
-    def group(self) -> str:
-        return f"{self.mode}-{self.dtype}-K{self.K}-N{self.N}-r{self.R}-M{self.M}"
-
-    @property
-    def id(self) -> str:
-        return f"{self.group}-{self.impl}"
+Case = harness.LayerCase
 
 
 def _cases():
@@ -76,17 +49,8 @@ def _problem(c: Case) -> competitors.Problem:
 
 def _check(c: Case, pb: competitors.Problem, impl: competitors.Impl, x: torch.Tensor, dy: torch.Tensor):
     """Compare output and gradients with a float32 reference run on the same dropout mask."""
-    dtype, p, seed = pb.dtype, (c.dropout if c.train else 0.0), 1234
-    if impl.checked_forward is not None:
-        y = impl.checked_forward(x, seed)
-        mask = _fastlora_mask(x, p, seed) if p else None
-    else:
-        torch.manual_seed(seed)
-        y = impl.forward(x)
-        mask = None
-        if p:
-            torch.manual_seed(seed)
-            mask = F.dropout(torch.ones_like(x), p) != 0
+    dtype, p = pb.dtype, (c.dropout if c.train else 0.0)
+    y, mask = harness.seeded_run(impl, x, p)
     xr = x.detach().float().requires_grad_(c.train)
     Ar = pb.A.float().requires_grad_(c.train)
     Br = pb.B.float().requires_grad_(c.train)
@@ -96,12 +60,6 @@ def _check(c: Case, pb: competitors.Problem, impl: competitors.Impl, x: torch.Te
         ref = reference.lora_linear(xr, pb.W.float(), pb.b.float(), Ar, Br, pb.scaling, dropout_p=p,
                                     training=c.train, dropout_mask=mask)
     return harness.check_layer(c.id, y, ref, dtype, c.train, [x, *impl.params], [xr, Ar, Br], dy)
-
-
-def _fastlora_mask(x, p, seed):
-    import fastlora
-
-    return fastlora.dropout_mask(x.shape, p, seed, x.device)
 
 
 def _floor_ms(c: Case) -> float:

@@ -89,6 +89,35 @@ def device() -> torch.device:
     return torch.device("cuda" if CUDA else "cpu")
 
 
+@dataclass(frozen=True)
+class LayerCase:
+    """One single-layer cell: mode (``fwd``, ``train``, ``train-drop<p>``), dtype, shape, rank, tokens, competitor."""
+
+    mode: str
+    dtype: str
+    K: int
+    N: int
+    R: int
+    M: int
+    impl: str
+
+    @property
+    def train(self) -> bool:
+        return self.mode.startswith("train")
+
+    @property
+    def dropout(self) -> float:
+        return float(self.mode.removeprefix("train-drop")) if "drop" in self.mode else 0.0
+
+    @property
+    def group(self) -> str:
+        return f"{self.mode}-{self.dtype}-K{self.K}-N{self.N}-r{self.R}-M{self.M}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.group}-{self.impl}"
+
+
 # ------------------------------------------------------------------------------------------------ timing
 
 
@@ -263,6 +292,21 @@ def check_close(name: str, y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtyp
     if err > TOLERANCE[dtype]:
         raise AssertionError(f"{name}: relative error {err:.3g} > {TOLERANCE[dtype]:g} ({dtype})")
     return err
+
+
+def seeded_run(impl, x: torch.Tensor, p: float, seed: int = 1234):
+    """(output, keep-mask or None) of ``impl`` on x with a dropout mask the reference can replay: fastlora's seeded
+    mask (``impl.checked_forward``), or torch's RNG state replayed for F.dropout / nn.Dropout."""
+    if impl.checked_forward is not None:
+        import fastlora
+
+        return impl.checked_forward(x, seed), (fastlora.dropout_mask(x.shape, p, seed, x.device) if p else None)
+    torch.manual_seed(seed)
+    y = impl.forward(x)
+    if not p:
+        return y, None
+    torch.manual_seed(seed)
+    return y, torch.nn.functional.dropout(torch.ones_like(x), p) != 0
 
 
 def check_layer(cid: str, y, ref, dtype, train: bool, inputs, ref_inputs, dy) -> dict:

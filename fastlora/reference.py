@@ -51,12 +51,16 @@ def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *
     for g in range(lora_A.shape[0] if offsets is None else len(offsets) - 1):
         rows = (ids == g).nonzero().squeeze(1)
         s = scaling[g] if isinstance(scaling, torch.Tensor) else scaling
-        if offsets is None:
-            a, b = lora_A[g], lora_B[g]
-        else:
-            a, b = lora_A[offsets[g]:offsets[g + 1]], lora_B[:, offsets[g]:offsets[g + 1]]
+        a, b = _adapter(lora_A, lora_B, offsets, g)
         low = low.index_put((rows,), s * F.linear(F.linear(xd[rows], a), b))
     return base + low.reshape(base.shape).to(base.dtype)
+
+
+def _adapter(lora_A, lora_B, offsets, g):
+    """Adapter g's (A [r, K], B [N, r]) of a padded stack ([n, r, K], [n, N, r]) or, with ``offsets``, a ragged one."""
+    if offsets is None:
+        return lora_A[g], lora_B[g]
+    return lora_A[offsets[g]:offsets[g + 1]], lora_B[:, offsets[g]:offsets[g + 1]]
 
 
 # DoRA: the column norm is clamped to this before dividing (m / max(||.||, eps)), so a zero-norm row with m = 0 gives
@@ -105,10 +109,7 @@ def grouped_dora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, m
     for g in range(magnitude.shape[0]):
         rows = (ids == g).nonzero().squeeze(1)
         s = scaling[g] if isinstance(scaling, torch.Tensor) else scaling
-        if offsets is None:
-            a, b = lora_A[g], lora_B[g]
-        else:
-            a, b = lora_A[offsets[g]:offsets[g + 1]], lora_B[:, offsets[g]:offsets[g + 1]]
+        a, b = _adapter(lora_A, lora_B, offsets, g)
         low = s * F.linear(F.linear(xd[rows].to(a.dtype), a), b)
         if torch.isnan(magnitude[g]).all():
             delta = low

@@ -63,3 +63,35 @@ def run_grouped(x, w, b, a, bb, s, ids, *, p=0.0, seed=0):
     y.backward(dy)
     yr.backward(dy.double())
     return [y, x.grad, a.grad, bb.grad], [yr, xr.grad, ar.grad, bbr.grad]
+
+
+def compiled_matches_eager(model, in_features: int, tokens: int, assert_close) -> None:
+    """torch.compile(fullgraph, aot_eager) of ``model`` gives eager's output and gradients (x and every trainable
+    parameter) for one random input [tokens, in_features] and output gradient."""
+    def run(m):
+        m.zero_grad(set_to_none=True)
+        x = torch.randn(tokens, in_features, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        y = m(x)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        return [y, x.grad] + [p.grad for p in m.parameters() if p.requires_grad]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got, expected = run(compiled), run(model)
+    torch._dynamo.reset()
+    assert len(got) == len(expected) == 2 + sum(p.requires_grad for p in model.parameters())
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        assert_close(g, e, torch.float32, f"output {i}")
+
+
+def saved_elements(fn):
+    """The numel of every tensor autograd saves while ``fn`` runs (views of inputs included)."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sizes

@@ -5,7 +5,7 @@ eval cache), torch.compile, meta tensors and PEFT's own DoRA layer (tier A: inte
 import pytest
 import torch
 import torch.nn as nn
-from helpers import case_id, f64, make_dense
+from helpers import case_id, compiled_matches_eager, f64, make_dense, saved_elements
 from tolerance import assert_close
 
 import fastlora
@@ -101,19 +101,6 @@ def test_each_gradient_alone(need, p, device):
         assert_close(o, r, torch.float32, f"output {i}")
 
 
-def _saved_elements(fn):
-    """The numel of every tensor autograd saves while ``fn`` runs (views of inputs included)."""
-    sizes = []
-
-    def pack(t):
-        sizes.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sizes
-
-
 @pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p0.25"])
 def test_saves_an_mxn_tensor_only_when_the_magnitude_trains(p, device):
     M, K, N = 40, 24, 56  # M x N larger than every other saved tensor (x: M x K, W: N x K)
@@ -125,9 +112,9 @@ def test_saves_an_mxn_tensor_only_when_the_magnitude_trains(p, device):
     def call(mag):
         return lambda: fastlora.lora_linear(x, w, b, a, bb, 1.0, magnitude=mag, dropout_p=p, training=p > 0, seed=1)
 
-    frozen = _saved_elements(call(m))
-    trained = _saved_elements(call(m.clone().requires_grad_()))
-    lora = _saved_elements(lambda: fastlora.lora_linear(x, w, b, a, bb, 1.0, dropout_p=p, training=p > 0, seed=1))
+    frozen = saved_elements(call(m))
+    trained = saved_elements(call(m.clone().requires_grad_()))
+    lora = saved_elements(lambda: fastlora.lora_linear(x, w, b, a, bb, 1.0, dropout_p=p, training=p > 0, seed=1))
     assert M * N not in frozen
     assert trained.count(M * N) == 1
     assert sum(frozen) <= sum(lora) + 2 * N + 1  # LoRA's tensors, plus g [N] and the norm [N]
@@ -305,7 +292,6 @@ def test_meta_tensors_infer_shapes_like_nn_linear(train):
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_compile_fullgraph_matches_eager(mode):
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = nn.Sequential(fastlora.Linear(32, 48, r=4, alpha=8, use_dora=True), nn.GELU(),
                           fastlora.Linear(48, 20, bias=False, r=3, alpha=-2, use_dora=True)).train(mode == "train")
@@ -313,20 +299,7 @@ def test_compile_fullgraph_matches_eager(mode):
         with torch.no_grad():
             nn.init.normal_(layer.lora_B)
             layer.lora_magnitude.mul_(torch.rand(layer.out_features) + 0.5)
-
-    def run(m):
-        m.zero_grad(set_to_none=True)
-        x = torch.randn(10, 32, generator=torch.Generator().manual_seed(3)).requires_grad_()
-        y = m(x)
-        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
-        return [y, x.grad] + [p.grad for p in m.parameters() if p.requires_grad]
-
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    got, expected = run(compiled), run(model)
-    torch._dynamo.reset()
-    assert len(got) == len(expected) == 2 + 3 * 2
-    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
-        assert_close(g, e, torch.float32, f"output {i}")
+    compiled_matches_eager(model, 32, 10, assert_close)
 
 
 # ------------------------------------------------------------------------------------------------ PEFT

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 from test_failures import assert_unchanged, snapshot
-from tiny import logits_and_grads, randomize_lora_B, tiny_llama, tokens
+from tiny import logits_and_grads, randomize_lora_B, tiny_llama, tokens, trainer_losses
 from tolerance import assert_close
 
 import fastlora
@@ -123,28 +123,11 @@ def test_inject_matches_get_peft_model(targets):
     assert_matches_peft(model, copy.deepcopy(pm).double().eval())
 
 
-def _train(model, steps=4):
-    """``steps`` HF Trainer steps (AdamW, lr 1e-2) on one batch of 2 random sequences of 16; the logged losses."""
-    import tempfile
-
-    from transformers import Trainer, TrainingArguments
-
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
-    data = [{"input_ids": row, "labels": row} for row in ids] * steps
-    with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=steps, learning_rate=1e-2,
-                                 lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
-                                 use_cpu=True, seed=0, disable_tqdm=True)
-        trainer = Trainer(model=model, args=args, train_dataset=data)
-        trainer.train()
-    return torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h])
-
-
 def test_trainer_loss_curve_matches_peft():
     peft_model, converted = peft_dora().train(), peft_dora().train()
     model = fastlora.from_peft(converted)
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    losses, peft_losses = _train(converted), _train(peft_model)
+    losses, peft_losses = trainer_losses(converted), trainer_losses(peft_model)
     assert len(losses) == 4 and (losses[0] - losses[-1]).abs() > 0.05, losses  # the adapters learn something
     # fp32 both; measured: the logged (4-digit) losses equal, the parameters within 2e-7 relative
     torch.testing.assert_close(losses, peft_losses, rtol=1e-5, atol=0)

@@ -6,7 +6,7 @@ torch.compile and meta tensors (tier A: interpreter, fp32 and fp16 compute)."""
 import pytest
 import torch
 import torch.nn as nn
-from helpers import case_id, f64
+from helpers import case_id, compiled_matches_eager, f64, saved_elements
 from tolerance import assert_close
 
 import fastlora
@@ -103,18 +103,6 @@ def test_dropout_is_one_mask_in_both_terms(device):
     assert (y - evaluated).abs().max() > 1e-3, "training applies dropout, eval does not"
 
 
-def _saved_elements(fn):
-    sizes = []
-
-    def pack(t):
-        sizes.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sizes
-
-
 def test_saves_an_mxn_tensor_only_when_the_magnitude_trains(device):
     M, K, N = 40, 64, 56  # M x N larger than every other saved tensor
     x, packed, state, b, a, bb, m = make_qdora(M, K, N, 4, device=device)
@@ -124,7 +112,7 @@ def test_saves_an_mxn_tensor_only_when_the_magnitude_trains(device):
         return lambda: fastlora.lora_linear_4bit(x, packed, state, b, a, bb, 1.0, compute_dtype=FP32, magnitude=mag,
                                                  dropout_p=0.25, training=True, seed=1)
 
-    frozen, trained = _saved_elements(call(m)), _saved_elements(call(m.clone().requires_grad_()))
+    frozen, trained = saved_elements(call(m)), saved_elements(call(m.clone().requires_grad_()))
     assert M * N not in frozen and trained.count(M * N) == 1
     assert packed.numel() in frozen and N * K not in frozen, "W saved packed, never dequantised"
 
@@ -313,7 +301,6 @@ def test_linear4bit_from_bitsandbytes(device):
 
 
 def test_compile_fullgraph_matches_eager():
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = nn.Sequential(fastlora.Linear4bit(64, 64, r=4, alpha=8, use_dora=True, compute_dtype=FP32), nn.GELU(),
                           fastlora.Linear4bit(64, 20, bias=False, r=3, alpha=-2, use_dora=True, blocksize=32,
@@ -322,20 +309,7 @@ def test_compile_fullgraph_matches_eager():
         with torch.no_grad():
             nn.init.normal_(layer.lora_B)
             layer.lora_magnitude.mul_(torch.rand(layer.out_features) + 0.5)
-
-    def run(m):
-        m.zero_grad(set_to_none=True)
-        x = torch.randn(6, 64, generator=torch.Generator().manual_seed(3)).requires_grad_()
-        y = m(x)
-        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
-        return [y, x.grad] + [p.grad for p in m.parameters() if p.requires_grad]
-
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    got, expected = run(compiled), run(model)
-    torch._dynamo.reset()
-    assert len(got) == len(expected) == 2 + 3 * 2
-    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
-        assert_close(g, e, FP32, f"output {i}")
+    compiled_matches_eager(model, 64, 6, assert_close)
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])

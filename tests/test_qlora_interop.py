@@ -14,7 +14,7 @@ pytest.importorskip("peft", reason="the QLoRA tests need fastlora[peft]")
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-from tiny import float64_oracle, logits_and_grads, randomize_lora_B, tiny_llama, tokens  # noqa: E402
+from tiny import float64_oracle, logits_and_grads, randomize_lora_B, tiny_llama, tokens, trainer_losses  # noqa: E402
 from tolerance import assert_close  # noqa: E402
 
 import fastlora  # noqa: E402
@@ -179,30 +179,13 @@ def test_layer_with_fp32_activations_is_as_accurate_as_peft(saved):
         assert rel_error(g, r) <= 2 * rel_error(p, r), f"{what}: {rel_error(g, r):.3e} > 2 x {rel_error(p, r):.3e}"
 
 
-def _train(peft_model, steps=4):
-    """``steps`` HF Trainer steps (AdamW, lr 1e-2) on one batch of 2 random sequences of 16; the logged losses."""
-    import tempfile
-
-    from transformers import Trainer, TrainingArguments
-
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
-    data = [{"input_ids": row, "labels": row} for row in ids] * steps
-    with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=steps, learning_rate=1e-2,
-                                 lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
-                                 use_cpu=True, seed=0, disable_tqdm=True)
-        trainer = Trainer(model=peft_model, args=args, train_dataset=data)
-        trainer.train()
-    return torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h])
-
-
 def test_trainer_loss_curve_matches_peft(saved):
     """HF Trainer refuses a quantised model that is not a PeftModel, so the converted PeftModel is trained."""
     peft_model = peft_qlora(saved, "all-linear", dtype=BF16)
     converted = peft_qlora(saved, "all-linear", dtype=BF16)
     model = fastlora.from_peft(converted)
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    losses, peft_losses = _train(converted), _train(peft_model)
+    losses, peft_losses = trainer_losses(converted), trainer_losses(peft_model)
     assert len(losses) == 4 and (losses[0] - losses[-1]).abs() > 0.05, losses  # the adapters learn something
     # bf16 activations: fastlora's CPU path rounds where PEFT does (measured: equal losses); 1e-3 is an eighth
     # of bf16's eps and ~2% of how far the loss moves in 4 steps.

@@ -56,3 +56,20 @@ def logits_and_grads(model, ids, dy=None, seed=2):
         dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
     out.backward(dy.to(out.dtype))
     return out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def trainer_losses(model, steps=4):
+    """``steps`` HF Trainer steps (AdamW, lr 1e-2) on one batch of 2 random sequences of 16; the logged losses."""
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments
+
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    data = [{"input_ids": row, "labels": row} for row in ids] * steps
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=steps, learning_rate=1e-2,
+                                 lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+                                 use_cpu=True, seed=0, disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+    return torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h])
