@@ -304,7 +304,7 @@ def _session_calls(rec):
         rec.case = c.name
         t = c.inputs("cpu")
         c.run(t)
-        if c.family == "dropout":
+        if c.p:
             fastlora.dropout_mask(t["x"].shape, gpu_check.DROPOUT, 7, "cpu")
     yield "quick"
     for case in quick_calls():

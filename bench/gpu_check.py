@@ -34,7 +34,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
 # Relative Frobenius error bounds. fp32 (ieee dots) lands near 1e-7; tf32 near 3e-4 at K ~ 500 (the bound is
 # tests/tolerance.py's TF32_TOL); 16-bit inputs and outputs round at 2^-8 / 2^-11.
 BOUND = {"bf16": 1e-2, "fp16": 1e-2, "fp32": 1e-4, "tf32": 3e-3}
-FAMILIES = ("dense-ptr", "dense-tma", "dropout", "grouped", "nf4", "dora")
+FAMILIES = ("dense-ptr", "dense-tma", "dropout", "grouped", "nf4", "dora", "qdora", "gdora")
+# with dropout (the packed mask, the shrink's Philox draw; DoRA's two-accumulator forms): these families
+DROPPED = ("dropout", "qdora", "gdora")
 # Odd sizes: no dimension a multiple of a tile, every stride 16-byte aligned (TMA), K a multiple of the 4-bit
 # blocksize (64).
 SHAPE = dict(M=257, K=576, N=392, R=12)
@@ -60,24 +62,40 @@ class Check:
     def tma(self) -> bool:
         return self.family == "dense-tma"
 
+    @property
+    def p(self) -> float:
+        return DROPOUT if self.family in DROPPED else 0.0
+
+    @property
+    def grouped(self) -> bool:
+        return self.family in ("grouped", "gdora")
+
+    @property
+    def four_bit(self) -> bool:
+        return self.family in ("nf4", "qdora")
+
     def inputs(self, device) -> dict:
-        """Random inputs: x, W, bias, adapters (B nonzero), dy; ids for grouped; the packed W for nf4."""
+        """Random inputs: x, W, bias, adapters (B nonzero), dy; ids for grouped; the packed W for nf4; the magnitude
+        for DoRA (grouped: adapter 1 plain, a NaN row)."""
         g = torch.Generator().manual_seed(zlib.crc32(self.name.encode()))
         dt, M, K, N, R = DTYPES[self.dtype], self.M, self.K, self.N, self.R
 
         def rand(*shape, scale=1.0, dtype=dt):
             return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
 
-        lead = (ADAPTERS,) if self.family == "grouped" else ()
-        adt = torch.float32 if self.family == "nf4" else dt  # PEFT's QLoRA keeps its adapters in fp32
+        lead = (ADAPTERS,) if self.grouped else ()
+        adt = torch.float32 if self.four_bit else dt  # PEFT's QLoRA keeps its adapters in fp32
         out = dict(x=rand(M, K).requires_grad_(), w=rand(N, K, scale=K ** -0.5), b=rand(N, scale=0.1),
                    a=rand(*lead, R, K, scale=K ** -0.5, dtype=adt).requires_grad_(),
                    bb=rand(*lead, N, R, scale=R ** -0.5, dtype=adt).requires_grad_(), dy=rand(M, N))
-        if self.family == "grouped":  # every adapter and some base-only tokens (-1)
+        if self.grouped:  # every adapter and some base-only tokens (-1)
             out["ids"] = (torch.randint(-1, ADAPTERS, (M,), generator=g)).to(device)
-        if self.family == "dora":  # near ||W + s B A|| per row, as PEFT initialises it
-            out["m"] = (1.0 + 0.1 * torch.randn(N, generator=g)).to(device=device, dtype=dt).requires_grad_()
-        if self.family == "nf4":
+        if self.family in ("dora", "qdora", "gdora"):  # near ||W + s B A|| per row, as PEFT initialises it
+            m = 1.0 + 0.1 * torch.randn(*lead, N, generator=g)
+            if self.grouped:
+                m[1] = float("nan")  # a plain LoRA adapter among DoRA ones
+            out["m"] = m.to(device=device, dtype=adt).requires_grad_()
+        if self.four_bit:
             from fastlora import quant
 
             out["packed"], out["state"] = quant.quantize_4bit(out["w"], blocksize=64, quant_type="nf4",
@@ -88,16 +106,16 @@ class Check:
         """fastlora's y and gradients (dx, dA, dB, dm) for ``t``, and the configs ``forced`` picked."""
         import fastlora
 
-        s, p = 2.0, (DROPOUT if self.family == "dropout" else 0.0)
-        kw = dict(dropout_p=p, training=True, seed=7)
+        s = 2.0
+        kw = dict(dropout_p=self.p, training=True, seed=7, magnitude=t.get("m"))
         with harness.allow_tf32(self.dtype == "tf32"), forced(self.tma) as picked:
-            if self.family == "grouped":
+            if self.grouped:
                 y = fastlora.grouped_lora_linear(t["x"], t["w"], t["b"], t["a"], t["bb"], s, t["ids"], **kw)
-            elif self.family == "nf4":
+            elif self.four_bit:
                 y = fastlora.lora_linear_4bit(t["x"], t["packed"], t["state"], t["b"], t["a"], t["bb"], s,
                                               compute_dtype=DTYPES[self.dtype], **kw)
             else:
-                y = fastlora.lora_linear(t["x"], t["w"], t["b"], t["a"], t["bb"], s, magnitude=t.get("m"), **kw)
+                y = fastlora.lora_linear(t["x"], t["w"], t["b"], t["a"], t["bb"], s, **kw)
             grads = torch.autograd.grad(y, _leaves(t), t["dy"])
         return dict(zip(("y", "dx", "dA", "dB", "dm")[:1 + len(grads)], (y, *grads), strict=True)), picked
 
@@ -110,22 +128,20 @@ class Check:
         def f64(v):
             return v.detach().double().requires_grad_(v.requires_grad)
 
-        x, a, bb = f64(t["x"]), f64(t["a"]), f64(t["bb"])
-        leaves = [x, a, bb]
-        w = quant.dequantize_4bit(t["packed"], t["state"], dtype=torch.float64) if self.family == "nf4" else f64(
-            t["w"])
+        x, a, bb, b = f64(t["x"]), f64(t["a"]), f64(t["bb"]), f64(t["b"])
+        leaves = [x, a, bb] + ([f64(t["m"])] if "m" in t else [])
+        w = quant.dequantize_4bit(t["packed"], t["state"], dtype=torch.float64) if self.four_bit else f64(t["w"])
         s = 2.0
-        if self.family == "grouped":
-            y = reference.grouped_lora_linear(x, w, f64(t["b"]), a, bb, s, t["ids"])
-        elif self.family == "dora":
-            leaves.append(f64(t["m"]))
-            y = reference.dora_linear(x, w, f64(t["b"]), a, bb, s, leaves[-1])
+        mask = fastlora.dropout_mask(t["x"].shape, DROPOUT, 7, t["x"].device) if self.p else None
+        kw = dict(dropout_p=self.p, training=True, dropout_mask=mask)
+        if self.grouped and "m" in t:
+            y = reference.grouped_dora_linear(x, w, b, a, bb, s, t["ids"], leaves[-1], **kw)
+        elif self.grouped:
+            y = reference.grouped_lora_linear(x, w, b, a, bb, s, t["ids"], **kw)
+        elif "m" in t:
+            y = reference.dora_linear(x, w, b, a, bb, s, leaves[-1], **kw)
         else:
-            mask = None
-            if self.family == "dropout":
-                mask = fastlora.dropout_mask(t["x"].shape, DROPOUT, 7, t["x"].device)
-            y = reference.lora_linear(x, w, f64(t["b"]), a, bb, s, dropout_p=DROPOUT if mask is not None else 0.0,
-                                      training=True, dropout_mask=mask)
+            y = reference.lora_linear(x, w, b, a, bb, s, **kw)
         grads = torch.autograd.grad(y, leaves, t["dy"].double())
         return dict(zip(("y", "dx", "dA", "dB", "dm")[:1 + len(grads)], (y, *grads), strict=True))
 
