@@ -20,16 +20,34 @@ _weight_sq: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 ROWS = 1024
 
 
+def _cached_on(t: torch.Tensor, key, compute) -> torch.Tensor:
+    """``compute()``, kept on tensor ``t`` (weakly) while ``key()`` is unchanged; every call under torch.compile
+    (version counters do not trace) or for a meta ``t``."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return compute()
+    k = key()
+    hit = _weight_sq.get(t)
+    if hit is None or hit[0] != k:
+        hit = (k, compute())
+        _weight_sq[t] = hit
+    return hit[1]
+
+
+def eval_cached(module, tensors, compute, extra=()) -> torch.Tensor:
+    """A DoRA layer's norm: ``compute()`` in training, under torch.compile and on meta; in eval kept on
+    ``module._norm_cache`` until one of ``tensors`` changes (version counter or storage: in place or replaced) or
+    ``extra`` differs."""
+    if module.training or torch.compiler.is_compiling() or tensors[0].device.type == "meta":
+        return compute()
+    key = (*extra, *((t._version, t.data_ptr()) for t in tensors))
+    if module._norm_cache is None or module._norm_cache[0] != key:
+        module._norm_cache = (key, compute())
+    return module._norm_cache[1]
+
+
 def weight_sq(weight: torch.Tensor) -> torch.Tensor:
     """||W_n||^2, fp32 [N], cached while ``weight`` keeps its version and storage."""
-    if torch.compiler.is_compiling() or weight.device.type == "meta":
-        return _row_sq(weight)
-    key = (weight._version, weight.data_ptr(), weight.shape)
-    hit = _weight_sq.get(weight)
-    if hit is None or hit[0] != key:
-        hit = (key, _row_sq(weight))
-        _weight_sq[weight] = hit
-    return hit[1]
+    return _cached_on(weight, lambda: (weight._version, weight.data_ptr(), weight.shape), lambda: _row_sq(weight))
 
 
 def _row_sq(weight: torch.Tensor) -> torch.Tensor:
@@ -48,15 +66,9 @@ def weight_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
 def weight_sq_4bit(packed: torch.Tensor, state) -> torch.Tensor:
     """||deq(W)_n||^2, fp32 [N], of a packed 4-bit weight (``state``: its ``QuantState4bit``, K a multiple of the
     block size), cached while the packed bytes and the block scales keep their versions and storages."""
-    if torch.compiler.is_compiling() or packed.device.type == "meta":
-        return _row_sq_4bit(packed, state)
-    key = (packed._version, packed.data_ptr(), state.absmax._version, state.absmax.data_ptr(), tuple(state.shape),
-           state.quant_type)
-    hit = _weight_sq.get(packed)
-    if hit is None or hit[0] != key:
-        hit = (key, _row_sq_4bit(packed, state))
-        _weight_sq[packed] = hit
-    return hit[1]
+    return _cached_on(packed, lambda: (packed._version, packed.data_ptr(), state.absmax._version,
+                                       state.absmax.data_ptr(), tuple(state.shape), state.quant_type),
+                      lambda: _row_sq_4bit(packed, state))
 
 
 def _row_sq_4bit(packed, state) -> torch.Tensor:

@@ -17,7 +17,7 @@ from fastlora._autograd import DoRAFunction, GroupedDoRAFunction, LoRAFunction
 from fastlora._compose import ComposedLoRAFunction
 from fastlora.grouping import AdapterBatch
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = quant.DTYPES
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, *, dropout_p=0.0, training=False, seed=None,
@@ -73,15 +73,11 @@ def _dora_linear(x, weight, bias, lora_A, lora_B, s, magnitude, p, training, see
 
 def _check_magnitude(magnitude, x, N, n=None):
     """A magnitude for out_features N: (N,) for one adapter, (n, N) for a stack of n (``n`` given)."""
-    if not isinstance(magnitude, torch.Tensor):
-        raise TypeError(f"magnitude must be a tensor or None; got {type(magnitude).__name__}")
     if n is None:
-        _check_shape("magnitude", magnitude, (N,), "(out_features,)")
+        _check_optional("magnitude", magnitude, x, (N,), "(out_features,)")
     else:
-        _check_shape("magnitude", magnitude, (n, N), "(num_adapters, out_features)")
-    _check_device("magnitude", magnitude, x)
-    if magnitude.dtype not in _DTYPES:
-        raise TypeError(f"magnitude must be float16, bfloat16 or float32; got {magnitude.dtype}")
+        _check_optional("magnitude", magnitude, x, (n, N), "(num_adapters, out_features)")
+    _check_dtype("magnitude", magnitude.dtype)
 
 
 def lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, compute_dtype=torch.bfloat16,
@@ -113,13 +109,11 @@ def _lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, 
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor; got {type(t).__name__}")
-    if compute_dtype not in _DTYPES:
-        raise TypeError(f"compute_dtype must be float16, bfloat16 or float32; got {compute_dtype}")
+    _check_dtype("compute_dtype", compute_dtype)
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"x's last dimension must equal in_features = {K} (quant_state.shape "
                          f"{tuple(quant_state.shape)}); got x of shape {tuple(x.shape)}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"x must be float16, bfloat16 or float32; got {x.dtype}")
+    _check_dtype("x", x.dtype)
     if K % quant_state.blocksize:
         raise ValueError(f"in_features = {K} must be a multiple of the quantisation blocksize {quant_state.blocksize}: "
                          "the fused 4-bit GEMM reads each weight row as whole blocks (quant_state.shape "
@@ -131,12 +125,8 @@ def _lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, 
     _check_device("weight", weight, x)
     _check_device("quant_state.absmax", quant_state.absmax, x)
     if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a tensor or None; got {type(bias).__name__}")
-        _check_shape("bias", bias, (N,), "(out_features,)")
-        _check_device("bias", bias, x)
-        if bias.dtype not in _DTYPES:
-            raise TypeError(f"bias must be float16, bfloat16 or float32; got {bias.dtype}")
+        _check_optional("bias", bias, x, (N,), "(out_features,)")
+        _check_dtype("bias", bias.dtype)
     s, p = _check_lora(x, lora_A, lora_B, N, K, scaling, dropout_p, training)
     if magnitude is not None:
         _check_magnitude(magnitude, x, N)
@@ -247,8 +237,8 @@ def _grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, 
                                                  dropout_p=p, training=training, rank_offsets=rank_offsets)
         return reference.grouped_lora_linear(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids,
                                              dropout_p=p, training=training, rank_offsets=rank_offsets)
+    offsets = None if rank_offsets is None else rank_offsets.to(torch.int32)
     if magnitude is not None:  # from the stored W, before any autocast cast
-        offsets = None if rank_offsets is None else rank_offsets.to(torch.int32)
         norm = norm_fn() if norm_fn is not None else dora.grouped_weight_norm(weight, lora_A, lora_B, scale_vec,
                                                                               offsets)
     x, weight, bias = _autocast(x, weight, bias)
@@ -259,7 +249,7 @@ def _grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, 
             y = GroupedDoRAFunction.apply(x.reshape(-1, K), weight, bias, lora_A, lora_B, magnitude, norm, scale_vec,
                                           batch.perm, batch.sorted_ids, batch.seg_offsets, p, seed, *shape)
         return y.reshape(*x.shape[:-1], N)
-    ragged = () if rank_offsets is None else ((), (), rank_offsets.to(torch.int32), width, align)
+    ragged = () if offsets is None else ((), (), offsets, width, align)
     with torch.autocast(x.device.type, enabled=False):
         y = LoRAFunction.apply(x.reshape(-1, K), weight, bias, lora_A, lora_B, 1.0, scale_vec, batch.perm,
                                batch.sorted_ids, batch.seg_offsets, p, seed, *ragged)
@@ -286,10 +276,7 @@ def _check_ragged(x, lora_A, lora_B, rank_offsets, N, K, scaling, check_values) 
     total = lora_A.shape[0]
     _check_shape("lora_A", lora_A, (total, K), "(sum of ranks, in_features)")
     _check_shape("lora_B", lora_B, (N, total), "(out_features, sum of ranks)")
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        _check_device(name, t, x)
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32; got {t.dtype}")
+    _check_adapter_tensors(x, lora_A, lora_B)
     if isinstance(scaling, torch.Tensor) and scaling.dim() > 0 and scaling.shape != (n,):
         raise ValueError(f"rank_offsets has {n + 1} entries (n = {n} adapters) but scaling has shape "
                          f"{tuple(scaling.shape)}; they must agree")
@@ -428,14 +415,10 @@ def _check_x_weight_bias(x, weight, bias):
         raise ValueError(f"x's last dimension must equal in_features = {weight.shape[1]} (weight "
                          f"{tuple(weight.shape)}); got x of shape {tuple(x.shape)}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a tensor or None; got {type(bias).__name__}")
-        _check_shape("bias", bias, (weight.shape[0],), "(out_features,)")
-        _check_device("bias", bias, x)
+        _check_optional("bias", bias, x, (weight.shape[0],), "(out_features,)")
     _check_device("weight", weight, x)
     if not _autocast_enabled(x.device.type):
-        if x.dtype not in _DTYPES:
-            raise TypeError(f"x must be float16, bfloat16 or float32; got {x.dtype}")
+        _check_dtype("x", x.dtype)
         if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
             raise TypeError(f"x, weight and bias must share a dtype (or run under torch.autocast); got x "
                             f"{x.dtype}, weight {weight.dtype}, bias {None if bias is None else bias.dtype}")
@@ -453,10 +436,26 @@ def _check_lora(x, lora_A, lora_B, N, K, scaling, dropout_p, training) -> tuple[
 def _check_adapters(x, lora_A, lora_B, r):
     if not 1 <= r <= _launch.MAX_RANK:
         raise ValueError(f"r must be in [1, {_launch.MAX_RANK}]; got lora_A of shape {tuple(lora_A.shape)}")
+    _check_adapter_tensors(x, lora_A, lora_B)
+
+
+def _check_adapter_tensors(x, lora_A, lora_B):
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         _check_device(name, t, x)
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32; got {t.dtype}")
+        _check_dtype(name, t.dtype)
+
+
+def _check_optional(name, t, x, expected, meaning):
+    """An optional tensor argument given (a bias, a DoRA magnitude): a tensor of shape ``expected`` on x's device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or None; got {type(t).__name__}")
+    _check_shape(name, t, expected, meaning)
+    _check_device(name, t, x)
+
+
+def _check_dtype(name, dtype):
+    if dtype not in _DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32; got {dtype}")
 
 
 def _check_shape(name, t, expected, meaning):

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
 import torch.nn as nn
 
 from fastlora import dora, quant
-from fastlora.functional import _lora_linear_4bit
-from fastlora.modules import Linear, _adapter_args
+from fastlora.functional import _check_dtype, _lora_linear_4bit
+from fastlora.modules import Linear, _adapter_args, _check_use_dora, _init_adapter
 
 _STATE = ("absmax", "code", "absmax2", "code2", "offset")
 
@@ -40,7 +39,7 @@ class Linear4bit(nn.Module):
                  use_dora=False, compute_dtype=torch.bfloat16, quant_type="nf4", blocksize=64, double_quant=True,
                  device=None):
         super().__init__()
-        _check_compute_dtype(compute_dtype)
+        _check_dtype("compute_dtype", compute_dtype)
         _check_use_dora(use_dora)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=compute_dtype)
         self._quantize(base, quant_type, blocksize, double_quant)
@@ -56,7 +55,7 @@ class Linear4bit(nn.Module):
         _adapter_args(r, alpha, dropout, use_rslora)  # before anything below touches ``linear``
         _check_use_dora(use_dora)
         if compute_dtype is not None:
-            _check_compute_dtype(compute_dtype)
+            _check_dtype("compute_dtype", compute_dtype)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         if _is_bnb_4bit(linear):
@@ -160,39 +159,22 @@ class Linear4bit(nn.Module):
             self._set_buffers(state)
 
     def _setup(self, bias, r, alpha, dropout, use_rslora, compute_dtype, use_dora=False):
-        _check_compute_dtype(compute_dtype)
+        _check_dtype("compute_dtype", compute_dtype)
         _check_use_dora(use_dora)
         if self.in_features % self.blocksize:
             raise ValueError(f"in_features = {self.in_features} must be a multiple of the quantisation blocksize "
                              f"{self.blocksize}: the fused 4-bit GEMM reads each weight row as whole blocks")
-        r, alpha, dropout, use_rslora, scaling = _adapter_args(r, alpha, dropout, use_rslora)
-        self.r, self.alpha, self.use_rslora, self.scaling, self.dropout = r, alpha, use_rslora, scaling, dropout
+        args = _adapter_args(r, alpha, dropout, use_rslora)
         self.compute_dtype = compute_dtype
-        self.bias = bias
-        if bias is not None:
-            bias.requires_grad_(False)
-        kw = dict(device=self.weight.device, dtype=torch.float32)
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.merged = False
-        self.use_dora = use_dora
-        self._norm_cache = None  # (versions and storages of W, its block scales, A, B; the norm) in eval mode
-        if use_dora:
-            # PEFT's initial magnitude ||W + s B A|| per row is ||W_n||: B starts at zero
-            self.lora_magnitude = nn.Parameter(dora.weight_sq_4bit(self.weight, self.quant_state).sqrt())
+        _init_adapter(self, bias, args, use_dora, dict(device=self.weight.device, dtype=torch.float32),
+                      lambda: dora.weight_sq_4bit(self.weight, self.quant_state))
 
     def _norm(self) -> torch.Tensor:
         """max(||W + s B A||, eps) per row, fp32 [out], W dequantised; cached in eval mode (version counters)."""
         state = self.quant_state
-        if self.training or torch.compiler.is_compiling() or self.weight.device.type == "meta":
-            return dora.weight_norm_4bit(self.weight, state, self.lora_A, self.lora_B, self.scaling)
-        key = (self.scaling, *((t._version, t.data_ptr()) for t in (self.weight, state.absmax, self.lora_A,
-                                                                     self.lora_B)))
-        if self._norm_cache is None or self._norm_cache[0] != key:
-            self._norm_cache = (key, dora.weight_norm_4bit(self.weight, state, self.lora_A, self.lora_B,
-                                                           self.scaling))
-        return self._norm_cache[1]
+        return dora.eval_cached(self, (self.weight, state.absmax, self.lora_A, self.lora_B),
+                                lambda: dora.weight_norm_4bit(self.weight, state, self.lora_A, self.lora_B,
+                                                              self.scaling), (self.scaling,))
 
     @property
     def quant_state(self) -> quant.QuantState4bit:
@@ -267,16 +249,6 @@ class Linear4bit(nn.Module):
                 f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, use_dora={self.use_dora}, "
                 f"quant_type={self.quant_type}, "
                 f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
-
-
-def _check_use_dora(use_dora) -> None:
-    if not isinstance(use_dora, bool):
-        raise TypeError(f"use_dora must be a bool; got {type(use_dora).__name__}")
-
-
-def _check_compute_dtype(dtype) -> None:
-    if dtype not in quant.DTYPES:
-        raise TypeError(f"compute_dtype must be float16, bfloat16 or float32; got {dtype}")
 
 
 def _is_bnb_4bit(module: nn.Module) -> bool:

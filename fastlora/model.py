@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from fastlora import quant
 from fastlora.linear4bit import Linear4bit, _is_bnb_4bit
-from fastlora.modules import GroupedLinear, Linear, _adapter_args
+from fastlora.modules import GroupedLinear, Linear, _adapter_args, _check_use_dora
 
 ALL_LINEAR = "all-linear"
 _FASTLORA = (Linear, Linear4bit, GroupedLinear)
@@ -46,8 +46,7 @@ def inject(model: nn.Module, target_modules, *, r: int, alpha: float, dropout: f
     names = match_modules(model, target_modules)
     kw = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
     _adapter_args(**kw)
-    if not isinstance(use_dora, bool):
-        raise TypeError(f"use_dora must be a bool; got {use_dora!r}")
+    _check_use_dora(use_dora)
     if use_dora:
         kw["use_dora"] = True
     for name in names:

@@ -32,6 +32,29 @@ def _adapter_args(r, alpha, dropout, use_rslora) -> tuple[int, int | float, floa
     return r, alpha, float(dropout), use_rslora, alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def _check_use_dora(use_dora) -> None:
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora must be a bool; got {type(use_dora).__name__}")
+
+
+def _init_adapter(layer, bias, args, use_dora, kw, weight_sq) -> None:
+    """What the single-adapter layers (``Linear``, ``Linear4bit``) set alike: ``args`` (from ``_adapter_args``), the
+    frozen bias, lora_A (Kaiming) and lora_B (zeros) of ``kw``'s device and dtype, and with ``use_dora``
+    ``lora_magnitude`` = sqrt(weight_sq()), PEFT's initial ||W + s B A|| per row (= ||W_n||: B starts at zero)."""
+    layer.r, layer.alpha, layer.dropout, layer.use_rslora, layer.scaling = args
+    layer.bias = bias
+    if bias is not None:
+        bias.requires_grad_(False)
+    layer.lora_A = nn.Parameter(torch.empty(layer.r, layer.in_features, **kw))
+    layer.lora_B = nn.Parameter(torch.zeros(layer.out_features, layer.r, **kw))
+    nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5))
+    layer.merged = False
+    layer.use_dora = use_dora
+    layer._norm_cache = None  # (versions and storages of what the norm reads; the norm) in eval mode
+    if use_dora:
+        layer.lora_magnitude = nn.Parameter(weight_sq().sqrt().to(kw["dtype"]))
+
+
 class Linear(nn.Module):
     """``nn.Linear`` plus a LoRA adapter: y = x W^T + b + (alpha/r) (dropout(x) A^T) B^T.
 
@@ -61,36 +84,20 @@ class Linear(nn.Module):
         return self
 
     def _setup(self, weight, bias, r, alpha, dropout, use_rslora, use_dora=False):
-        r, alpha, dropout, use_rslora, scaling = _adapter_args(r, alpha, dropout, use_rslora)
-        if not isinstance(use_dora, bool):
-            raise TypeError(f"use_dora must be a bool; got {type(use_dora).__name__}")
-        self.r, self.alpha, self.use_rslora, self.scaling, self.dropout = r, alpha, use_rslora, scaling, dropout
+        args = _adapter_args(r, alpha, dropout, use_rslora)
+        _check_use_dora(use_dora)
         self.out_features, self.in_features = weight.shape
         self.weight = weight
         self.weight.requires_grad_(False)
-        self.bias = bias
-        if bias is not None:
-            bias.requires_grad_(False)
-        kw = dict(device=weight.device, dtype=weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.merged = False
-        self.use_dora = use_dora
-        self._norm_cache = None  # (versions and storages of W, A, B, the norm) in eval mode
         self._merged_g = None  # what unmerge() needs: g of the merge and the rows it zeroed
-        if use_dora:
-            # PEFT's initial magnitude ||W + s B A|| per row is ||W_n||: B starts at zero
-            self.lora_magnitude = nn.Parameter(dora.weight_sq(self.weight).sqrt().to(self.lora_A.dtype))
+        _init_adapter(self, bias, args, use_dora, dict(device=weight.device, dtype=weight.dtype),
+                      lambda: dora.weight_sq(self.weight))
 
     def _norm(self) -> torch.Tensor:
         """max(||W + s B A||, eps) per row, fp32 [out]; cached in eval mode (tensors' version counters)."""
-        if self.training or torch.compiler.is_compiling() or self.weight.device.type == "meta":
-            return dora.weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)
-        key = (self.scaling, *((t._version, t.data_ptr()) for t in (self.weight, self.lora_A, self.lora_B)))
-        if self._norm_cache is None or self._norm_cache[0] != key:
-            self._norm_cache = (key, dora.weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling))
-        return self._norm_cache[1]
+        return dora.eval_cached(self, (self.weight, self.lora_A, self.lora_B),
+                                lambda: dora.weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling),
+                                (self.scaling,))
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A in the base weight's dtype (computed in fp32)."""
@@ -185,8 +192,7 @@ class GroupedLinear(nn.Module):
                 rank, alpha, dropout, _, scale = _adapter_args(rank, alpha, dropout, False)
                 scales.append(scale)
             ranks = [int(rank) for rank in ranks]
-        if not isinstance(use_dora, bool):
-            raise TypeError(f"use_dora must be a bool; got {type(use_dora).__name__}")
+        _check_use_dora(use_dora)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         starts, total = _layout(ranks)
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
@@ -250,12 +256,7 @@ class GroupedLinear(nn.Module):
     def _norm(self) -> torch.Tensor:
         """max(||W + s_g B_g A_g||, eps) for every adapter, fp32 [n, out]; cached in eval mode (version counters)."""
         args = (self.weight, self.lora_A, self.lora_B, self.scaling, self.rank_offsets)
-        if self.training or torch.compiler.is_compiling() or self.weight.device.type == "meta":
-            return dora.grouped_weight_norm(*args)
-        key = tuple((t._version, t.data_ptr()) for t in args)
-        if self._norm_cache is None or self._norm_cache[0] != key:
-            self._norm_cache = (key, dora.grouped_weight_norm(*args))
-        return self._norm_cache[1]
+        return dora.eval_cached(self, args, lambda: dora.grouped_weight_norm(*args))
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         batch = None
