@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from fastlora import _files
 from fastlora.linear4bit import Linear4bit, _is_bnb_4bit
-from fastlora.model import _check_bnb_4bit, _set_submodule, _transaction, freeze_base
+from fastlora.model import _check_bnb_4bit, _swap_in, _transaction
 from fastlora.modules import GroupedLinear, Linear, _adapter_args, _layout
 
 _SINGLE = (Linear, Linear4bit)  # one-adapter layers: what save_adapter writes and load_adapter fills
@@ -143,9 +143,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
         plan.append((name, mod, kw, a, b, m))
     with _transaction(model):
         layers = {name: _loaded_layer(mod, kw, a, b, m) for name, mod, kw, a, b, m in plan}
-    for name, layer in layers.items():
-        _set_submodule(model, name, layer)
-    freeze_base(model)
+    _swap_in(model, layers)
     return list(weights)
 
 
@@ -184,13 +182,11 @@ def load_adapters_grouped(model: nn.Module, paths, *, dropout: float = 0.0) -> l
     if not paths:
         raise ValueError("load_adapters_grouped needs at least one adapter path; got none")
     loaded = [read_adapter_with_magnitudes(p) for p in paths]
-    bases = _grouped_bases(model, paths, [(c, w) for c, w, _ in loaded], {})
+    bases = _grouped_bases(model, paths, loaded, {})
     with _transaction(model):
         layers = {name: _stack(base.weight, base.bias, [_entry(c, w, name, m.get(name)) for c, w, m in loaded],
                                dropout) for name, base in bases.items()}
-    for name, layer in layers.items():
-        _set_submodule(model, name, layer)
-    freeze_base(model)
+    _swap_in(model, layers)
     return list(layers)
 
 
@@ -220,7 +216,7 @@ def add_adapters(model: nn.Module, paths, *, dropout: float = 0.0) -> list[int]:
     for _ in paths:
         ids.append(free.pop(0) if free else max([n - 1, *ids]) + 1)
     total = max(n, max(ids) + 1)
-    bases = _grouped_bases(model, paths, [(c, w) for c, w, _ in loaded], grouped)
+    bases = _grouped_bases(model, paths, loaded, grouped)
     with _transaction(model):
         layers = {}
         for name, base in bases.items():
@@ -229,9 +225,7 @@ def add_adapters(model: nn.Module, paths, *, dropout: float = 0.0) -> list[int]:
                 entries[i] = _entry(config, weights, name, magnitudes.get(name))
             layers[name] = _stack(base.weight, base.bias, entries, grouped[name].dropout if name in grouped
                                   else dropout, removed.difference(ids))
-    for name, layer in layers.items():
-        _set_submodule(model, name, layer)
-    freeze_base(model)
+    _swap_in(model, layers)
     return ids
 
 
@@ -263,9 +257,7 @@ def remove_adapters(model: nn.Module, ids) -> None:
         for i in ids:
             entries[i] = None
         layers[name] = _stack(layer.weight, layer.bias, entries, layer.dropout, removed.union(int(i) for i in ids))
-    for name, layer in layers.items():
-        _set_submodule(model, name, layer)
-    freeze_base(model)
+    _swap_in(model, layers)
 
 
 def _grouped_layers(model: nn.Module) -> dict[str, GroupedLinear]:
@@ -282,16 +274,17 @@ def _id_space(grouped: dict[str, GroupedLinear]) -> tuple[int, frozenset]:
 
 
 def _grouped_bases(model, paths, loaded, grouped) -> dict[str, nn.Module]:
-    """{layer name: its base module} for every layer named in a file or already grouped, each file's tensors
-    checked against its layer, before anything is built."""
-    files = {name for _, weights in loaded for name in weights}
+    """{layer name: its base module} for every layer named in a file (``loaded``: what
+    ``read_adapter_with_magnitudes`` returned for each path) or already grouped, each file's tensors checked against
+    its layer, before anything is built."""
+    files = {name for _, weights, _ in loaded for name in weights}
     names = [name for name, _ in model.named_modules() if name in files or name in grouped]
     missing = files.difference(names)
     if missing:
         raise ValueError(f"adapters have weights for {sorted(missing)}, which are not modules of the model")
     bases = {}
     for name in names:
-        for path, (config, weights) in zip(paths, loaded, strict=True):
+        for path, (config, weights, _) in zip(paths, loaded, strict=True):
             if name not in weights:
                 continue
             if name in grouped:
@@ -314,8 +307,8 @@ def _entry(config: dict, weights: dict, name: str, magnitude: torch.Tensor | Non
     if name not in weights:
         return None
     a, b = weights[name]
-    r, alpha = a.shape[0], _alpha(config, name)
-    return a, b, alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r, magnitude
+    scaling = _adapter_args(a.shape[0], _alpha(config, name), 0.0, config.get("use_rslora", False))[4]  # checked
+    return a, b, scaling, magnitude
 
 
 def _entries(layer: GroupedLinear, total: int) -> list:

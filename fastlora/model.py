@@ -57,9 +57,7 @@ def inject(model: nn.Module, target_modules, *, r: int, alpha: float, dropout: f
             _check_unquantized(name, mod)
     with _transaction(model):
         layers = [_wrap(name, model.get_submodule(name), kw) for name in names]
-    for name, layer in zip(names, layers, strict=True):
-        _set_submodule(model, name, layer)
-    freeze_base(model)
+    _swap_in(model, dict(zip(names, layers, strict=True)))
     return names
 
 
@@ -198,6 +196,14 @@ def _apply(model: nn.Module, method: str) -> list[str]:
 def _output_layer(model: nn.Module):
     get = getattr(model, "get_output_embeddings", None)
     return get() if callable(get) else None
+
+
+def _swap_in(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """Put the built ``layers`` ({name: module}) into ``model``, then freeze all but the adapters (the last step of
+    every transaction: nothing in it can fail)."""
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer)
+    freeze_base(model)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
