@@ -111,10 +111,7 @@ def _ms(c: Case, impl_name: str) -> float:
     """This case's group's time for ``impl_name`` (measured now if its own case did not run)."""
     key = (c.group, impl_name)
     if key not in _MS:
-        impl = _impl(c, impl_name)
-        ring = harness.input_ring(c.M, c.K, c.N, harness.DTYPES[c.dtype], c.train)
-        step = harness.layer_step(impl.forward, impl.params, c.train)
-        _MS[key] = harness.measure(lambda: step(ring.next())).median_ms
+        _MS[key] = harness.baseline_ms(_impl(c, impl_name), c.M, c.K, c.N, harness.DTYPES[c.dtype], c.train)
     return _MS[key]
 
 
@@ -134,11 +131,8 @@ def test_dora(benchmark, request, case: Case):
     dtype = harness.DTYPES[case.dtype]
     ring = harness.input_ring(case.M, case.K, case.N, dtype, case.train)
     errs = _check(case, pb, m, impl, *ring.items[0])
-    step = harness.layer_step(impl.forward, impl.params, case.train)
-    timing = harness.measure(lambda: step(ring.next()))
+    timing, peak, extra = harness.time_layer(benchmark, impl, ring, case.train)
     _MS[(case.group, case.impl)] = timing.median_ms
-    peak, extra = harness.peak_memory(lambda: step(ring.items[0]))
-    harness.pedantic(benchmark, lambda: step(ring.next()))
 
     lora = case.impl != "linear"
     flop = harness.flops(case.M, case.K, case.N, case.R, case.train, lora=lora)

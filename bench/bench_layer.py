@@ -68,9 +68,7 @@ def _floor_ms(c: Case) -> float:
     if key not in _MS:
         pb = _problem(c)
         impl = competitors.layer_impl("linear", pb, c.dropout, c.train)
-        ring = harness.input_ring(c.M, c.K, c.N, pb.dtype, c.train)
-        step = harness.layer_step(impl.forward, impl.params, c.train)
-        _MS[key] = harness.measure(lambda: step(ring.next())).median_ms
+        _MS[key] = harness.baseline_ms(impl, c.M, c.K, c.N, pb.dtype, c.train)
     return _MS[key]
 
 
@@ -82,11 +80,8 @@ def test_layer(benchmark, request, case: Case):
     impl = competitors.layer_impl(case.impl, pb, case.dropout, case.train)
     ring = harness.input_ring(case.M, case.K, case.N, pb.dtype, case.train)
     errs = _check(case, pb, impl, *ring.items[0])
-    step = harness.layer_step(impl.forward, impl.params, case.train)
-    timing = harness.measure(lambda: step(ring.next()))
+    timing, peak, extra = harness.time_layer(benchmark, impl, ring, case.train)
     _MS[(case.group, case.impl)] = timing.median_ms
-    peak, extra = harness.peak_memory(lambda: step(ring.items[0]))
-    harness.pedantic(benchmark, lambda: step(ring.next()))
 
     lora = case.impl != "linear"
     flop = harness.flops(case.M, case.K, case.N, case.R, case.train, lora=lora)

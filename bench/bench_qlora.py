@@ -73,9 +73,7 @@ def _floor_ms(c: Case) -> float:
     key = (c.group, "linear")
     if key not in _MS:
         impl = competitors.qlora_impl("linear", _problem(c), c.train)
-        ring = harness.input_ring(c.M, c.K, c.N, _problem(c).pb.dtype, c.train)
-        step = harness.layer_step(impl.forward, impl.params, c.train)
-        _MS[key] = harness.measure(lambda: step(ring.next())).median_ms
+        _MS[key] = harness.baseline_ms(impl, c.M, c.K, c.N, _problem(c).pb.dtype, c.train)
     return _MS[key]
 
 
@@ -90,12 +88,9 @@ def test_qlora(benchmark, request, case: Case):
     impl = competitors.qlora_impl(case.impl, qp, case.train)
     ring = harness.input_ring(case.M, case.K, case.N, qp.pb.dtype, case.train)
     errs = _check(case, qp, impl, *ring.items[0])
-    step = harness.layer_step(impl.forward, impl.params, case.train)
-    timing = harness.measure(lambda: step(ring.next()))
+    timing, peak, extra = harness.time_layer(benchmark, impl, ring, case.train)
     _MS[(case.group, case.impl)] = timing.median_ms
-    peak, extra = harness.peak_memory(lambda: step(ring.items[0]))
     _MEM[(case.group, case.impl)] = extra
-    harness.pedantic(benchmark, lambda: step(ring.next()))
 
     lora = case.impl != "linear"
     flop = harness.flops(case.M, case.K, case.N, case.R, case.train, lora=lora)

@@ -242,6 +242,23 @@ def layer_step(forward, params, train: bool):
     return fwd_bwd
 
 
+def time_layer(benchmark, impl, ring: Ring, train: bool):
+    """(Timing, peak bytes, peak above the inputs) of one ``layer_step`` of ``impl`` over ``ring``; pytest-benchmark's
+    own rounds run too."""
+    step = layer_step(impl.forward, impl.params, train)
+    timing = measure(lambda: step(ring.next()))
+    peak, extra = peak_memory(lambda: step(ring.items[0]))
+    pedantic(benchmark, lambda: step(ring.next()))
+    return timing, peak, extra
+
+
+def baseline_ms(impl, M: int, K: int, N: int, dtype: torch.dtype, train: bool) -> float:
+    """Median ms of one ``layer_step`` of ``impl`` on a fresh input ring: a baseline whose own cell did not run."""
+    ring = input_ring(M, K, N, dtype, train)
+    step = layer_step(impl.forward, impl.params, train)
+    return measure(lambda: step(ring.next())).median_ms
+
+
 def peak_memory(fn) -> tuple[int | None, int | None]:
     """(peak bytes allocated while running ``fn`` once, that peak minus what was allocated before)."""
     if not CUDA:
