@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlora import _launch
-from fastlora._ops import _ragged
+from fastlora._ops import _fake_shrink, _ragged, _shrink
 
 
 @torch.library.custom_op("fastlora::grouped_dora_forward", mutates_args=())
@@ -25,12 +25,10 @@ def grouped_dora_forward(
     """(y [M, N], T fp32, bits, Z): per token i of adapter a, y_i = g_a * (x_i W^T + s_a T_i B_a^T) + b (p = 0) or
     PEFT's x_i W^T + b + (g_a - 1) * (d(x_i) W^T) + g_a * s_a T_i B_a^T (p > 0); Z [M, N] (x's dtype, by token; empty
     unless ``store_z``) is the term g multiplies."""
-    M, K = x.shape
+    M = x.shape[0]
     p = dropout_p
     ragged = _ragged(rank_offsets, t_width, rank_align, lora_A)
-    bits = _launch.dropout_bits(M, K, x.device) if p > 0 else x.new_empty(0, dtype=torch.int32)
-    t = _launch.gemm(x, lora_A, out_dtype=torch.float32, shrink=True, perm=perm, ids=ids, seg=seg, x_dropout=p > 0,
-                     dropout_p=p, seed=seed, bits=bits if p > 0 else None, ragged=ragged)
+    t, bits = _shrink(x, lora_A, perm, ids, seg, p, seed, ragged)
     z = _launch.empty((M, weight.shape[0]), x.dtype, x.device) if store_z else x.new_empty(0)
     scale = _launch.DoraScale(g, dropout=p > 0, z=z if store_z else None)
     y = _launch.gemm(x, weight, out_dtype=x.dtype, bias=bias, t=t, b=lora_B, scale_vec=scale_vec, perm=perm, ids=ids,
@@ -41,12 +39,9 @@ def grouped_dora_forward(
 @grouped_dora_forward.register_fake
 def _(x, weight, bias, lora_A, lora_B, scale_vec, perm, ids, seg, g, dropout_p, seed, store_z, rank_offsets, t_width,
       rank_align):
-    M, K = x.shape
-    N = weight.shape[0]
-    bits = x.new_empty(M, -(-K // 32), dtype=torch.int32) if dropout_p > 0 else x.new_empty(0, dtype=torch.int32)
-    R = t_width if rank_offsets is not None else lora_A.shape[-2]
-    z = x.new_empty(M, N) if store_z else x.new_empty(0)
-    return x.new_empty(M, N), x.new_empty(M, R, dtype=torch.float32), bits, z
+    M, N = x.shape[0], weight.shape[0]
+    return (x.new_empty(M, N), *_fake_shrink(x, lora_A, dropout_p, rank_offsets, t_width),
+            x.new_empty(M, N) if store_z else x.new_empty(0))
 
 
 def _column_scale(g: Tensor, lora_B: Tensor, rank_offsets: Tensor | None) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fastlora import _launch
-from fastlora._ops import COMPUTE_DTYPES, _weight
+from fastlora._ops import COMPUTE_DTYPES, _fake_shrink, _shrink, _weight
 
 
 @torch.library.custom_op("fastlora::dora_forward", mutates_args=())
@@ -30,9 +30,7 @@ def dora_forward(
     x W^T + s T B^T (p = 0) or d(x) W^T + s T B^T (p > 0), which the magnitude gradient needs."""
     M, K = x.shape
     p = dropout_p
-    bits = _launch.dropout_bits(M, K, x.device) if p > 0 else x.new_empty(0, dtype=torch.int32)
-    t = _launch.gemm(x, lora_A, out_dtype=torch.float32, shrink=True, x_dropout=p > 0, dropout_p=p, seed=seed,
-                     bits=bits if p > 0 else None)
+    t, bits = _shrink(x, lora_A, None, None, None, p, seed, None)
     z = _launch.empty((M, lora_B.shape[0]), x.dtype, x.device) if store_z else x.new_empty(0)
     scale = _launch.DoraScale(g, dropout=p > 0, z=z if store_z else None)
     w = _weight(weight, quant, qblocks, lora_B.shape[0], K)
@@ -43,11 +41,8 @@ def dora_forward(
 
 @dora_forward.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, g, dropout_p, seed, store_z, quant, qblocks):
-    M, K = x.shape
-    N = lora_B.shape[0]
-    bits = x.new_empty(M, -(-K // 32), dtype=torch.int32) if dropout_p > 0 else x.new_empty(0, dtype=torch.int32)
-    z = x.new_empty(M, N) if store_z else x.new_empty(0)
-    return x.new_empty(M, N), x.new_empty(M, lora_A.shape[0], dtype=torch.float32), bits, z
+    M, N = x.shape[0], lora_B.shape[0]
+    return x.new_empty(M, N), *_fake_shrink(x, lora_A, dropout_p), x.new_empty(M, N) if store_z else x.new_empty(0)
 
 
 @torch.library.custom_op("fastlora::dora_backward", mutates_args=())

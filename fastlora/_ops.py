@@ -30,13 +30,9 @@ def lora_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [M, N], T [M, R] fp32, bits): T = drop(x) A^T, y = x W^T + b + s T B^T; bits is the packed keep-mask
     (empty without dropout)."""
-    M, K = x.shape
-    bits = _launch.dropout_bits(M, K, x.device) if dropout_p > 0 else x.new_empty(0, dtype=torch.int32)
     ragged = _ragged(rank_offsets, t_width, rank_align, lora_A)
-    t = _launch.gemm(x, lora_A, out_dtype=torch.float32, shrink=True, perm=perm, ids=ids, seg=seg,
-                     x_dropout=dropout_p > 0, dropout_p=dropout_p, seed=seed, bits=bits if dropout_p > 0 else None,
-                     ragged=ragged)
-    w = _weight(weight, quant, qblocks, lora_B.shape[-2], K)
+    t, bits = _shrink(x, lora_A, perm, ids, seg, dropout_p, seed, ragged)
+    w = _weight(weight, quant, qblocks, lora_B.shape[-2], x.shape[1])
     y = _launch.gemm(x, w, out_dtype=x.dtype, bias=bias, t=t, b=lora_B, scaling=scaling,
                      scale_vec=scale_vec, perm=perm, ids=ids, ragged=ragged)
     return y, t, bits
@@ -45,10 +41,26 @@ def lora_forward(
 @lora_forward.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, scale_vec, perm, ids, seg, dropout_p, seed, quant, qblocks,
       rank_offsets=None, t_width=0, rank_align=1):
+    return x.new_empty(x.shape[0], lora_B.shape[-2]), *_fake_shrink(x, lora_A, dropout_p, rank_offsets, t_width)
+
+
+def _shrink(x: Tensor, lora_A: Tensor, perm, ids, seg, dropout_p: float, seed: int, ragged):
+    """(T [M, R] fp32, bits): T = drop(x) A^T, the first launch of every forward op (grouped with perm / ids / seg,
+    ragged with ``ragged``); bits is the packed keep-mask it draws, empty without dropout."""
+    M, K = x.shape
+    p = dropout_p
+    bits = _launch.dropout_bits(M, K, x.device) if p > 0 else x.new_empty(0, dtype=torch.int32)
+    t = _launch.gemm(x, lora_A, out_dtype=torch.float32, shrink=True, perm=perm, ids=ids, seg=seg, x_dropout=p > 0,
+                     dropout_p=p, seed=seed, bits=bits if p > 0 else None, ragged=ragged)
+    return t, bits
+
+
+def _fake_shrink(x: Tensor, lora_A: Tensor, dropout_p: float, rank_offsets=None, t_width: int = 0):
+    """``_shrink``'s (T, bits) for the ops' fake implementations: T as wide as ``t_width`` for a ragged stack."""
     M, K = x.shape
     bits = x.new_empty(M, -(-K // 32), dtype=torch.int32) if dropout_p > 0 else x.new_empty(0, dtype=torch.int32)
     R = t_width if rank_offsets is not None else lora_A.shape[-2]
-    return x.new_empty(M, lora_B.shape[-2]), x.new_empty(M, R, dtype=torch.float32), bits
+    return x.new_empty(M, R, dtype=torch.float32), bits
 
 
 def _ragged(rank_offsets, t_width, rank_align, lora_A):
