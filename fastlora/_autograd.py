@@ -71,11 +71,7 @@ class DoRAFunction(torch.autograd.Function):
                                                  ctx.dropout_p, need[0], need[3], need[4], need[5], quant,
                                                  list(ctx.qblocks))
         dm = (dz / norm).to(ctx.magnitude_dtype) if need[5] else None
-        dw = None
-        if need[1]:  # full fine-tuning: the norm is detached, W enters through the base products only
-            dw = ((dy * g.to(dy.dtype)).t() @ x.to(dy.dtype)) if ctx.dropout_p == 0 else (
-                dy.t() @ x.to(dy.dtype) + (dy * (g - 1).to(dy.dtype)).t() @ _dropped(x, bits, ctx.dropout_p))
-            dw = dw.to(weight.dtype)
+        dw = _dora_weight_grad(dy, x, g, bits, ctx.dropout_p, weight.dtype) if need[1] else None
         db = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None
         return (dx if need[0] else None, dw, db, dA if need[3] else None, dB if need[4] else None, dm,
                 None, None, None, None, None, None)
@@ -114,15 +110,21 @@ class GroupedDoRAFunction(torch.autograd.Function):
             need[4], need[5], rank_offsets, ctx.t_width, ctx.rank_align)
         dm = torch.where(plain, 0.0, dz / norm).to(ctx.magnitude_dtype) if need[5] else None
         dw = None
-        if need[1]:  # full fine-tuning: each token's g row (1 for base-only tokens), the norm detached
+        if need[1]:  # each token's g row (1 for base-only tokens)
             tok = torch.empty_like(ids).scatter_(0, perm.long(), ids).long()  # adapter of each token, caller's order
-            gt = torch.cat([g, g.new_ones(1, g.shape[1])])[torch.where(tok < 0, g.shape[0], tok)].to(dy.dtype)
-            dw = ((dy * gt).t() @ x.to(dy.dtype)) if ctx.dropout_p == 0 else (
-                dy.t() @ x.to(dy.dtype) + (dy * (gt - 1)).t() @ _dropped(x, bits, ctx.dropout_p))
-            dw = dw.to(weight.dtype)
+            gt = torch.cat([g, g.new_ones(1, g.shape[1])])[torch.where(tok < 0, g.shape[0], tok)]
+            dw = _dora_weight_grad(dy, x, gt, bits, ctx.dropout_p, weight.dtype)
         db = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None
         return (dx if need[0] else None, dw, db, dA if need[3] else None, dB if need[4] else None, dm,
                 None, None, None, None, None, None, None, None, None, None)
+
+
+def _dora_weight_grad(dy, x, g, bits, p, dtype):
+    """dW of a DoRA layer whose base weight trains (full fine-tuning): the norm is detached, so W enters through the
+    base products only. g fp32: [N] (one adapter) or [M, N] (each token's adapter row)."""
+    if p == 0:
+        return ((dy * g.to(dy.dtype)).t() @ x.to(dy.dtype)).to(dtype)
+    return (dy.t() @ x.to(dy.dtype) + (dy * (g - 1).to(dy.dtype)).t() @ _dropped(x, bits, p)).to(dtype)
 
 
 def _dropped(x, bits, p):
