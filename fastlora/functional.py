@@ -296,9 +296,16 @@ def _check_ragged(x, lora_A, lora_B, rank_offsets, N, K, scaling, check_values) 
     if max(ranks) > _launch.MAX_RANK:
         g = ranks.index(max(ranks))
         raise ValueError(f"rank_offsets gives adapter {g} rank {ranks[g]}; ranks must be at most {_launch.MAX_RANK}")
-    aligned = (all(o % 8 == 0 for o in offsets) and lora_B.stride(0) % 8 == 0 and lora_B.stride(1) == 1
-               and lora_B.data_ptr() % 16 == 0)
+    aligned = all(o % 8 == 0 for o in offsets) and _columns_aligned(lora_B)
     return n, _launch.block_r(max(ranks)), 8 if aligned else 1
+
+
+def _columns_aligned(lora_B) -> bool:
+    """Whether a ragged lora_B [N, sum r] has unit column stride and every row starting 16 bytes aligned, so that
+    rank columns at multiples of 8 load as vectors. Under torch.compile the storage is trusted (data_ptr() does not
+    trace): only a ``GroupedLinear``'s own B, whose storage is aligned, is asked then."""
+    aligned = torch.compiler.is_compiling() or lora_B.data_ptr() % 16 == 0
+    return lora_B.stride(1) == 1 and lora_B.stride(0) % 8 == 0 and aligned
 
 
 def _short(values, limit=8):

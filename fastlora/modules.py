@@ -12,7 +12,14 @@ import torch.nn.functional as F
 
 from fastlora import dora
 from fastlora._launch import MAX_RANK, block_r
-from fastlora.functional import _check_lora, _check_x_weight_bias, _dora_linear, _grouped_lora_linear, lora_linear
+from fastlora.functional import (
+    _check_lora,
+    _check_x_weight_bias,
+    _columns_aligned,
+    _dora_linear,
+    _grouped_lora_linear,
+    lora_linear,
+)
 from fastlora.grouping import AdapterBatch
 from fastlora.reference import DORA_EPS
 
@@ -112,12 +119,17 @@ class Linear(nn.Module):
         if self.use_dora:
             w = self.weight.float() + self.delta_weight().float()  # W + s B A, as PEFT merges it
             g = self.lora_magnitude.float() / torch.linalg.vector_norm(w, dim=1).clamp_min(DORA_EPS)
-            zeroed = (g == 0).nonzero().squeeze(1)
-            self._merged_g = (g, zeroed, self.weight[zeroed].clone())
+            self._keep_merge_scale(g)
             self.weight.copy_(w * g[:, None])
         else:
             self.weight.add_(self.delta_weight())
         self.merged = True
+
+    def _keep_merge_scale(self, g: torch.Tensor) -> None:
+        """Record a DoRA merge's scale g (fp32 [out]) for ``unmerge``, with the weight rows g zeroes as they are now
+        (which a merge by g cannot give back)."""
+        zeroed = (g == 0).nonzero().squeeze(1)
+        self._merged_g = (g, zeroed, self.weight.detach()[zeroed].clone())
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -270,9 +282,7 @@ class GroupedLinear(nn.Module):
         elif self.removed and not torch.compiler.is_compiling():
             _check_removed(adapter_ids, self.removed)
         # the offsets are this layer's own (checked when built): no host read, T as wide as the largest rank
-        b = self.lora_B  # its own storage is 16-byte aligned; data_ptr() does not trace, so compiled code trusts it
-        aligned = torch.compiler.is_compiling() or b.data_ptr() % 16 == 0
-        align = 8 if b.stride(1) == 1 and b.stride(0) % 8 == 0 and aligned else 1
+        align = 8 if _columns_aligned(self.lora_B) else 1
         return _grouped_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, adapter_ids,
                                     dropout_p=self.dropout, training=self.training, check_ids=check, batch=batch,
                                     rank_offsets=self.rank_offsets, ragged_width=block_r(_slot(max(self.r, 1))),
