@@ -136,11 +136,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     config, weights, magnitudes = read_adapter_with_magnitudes(path)
     plan = []  # everything is checked and every new layer built before the model changes
     for name, (a, b) in weights.items():
-        mod, kw, m = _base_of(model, name, a, b, path), _layer_args(config, name, a.shape[0], path), None
-        if name in magnitudes:
-            m = magnitudes[name]
-            kw["use_dora"] = True
-        plan.append((name, mod, kw, a, b, m))
+        kw = dict(_layer_args(config, name, a.shape[0], path), use_dora=name in magnitudes)
+        plan.append((name, _base_of(model, name, a, b, path), kw, a, b, magnitudes.get(name)))
     with _transaction(model):
         layers = {name: _loaded_layer(mod, kw, a, b, m) for name, mod, kw, a, b, m in plan}
     _swap_in(model, layers)

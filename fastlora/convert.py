@@ -34,7 +34,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     dropout p and the merged state, so outputs and trainable parameters are unchanged. A layer over a
     bitsandbytes ``Linear4bit`` (QLoRA) becomes a ``fastlora.Linear4bit`` that shares the packed weight, quant
     state, bias and compute dtype. A DoRA layer (``use_dora=True``) becomes a DoRA layer sharing PEFT's magnitude
-    parameter as ``lora_magnitude`` (over a 4-bit base only where ``fastlora.Linear4bit`` has DoRA). Everything
+    parameter as ``lora_magnitude`` (over a 4-bit base: ``fastlora.Linear4bit(use_dora=True)``, QDoRA). Everything
     is checked before anything is replaced: the other LoRA variants, ``lora_bias``, ``fan_in_fan_out``/Conv1D
     bases, several active adapters, disabled adapters, adapters merged into a 4-bit base, non-Linear LoRA layers
     (Embedding, Conv, 8-bit and other quantized bases) and ``modules_to_save``/trainable-token wrappers raise
@@ -140,12 +140,10 @@ def _convert(mod, adapter: str) -> Linear | Linear4bit:
     base = mod.get_base_layer()
     four_bit = _is_bnb_4bit(base)
     dora = _is_dora(mod, adapter)
-    kw = dict(r=mod.r[adapter], alpha=mod.lora_alpha[adapter],
-              dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-              use_rslora=mod.use_rslora.get(adapter, False))
-    if dora:
-        kw["use_dora"] = True
-    layer = (Linear4bit if four_bit else Linear).from_linear(base, **kw)
+    layer = (Linear4bit if four_bit else Linear).from_linear(
+        base, r=mod.r[adapter], alpha=mod.lora_alpha[adapter],
+        dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0, use_rslora=mod.use_rslora.get(adapter, False),
+        use_dora=dora)
     layer.scaling = mod.scaling[adapter]  # may have been rescaled (PEFT's scale_layer)
     layer.lora_A = mod.lora_A[adapter].weight
     layer.lora_B = mod.lora_B[adapter].weight
@@ -162,6 +160,5 @@ def _take_merged_dora(layer: Linear, mod, adapter: str) -> None:
     """What ``Linear.unmerge`` needs from a DoRA layer PEFT merged: g = m / the norm PEFT's merge divided by (its
     cached ``{adapter}-weight_norm``), so unmerging divides by the same g as PEFT's ``unmerge``. Rows with g = 0 were
     zeroed by the merge and cannot be recovered (PEFT's unmerge gives NaN there); they stay zero."""
-    g = layer.lora_magnitude.detach().float() / getattr(mod, "_caches", {}).get(f"{adapter}-weight_norm").float()
-    zeroed = (g == 0).nonzero().squeeze(1)
-    layer._merged_g = (g, zeroed, layer.weight.detach()[zeroed].clone())
+    norm = getattr(mod, "_caches", {}).get(f"{adapter}-weight_norm")
+    layer._keep_merge_scale(layer.lora_magnitude.detach().float() / norm.float())

@@ -40,33 +40,28 @@ def inject(model: nn.Module, target_modules, *, r: int, alpha: float, dropout: f
     ``peft.get_peft_model`` does.
 
     ``use_dora=True`` (PEFT's ``LoraConfig(use_dora=True)``): every new layer is a DoRA layer with a trainable
-    ``lora_magnitude`` initialised as PEFT does (docs/dora.md). A 4-bit target needs a ``fastlora.Linear4bit``
-    with DoRA (QDoRA); where that is missing, ``NotImplementedError`` is raised before the model changes.
+    ``lora_magnitude`` initialised as PEFT does (docs/dora.md); a 4-bit target becomes a
+    ``fastlora.Linear4bit(use_dora=True)`` (QDoRA).
     """
     names = match_modules(model, target_modules)
-    kw = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
-    _adapter_args(**kw)
+    _adapter_args(r, alpha, dropout, use_rslora)
     _check_use_dora(use_dora)
-    if use_dora:
-        kw["use_dora"] = True
-    for name in names:
+    kw = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora)
+    for name in names:  # every base checked before any layer is built
         mod = model.get_submodule(name)
         if _is_bnb_4bit(mod):
             _check_bnb_4bit(name, mod)
         else:
             _check_unquantized(name, mod)
     with _transaction(model):
-        layers = [_wrap(name, model.get_submodule(name), kw) for name in names]
+        layers = [_wrap(model.get_submodule(name), kw) for name in names]
     _swap_in(model, dict(zip(names, layers, strict=True)))
     return names
 
 
-def _wrap(name: str, linear: nn.Linear, kw: dict) -> Linear | Linear4bit:
-    if _is_bnb_4bit(linear):
-        _check_bnb_4bit(name, linear)
-        return Linear4bit.from_linear(linear, **kw)
-    _check_unquantized(name, linear)
-    return Linear.from_linear(linear, **kw)
+def _wrap(linear: nn.Linear, kw: dict) -> Linear | Linear4bit:
+    """A fastlora layer over ``linear`` (checked by ``_check_bnb_4bit`` / ``_check_unquantized``)."""
+    return (Linear4bit if _is_bnb_4bit(linear) else Linear).from_linear(linear, **kw)
 
 
 def _check_unquantized(name: str, linear: nn.Linear) -> None:
