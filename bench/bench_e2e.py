@@ -35,7 +35,7 @@ E2E_TOLERANCE = 5e-2
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(harness.Cell):
     dtype: str
     R: int
     impl: str
@@ -51,10 +51,6 @@ class Case:
         e = harness.grid().e2e
         v = f"{self.variant}-" if self.variant else ""
         return f"e2e-{v}{self.dtype}-L{e['layers']}-B{e['batch']}-S{e['seq']}-r{self.R}"
-
-    @property
-    def id(self) -> str:
-        return f"{self.group}-{self.impl}"
 
 
 CASES = [Case(dtype, R, impl, qlora, dora) for qlora, dora in ((False, False), (True, False), (False, True))

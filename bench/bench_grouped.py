@@ -24,7 +24,7 @@ from fastlora import reference
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(harness.Cell):
     dtype: str
     K: int
     N: int
@@ -36,10 +36,6 @@ class Case:
     @property
     def group(self) -> str:
         return f"grouped-{self.dtype}-K{self.K}-N{self.N}-r{self.R}-G{self.G}-M{self.M}"
-
-    @property
-    def id(self) -> str:
-        return f"{self.group}-{self.impl}"
 
 
 def _cases():
@@ -120,7 +116,7 @@ SMOKE_MIX, SMOKE_MIX_TOKENS = (8, 2, 16, 4), (32,)
 
 
 @dataclass(frozen=True)
-class MixedCase:
+class MixedCase(harness.Cell):
     dtype: str
     K: int
     N: int
@@ -132,10 +128,6 @@ class MixedCase:
     def group(self) -> str:
         mix = "+".join(f"{len(list(g))}x{r}" for r, g in itertools.groupby(self.ranks))
         return f"mixed-{self.dtype}-K{self.K}-N{self.N}-{mix}-M{self.M}"
-
-    @property
-    def id(self) -> str:
-        return f"{self.group}-{self.impl}"
 
 
 def _mixed_cases():

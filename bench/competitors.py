@@ -97,27 +97,29 @@ def layer_impl(name: str, pb: Problem, dropout: float, train: bool) -> Impl:
         return Impl(cublas, [A, B])
     if name == "fastlora":
         mod = fastlora.Linear.from_linear(pb.base_linear(), r=pb.R, alpha=pb.alpha, dropout=dropout)
-        with torch.no_grad():
-            mod.lora_A.copy_(pb.A)
-            mod.lora_B.copy_(pb.B)
-        mod.train(train)
-        mod.lora_A.requires_grad_(train)
-        mod.lora_B.requires_grad_(train)
+        set_params(mod, [mod.lora_A, mod.lora_B], [pb.A, pb.B], train)
 
         def seeded(x, seed):
             return fastlora.lora_linear(x, W, b, mod.lora_A, mod.lora_B, s, dropout_p=p, training=train, seed=seed)
         return Impl(mod, [mod.lora_A, mod.lora_B], seeded)
     if name == "peft":
         layer = _peft_layer(pb, dropout, ["default"])
-        layer.train(train)
-        with torch.no_grad():
-            layer.lora_A["default"].weight.copy_(pb.A)
-            layer.lora_B["default"].weight.copy_(pb.B)
-        params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
-        for t in params:
-            t.requires_grad_(train)
+        params = set_params(layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight], [pb.A, pb.B],
+                            train)
         return Impl(layer, params)
     raise ValueError(f"unknown competitor {name!r}")
+
+
+def set_params(module: nn.Module, params: list, values: list, train: bool) -> list:
+    """A competitor's trainable tensors ``params`` set to ``values`` (the problem's, so all competitors agree),
+    requiring grad and ``module`` in training mode when ``train``; returns ``params``."""
+    with torch.no_grad():
+        for t, v in zip(params, values, strict=True):
+            t.copy_(v)
+    module.train(train)
+    for t in params:
+        t.requires_grad_(train)
+    return params
 
 
 def grouped_impl(name: str, pb: Problem, ids: torch.Tensor) -> Impl:
@@ -316,6 +318,7 @@ def qlora_impl(name: str, qp: QProblem, train: bool, magnitude: torch.Tensor | N
         return Impl(lambda x: F.linear(x, qp.W, b), [])
     A = qp.A.clone().requires_grad_(train)
     B = qp.B.clone().requires_grad_(train)
+    values = [A, B] + ([magnitude] if magnitude is not None else [])
     if name == "qlora-dequant":
         dequant, how = qp.dequantizer()
 
@@ -333,13 +336,7 @@ def qlora_impl(name: str, qp: QProblem, train: bool, magnitude: torch.Tensor | N
         mod = fastlora.Linear4bit.from_linear(base, r=pb.R, alpha=pb.alpha, compute_dtype=dtype, **QUANT, **dora)
         if not (torch.equal(mod.weight.data, qp.packed) and torch.equal(mod.quant_state.absmax, qp.state.absmax)):
             raise AssertionError("qlora-fastlora does not hold the weights every other competitor decodes")
-        params = [mod.lora_A, mod.lora_B] + ([mod.lora_magnitude] if dora else [])
-        with torch.no_grad():
-            for t, v in zip(params, (A, B, magnitude), strict=False):
-                t.copy_(v)
-        mod.train(train)
-        for t in params:
-            t.requires_grad_(train)
+        params = set_params(mod, [mod.lora_A, mod.lora_B] + ([mod.lora_magnitude] if dora else []), values, train)
         return Impl(mod, params, info=dict(built_by=how))
     if name == "qlora-peft":
         from peft import LoraConfig, get_peft_model
@@ -352,13 +349,7 @@ def qlora_impl(name: str, qp: QProblem, train: bool, magnitude: torch.Tensor | N
             raise AssertionError(f"PEFT wrapped the bitsandbytes layer in {type(layer)}, not its bnb Linear4bit")
         params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
         params += [layer.lora_magnitude_vector["default"].weight] if dora else []
-        with torch.no_grad():
-            for t, v in zip(params, (A, B, magnitude), strict=False):
-                t.copy_(v)
-        for t in params:
-            t.requires_grad_(train)
-        layer.train(train)
-        return Impl(layer, params)
+        return Impl(layer, set_params(layer, params, values, train))
     raise ValueError(f"unknown QLoRA competitor {name!r}")
 
 

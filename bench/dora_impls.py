@@ -52,14 +52,7 @@ def dora_impl(name: str, pb: competitors.Problem, m: torch.Tensor, dropout: floa
             lambda x, seed: fastlora.lora_linear(x, W, b, A, B, s, dropout_p=p, training=train, seed=seed))
     if name == "fastlora-dora":
         mod = fastlora.Linear.from_linear(pb.base_linear(), r=pb.R, alpha=pb.alpha, dropout=dropout, use_dora=True)
-        with torch.no_grad():
-            mod.lora_A.copy_(pb.A)
-            mod.lora_B.copy_(pb.B)
-            mod.lora_magnitude.copy_(m)
-        mod.train(train)
-        params = [mod.lora_A, mod.lora_B, mod.lora_magnitude]
-        for t in params:
-            t.requires_grad_(train)
+        params = competitors.set_params(mod, [mod.lora_A, mod.lora_B, mod.lora_magnitude], [pb.A, pb.B, m], train)
 
         def seeded(x, seed):
             return fastlora.lora_linear(x, W, b, mod.lora_A, mod.lora_B, s, magnitude=mod.lora_magnitude,
@@ -69,15 +62,8 @@ def dora_impl(name: str, pb: competitors.Problem, m: torch.Tensor, dropout: floa
         return competitors.Impl(Composed(W, b, A, B, M, s, p), [A, B, M])
     if name in ("peft-dora", "peft-dora-cached"):
         layer = peft_dora_layer(pb, dropout)
-        with torch.no_grad():
-            layer.lora_A["default"].weight.copy_(pb.A)
-            layer.lora_B["default"].weight.copy_(pb.B)
-            layer.lora_magnitude_vector["default"].weight.copy_(m)
-        layer.train(train)
-        params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
-                  layer.lora_magnitude_vector["default"].weight]
-        for t in params:
-            t.requires_grad_(train)
+        params = competitors.set_params(layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                                                layer.lora_magnitude_vector["default"].weight], [pb.A, pb.B, m], train)
         if name == "peft-dora":
             return competitors.Impl(layer, params)
         if train:

@@ -89,8 +89,17 @@ def device() -> torch.device:
     return torch.device("cuda" if CUDA else "cpu")
 
 
+class Cell:
+    """A benchmark cell (a dataclass with ``group`` and ``impl``): the cells of one group are timed against each
+    other; the id (pytest's, and the JSON's key) is the group and the competitor."""
+
+    @property
+    def id(self) -> str:
+        return f"{self.group}-{self.impl}"
+
+
 @dataclass(frozen=True)
-class LayerCase:
+class LayerCase(Cell):
     """One single-layer cell: mode (``fwd``, ``train``, ``train-drop<p>``), dtype, shape, rank, tokens, competitor."""
 
     mode: str
@@ -112,10 +121,6 @@ class LayerCase:
     @property
     def group(self) -> str:
         return f"{self.mode}-{self.dtype}-K{self.K}-N{self.N}-r{self.R}-M{self.M}"
-
-    @property
-    def id(self) -> str:
-        return f"{self.group}-{self.impl}"
 
 
 # ------------------------------------------------------------------------------------------------ timing
