@@ -65,6 +65,16 @@ def run_grouped(x, w, b, a, bb, s, ids, *, p=0.0, seed=0):
     return [y, x.grad, a.grad, bb.grad], [yr, xr.grad, ar.grad, bbr.grad]
 
 
+def dora_layer_backward(layer, x, y, yr, xr, ar, br, mr):
+    """Backpropagate one random dy through a DoRA layer's output ``y`` and its float64 reference ``yr`` (built from
+    the leaves xr, ar, br, mr): (fastlora outputs, reference outputs) y, dx, dA, dB, dm."""
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    yr.backward(dy.double())
+    return ([y, x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.lora_magnitude.grad],
+            [yr, xr.grad, ar.grad, br.grad, mr.grad])
+
+
 def compiled_matches_eager(model, in_features: int, tokens: int, assert_close) -> None:
     """torch.compile(fullgraph, aot_eager) of ``model`` gives eager's output and gradients (x and every trainable
     parameter) for one random input [tokens, in_features] and output gradient."""
