@@ -65,6 +65,39 @@ def run_grouped(x, w, b, a, bb, s, ids, *, p=0.0, seed=0):
     return [y, x.grad, a.grad, bb.grad], [yr, xr.grad, ar.grad, bbr.grad]
 
 
+def offsets_of(ranks, device="cpu", dtype=torch.int32):
+    """rank_offsets [n + 1] of a ragged stack whose adapter g has rank ranks[g]."""
+    return torch.tensor([0, *torch.tensor(ranks).cumsum(0).tolist()], dtype=dtype, device=device)
+
+
+def adapter_slice(t, g, offsets, dim):
+    """Adapter g's part of a stack (or of its gradient): [g] padded (``offsets`` None), ragged its rows (dim 0: A,
+    dA) or columns (dim 1: B, dB)."""
+    if offsets is None:
+        return t[g]
+    return t.narrow(dim, int(offsets[g]), int(offsets[g + 1] - offsets[g]))
+
+
+def run_stack(x, w, b, a, bb, s, ids, offsets, *, m=None, p=0.0, seed=0, **kw):
+    """Grouped LoRA over a padded (``offsets`` None) or ragged stack, grouped DoRA with a magnitude ``m``: (fastlora
+    y, dx, dA, dB and, with m, dm; the same from the float64 reference) for one seeded random dy."""
+    leaves = [t.detach().requires_grad_() for t in (x, a, bb, *([] if m is None else [m]))]
+    x, a, bb, *mag = leaves
+    dora = dict(magnitude=mag[0]) if mag else {}
+    y = fastlora.grouped_lora_linear(x, w, b, a, bb, s, ids, dropout_p=p, training=p > 0, seed=seed,
+                                     rank_offsets=offsets, **dora, **kw)
+    mask = fastlora.dropout_mask(x.shape, p, seed, x.device) if p > 0 else None
+    xr, wr, br, ar, bbr, *mr = f64(x, w, b, a, bb, *mag)
+    sr = s.double() if isinstance(s, torch.Tensor) else s
+    ref = dict(dropout_p=p, training=p > 0, dropout_mask=mask, rank_offsets=offsets)
+    yr = (reference.grouped_dora_linear(xr, wr, br, ar, bbr, sr, ids, mr[0], **ref) if mag
+          else reference.grouped_lora_linear(xr, wr, br, ar, bbr, sr, ids, **ref))
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
+    y.backward(dy)
+    yr.backward(dy.double())
+    return [y, *(t.grad for t in leaves)], [yr, *(t.grad for t in (xr, ar, bbr, *mr))]
+
+
 def dora_layer_backward(layer, x, y, yr, xr, ar, br, mr):
     """Backpropagate one random dy through a DoRA layer's output ``y`` and its float64 reference ``yr`` (built from
     the leaves xr, ar, br, mr): (fastlora outputs, reference outputs) y, dx, dA, dB, dm."""

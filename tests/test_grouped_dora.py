@@ -6,7 +6,7 @@ magnitude rows in step with add / remove; torch.compile, meta (tier A: interpret
 import pytest
 import torch
 import torch.nn as nn
-from helpers import f64
+from helpers import adapter_slice, f64, offsets_of, run_stack
 from tolerance import assert_close
 
 import fastlora
@@ -14,10 +14,6 @@ from fastlora import adapters, reference
 
 NAMES = ("y", "dx", "dA", "dB", "dm")
 NAN = float("nan")
-
-
-def offsets_of(ranks, device):
-    return torch.tensor([0, *torch.tensor(ranks).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
 def make_stack(M, K, N, ranks, dtype, device, *, ragged, plain=(), seed=0):
@@ -33,29 +29,6 @@ def make_stack(M, K, N, ranks, dtype, device, *, ragged, plain=(), seed=0):
     m = (torch.rand(n, N, generator=g) + 0.5).to(dtype).to(device)  # far from ||W + sBA||: g far from 1
     m[list(plain)] = NAN
     return x, w, b, a, bb, m, offsets_of(ranks, device) if ragged else None
-
-
-def run(x, w, b, a, bb, m, s, ids, offsets, *, p=0.0, seed=0, **kw):
-    """(fastlora y, dx, dA, dB, dm; the same from the float64 reference) for one random dy."""
-    x, a, bb, m = (t.detach().requires_grad_() for t in (x, a, bb, m))
-    y = fastlora.grouped_lora_linear(x, w, b, a, bb, s, ids, magnitude=m, dropout_p=p, training=p > 0, seed=seed,
-                                     rank_offsets=offsets, **kw)
-    mask = fastlora.dropout_mask(x.shape, p, seed, x.device) if p > 0 else None
-    xr, wr, br, ar, bbr, mr = f64(x, w, b, a, bb, m)
-    sr = s.double() if isinstance(s, torch.Tensor) else s
-    yr = reference.grouped_dora_linear(xr, wr, br, ar, bbr, sr, ids, mr, dropout_p=p, training=p > 0,
-                                       dropout_mask=mask, rank_offsets=offsets)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
-    y.backward(dy)
-    yr.backward(dy.double())
-    return [y, x.grad, a.grad, bb.grad, m.grad], [yr, xr.grad, ar.grad, bbr.grad, mr.grad]
-
-
-def adapter_slice(t, g, offsets, dim):
-    """Adapter g's part of a stack (or of its gradient): [g] padded, rows (dim 0) / columns (dim 1) ragged."""
-    if offsets is None:
-        return t[g]
-    return t.narrow(dim, int(offsets[g]), int(offsets[g + 1] - offsets[g]))
 
 
 # (stack, dtype, p): padded r = 12 and ragged r 1 ... 256 with a rank-0 DoRA adapter; fp16 and the dropout form each
@@ -75,7 +48,7 @@ def test_mixed_batch_matches_reference(stack, dtype, p, device):
     ids = torch.randint(-1, 4, (M,), generator=torch.Generator().manual_seed(1)).to(device)
     assert {-1, 0, 1, 2, 3} <= set(ids.tolist())
     scaling = torch.tensor([0.5, -1.0, 2.0, 0.75, 1.5])
-    outs, refs = run(x, w, b, a, bb, m, scaling, ids, offsets, p=p, seed=5)
+    outs, refs = run_stack(x, w, b, a, bb, scaling, ids, offsets, m=m, p=p, seed=5)
     for name, o, r in zip(NAMES, outs, refs, strict=True):
         assert_close(o, r, dtype, name)
     y, _, dA, dB, dm = outs
@@ -133,7 +106,7 @@ def test_unchecked_ids_prebuilt_batch_and_unfrozen_weight(device):
     x, w, b, a, bb, m, _ = make_stack(26, 36, 28, ranks, torch.float32, device, ragged=False, plain=(0,), seed=6)
     ids = torch.randint(-1, 3, (26,), generator=torch.Generator().manual_seed(6)).to(device)
     batch = fastlora.AdapterBatch.build(ids, 3)
-    outs, refs = run(x, w, b, a, bb, m, 1.25, ids, None, check_ids=False, batch=batch)
+    outs, refs = run_stack(x, w, b, a, bb, 1.25, ids, None, m=m, check_ids=False, batch=batch)
     for name, o, r in zip(NAMES, outs, refs, strict=True):
         assert_close(o, r, torch.float32, name)
     ws = w.clone().requires_grad_()

@@ -3,17 +3,13 @@ reference; the layers and model helpers that store adapters that way and add / r
 
 import pytest
 import torch
-from helpers import f64
+from helpers import adapter_slice, f64, offsets_of, run_stack
 from tolerance import assert_close
 
 import fastlora
 from fastlora import reference
 
 NAMES = ("y", "dx", "dA", "dB")
-
-
-def offsets_of(ranks, device="cpu", dtype=torch.int32):
-    return torch.tensor([0, *torch.tensor(ranks).cumsum(0).tolist()], dtype=dtype, device=device)
 
 
 def make_ragged(M, K, N, ranks, dtype, device, *, seed=0):
@@ -27,27 +23,6 @@ def make_ragged(M, K, N, ranks, dtype, device, *, seed=0):
     return x, w, b, a, bb
 
 
-def run_ragged(x, w, b, a, bb, s, ids, offsets, *, p=0.0, seed=0, **kw):
-    """(fastlora y, dx, dA, dB; the same from the float64 reference) for one random dy."""
-    x, a, bb = (t.detach().requires_grad_() for t in (x, a, bb))
-    y = fastlora.grouped_lora_linear(x, w, b, a, bb, s, ids, dropout_p=p, training=p > 0, seed=seed,
-                                     rank_offsets=offsets, **kw)
-    mask = fastlora.dropout_mask(x.shape, p, seed, x.device) if p > 0 else None
-    xr, wr, br, ar, bbr = f64(x, w, b, a, bb)
-    sr = s.double() if isinstance(s, torch.Tensor) else s
-    yr = reference.grouped_lora_linear(xr, wr, br, ar, bbr, sr, ids, dropout_p=p, training=p > 0, dropout_mask=mask,
-                                       rank_offsets=offsets)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
-    y.backward(dy)
-    yr.backward(dy.double())
-    return [y, x.grad, a.grad, bb.grad], [yr, xr.grad, ar.grad, bbr.grad]
-
-
-def owned(t, offsets, g, dim):
-    """Adapter g's slice of a ragged stack (rows of A / dA: dim 0, columns of B / dB: dim 1)."""
-    return t.narrow(dim, int(offsets[g]), int(offsets[g + 1] - offsets[g]))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_ranks_1_to_256_in_one_call(dtype, device):
     ranks = [1, 4, 16, 64, 256, 8]  # adapter 5 unused
@@ -57,14 +32,14 @@ def test_ranks_1_to_256_in_one_call(dtype, device):
     assert {-1, 0, 1, 2, 3, 4} <= set(ids.tolist())
     offsets = offsets_of(ranks, device)
     scaling = torch.linspace(-1.0, 2.0, len(ranks))
-    outs, refs = run_ragged(x, w, b, a, bb, scaling, ids, offsets)
+    outs, refs = run_stack(x, w, b, a, bb, scaling, ids, offsets)
     for name, o, r in zip(NAMES, outs, refs, strict=True):
         assert_close(o, r, dtype, name)
     assert outs[2].shape == a.shape and outs[3].shape == bb.shape
-    assert torch.count_nonzero(owned(outs[2], offsets, 5, 0)) == 0
-    assert torch.count_nonzero(owned(outs[3], offsets, 5, 1)) == 0
+    assert torch.count_nonzero(adapter_slice(outs[2], 5, offsets, 0)) == 0
+    assert torch.count_nonzero(adapter_slice(outs[3], 5, offsets, 1)) == 0
     for g in range(5):  # every used adapter, the rank-1 one included, gets a gradient
-        assert torch.count_nonzero(owned(outs[2], offsets, g, 0)) > 0
+        assert torch.count_nonzero(adapter_slice(outs[2], g, offsets, 0)) > 0
     base = torch.nn.functional.linear(x.double(), w.double(), b.double())
     rows = (ids == -1).nonzero().squeeze(1)
     assert_close(outs[0][rows], base[rows], dtype, "y of base-only tokens")
@@ -79,8 +54,8 @@ def test_ragged_equals_padded_stack(device):
     pa = torch.zeros(3, 16, K, device=device)
     pb = torch.zeros(3, N, 16, device=device)
     for g, r in enumerate(ranks):
-        pa[g, :r] = owned(a, offsets, g, 0)
-        pb[g, :, :r] = owned(bb, offsets, g, 1)
+        pa[g, :r] = adapter_slice(a, g, offsets, 0)
+        pb[g, :, :r] = adapter_slice(bb, g, offsets, 1)
     ids = torch.randint(-1, 3, (M,), generator=torch.Generator().manual_seed(2)).to(device)
     y = fastlora.grouped_lora_linear(x, w, b, a, bb, 0.5, ids, rank_offsets=offsets)
     padded = fastlora.grouped_lora_linear(x, w, b, pa, pb, 0.5, ids)
@@ -92,7 +67,7 @@ def test_dropout_with_kernel_mask(device):
     M = 40
     x, w, b, a, bb = make_ragged(M, 70, 40, ranks, torch.float32, device, seed=4)
     ids = torch.randint(-1, 3, (M,), generator=torch.Generator().manual_seed(4)).to(device)
-    outs, refs = run_ragged(x, w, b, a, bb, 1.5, ids, offsets_of(ranks, device), p=0.25, seed=99)
+    outs, refs = run_stack(x, w, b, a, bb, 1.5, ids, offsets_of(ranks, device), p=0.25, seed=99)
     for name, o, r in zip(NAMES, outs, refs, strict=True):
         assert_close(o, r, torch.float32, name)
 
@@ -103,7 +78,7 @@ def test_rank_zero_adapters_add_nothing(device):
     x, w, b, a, bb = make_ragged(M, 40, 30, ranks, torch.float32, device, seed=5)
     ids = torch.tensor([0, 1, 2, 3, -1, 0] * 4, device=device)
     offsets = offsets_of(ranks, device, torch.int64)  # int64 offsets are taken too
-    outs, refs = run_ragged(x, w, b, a, bb, 2.0, ids, offsets)
+    outs, refs = run_stack(x, w, b, a, bb, 2.0, ids, offsets)
     for name, o, r in zip(NAMES, outs, refs, strict=True):
         assert_close(o, r, torch.float32, name)
     base = torch.nn.functional.linear(x.double(), w.double(), b.double())
@@ -114,7 +89,7 @@ def test_rank_zero_adapters_add_nothing(device):
 def test_all_ranks_zero(device):
     x, w, b, a, bb = make_ragged(10, 16, 8, [0, 0], torch.float32, device)
     ids = torch.tensor([0, 1, -1, 0, 1, 1, 0, 0, -1, 1], device=device)
-    outs, _ = run_ragged(x, w, b, a, bb, 1.0, ids, offsets_of([0, 0], device))
+    outs, _ = run_stack(x, w, b, a, bb, 1.0, ids, offsets_of([0, 0], device))
     assert_close(outs[0], torch.nn.functional.linear(x.double(), w.double(), b.double()), torch.float32, "y")
     assert outs[2].shape == (0, 16) and outs[3].shape == (8, 0)
 
@@ -124,7 +99,7 @@ def test_storage_tail_past_the_last_offset_gets_zero_gradient(device):
     ranks = [4, 8]
     x, w, b, a, bb = make_ragged(20, 24, 16, [*ranks, 5], torch.float32, device, seed=6)
     ids = torch.randint(-1, 2, (20,), generator=torch.Generator().manual_seed(6)).to(device)
-    outs, refs = run_ragged(x, w, b, a, bb, 1.0, ids, offsets_of(ranks, device))
+    outs, refs = run_stack(x, w, b, a, bb, 1.0, ids, offsets_of(ranks, device))
     for name, o, r in zip(NAMES, outs, refs, strict=True):
         assert_close(o, r, torch.float32, name)
     assert torch.count_nonzero(outs[2][12:]) == 0 and torch.count_nonzero(outs[3][:, 12:]) == 0
@@ -136,7 +111,7 @@ def test_unchecked_offsets_and_decode(device):
     M = 4  # decode: each token its own adapter
     x, w, b, a, bb = make_ragged(M, 32, 24, ranks, torch.float32, device, seed=8)
     ids = torch.tensor([3, 2, 1, 0], device=device)
-    outs, refs = run_ragged(x, w, b, a, bb, 0.5, ids, offsets_of(ranks, device), check_ids=False)
+    outs, refs = run_stack(x, w, b, a, bb, 0.5, ids, offsets_of(ranks, device), check_ids=False)
     for name, o, r in zip(NAMES, outs, refs, strict=True):
         assert_close(o, r, torch.float32, name)
 
