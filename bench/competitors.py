@@ -103,7 +103,7 @@ def layer_impl(name: str, pb: Problem, dropout: float, train: bool) -> Impl:
             return fastlora.lora_linear(x, W, b, mod.lora_A, mod.lora_B, s, dropout_p=p, training=train, seed=seed)
         return Impl(mod, [mod.lora_A, mod.lora_B], seeded)
     if name == "peft":
-        layer = _peft_layer(pb, dropout, ["default"])
+        layer = peft_layer(pb, dropout, ["default"])
         params = set_params(layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight], [pb.A, pb.B],
                             train)
         return Impl(layer, params)
@@ -211,7 +211,7 @@ def _peft_mixed(base: nn.Linear, As, Bs, ranks, ids: torch.Tensor):
     """PEFT's mixed batch (``adapter_names``, inference): adapter g = (As[g], Bs[g]) at rank ranks[g] over ``base``,
     token i using adapter ids[i]."""
     names = [f"a{g}" for g in range(len(ranks))]
-    layer = _peft_layer(None, 0.0, names, base=base, ranks=ranks)
+    layer = peft_layer(None, 0.0, names, base=base, ranks=ranks)
     layer.eval()
     with torch.no_grad():
         for nm, a, bb in zip(names, As, Bs, strict=True):
@@ -221,15 +221,17 @@ def _peft_mixed(base: nn.Linear, As, Bs, ranks, ids: torch.Tensor):
     return lambda x: layer(x, adapter_names=adapter_names)
 
 
-def _peft_layer(pb: Problem | None, dropout: float, names: list[str], base: nn.Linear | None = None, ranks=None):
+def peft_layer(pb: Problem | None, dropout: float, names: list[str], base: nn.Linear | None = None, ranks=None,
+               use_dora: bool = False):
     """A peft LoRA Linear (from get_peft_model on a one-layer module) with adapters ``names`` in pb.dtype; ``base``
-    and ``ranks`` (one per name, alpha = 2 r each) for adapters at mixed ranks."""
+    and ``ranks`` (one per name, alpha = 2 r each) for adapters at mixed ranks; ``use_dora``: PEFT's DoRA."""
     from peft import LoraConfig, get_peft_model
 
     base = pb.base_linear() if base is None else base
     ranks = [pb.R] * len(names) if ranks is None else ranks
     model = nn.Sequential(collections.OrderedDict(proj=base))
-    cfgs = [LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["proj"]) for r in ranks]
+    cfgs = [LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["proj"], use_dora=use_dora)
+            for r in ranks]
     peft_model = get_peft_model(model, cfgs[0], adapter_name=names[0], autocast_adapter_dtype=False)
     for nm, cfg in zip(names[1:], cfgs[1:], strict=True):
         peft_model.add_adapter(nm, copy.copy(cfg))

@@ -10,8 +10,6 @@ computed once, cuBLAS GEMMs, and one fused elementwise compose) and ``fastlora-d
 
 from __future__ import annotations
 
-import collections
-
 import competitors
 import torch
 import torch.nn as nn
@@ -61,7 +59,7 @@ def dora_impl(name: str, pb: competitors.Problem, m: torch.Tensor, dropout: floa
     if name == "composed":
         return competitors.Impl(Composed(W, b, A, B, M, s, p), [A, B, M])
     if name in ("peft-dora", "peft-dora-cached"):
-        layer = peft_dora_layer(pb, dropout)
+        layer = competitors.peft_layer(pb, dropout, ["default"], use_dora=True)
         params = competitors.set_params(layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
                                                 layer.lora_magnitude_vector["default"].weight], [pb.A, pb.B, m], train)
         if name == "peft-dora":
@@ -136,13 +134,3 @@ class Composed(nn.Module):
             y.addcmul_(g - 1, z)
         return y.reshape(*x.shape[:-1], self.W.shape[0])
 
-
-def peft_dora_layer(pb: competitors.Problem, dropout: float) -> nn.Module:
-    """PEFT's LoRA Linear with ``use_dora=True`` over ``pb``'s base, adapters in the base dtype."""
-    from peft import LoraConfig, get_peft_model
-
-    model = nn.Sequential(collections.OrderedDict(proj=pb.base_linear()))
-    cfg = LoraConfig(r=pb.R, lora_alpha=pb.alpha, lora_dropout=dropout, target_modules=["proj"], use_dora=True)
-    layer = get_peft_model(model, cfg, autocast_adapter_dtype=False).base_model.model.proj
-    layer.to(pb.dtype)
-    return layer
