@@ -1,6 +1,6 @@
 """QDoRA interop: PEFT's DoRA over a bitsandbytes 4-bit tiny Llama (fp32 compute: the 4-bit kernels under the
-interpreter) against ``from_peft``, ``inject(use_dora=True)`` and adapter files both ways. Skipped until
-``fastlora.Linear4bit`` takes ``use_dora`` (until then tests/test_dora_interop.py checks the refusal)."""
+interpreter) against ``from_peft``, ``inject(use_dora=True)`` and adapter files both ways, bounded by a float64
+oracle. Skipped without bitsandbytes or peft."""
 
 import pytest
 import torch.nn as nn
