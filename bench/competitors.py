@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import inspect
 import itertools
 
 import harness
@@ -388,19 +387,15 @@ def inject(model: nn.Module, impl: str, r: int, alpha: float, dora: bool = False
         cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", use_dora=dora)
         return (get_peft_model(model, cfg, autocast_adapter_dtype=False),
                 f"peft.get_peft_model(all-linear{', use_dora=True' if dora else ''})")
-    kw = dict(use_dora=True) if dora else {}
-    if impl == "fastlora" and "use_dora" in inspect.signature(fastlora.inject).parameters:
-        fastlora.inject(model, "all-linear", r=r, alpha=alpha, **kw)
+    if impl == "fastlora":
+        fastlora.inject(model, "all-linear", r=r, alpha=alpha, use_dora=dora)
         how = f"fastlora.inject(all-linear{', use_dora=True' if dora else ''})"
     else:
-        wrap = ((lambda lin: fastlora.Linear.from_linear(lin, r=r, alpha=alpha, **kw)) if impl == "fastlora"
-                else (lambda lin: ReferenceLinear(lin, r, alpha, dora=dora)))
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear) and name != "lm_head":
-                    setattr(module, name, wrap(child))
-        how = f"bench: {'fastlora.Linear.from_linear' if impl == 'fastlora' else 'ReferenceLinear'} on each nn.Linear"
-        how += ", use_dora=True" if dora else ""
+                    setattr(module, name, ReferenceLinear(child, r, alpha, dora=dora))
+        how = f"bench: ReferenceLinear on each nn.Linear{', use_dora=True' if dora else ''}"
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     return model, how
