@@ -92,7 +92,7 @@ def run_stack(x, w, b, a, bb, s, ids, offsets, *, m=None, p=0.0, seed=0, **kw):
     ref = dict(dropout_p=p, training=p > 0, dropout_mask=mask, rank_offsets=offsets)
     yr = (reference.grouped_dora_linear(xr, wr, br, ar, bbr, sr, ids, mr[0], **ref) if mag
           else reference.grouped_lora_linear(xr, wr, br, ar, bbr, sr, ids, **ref))
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y)
     y.backward(dy)
     yr.backward(dy.double())
     return [y, *(t.grad for t in leaves)], [yr, *(t.grad for t in (xr, ar, bbr, *mr))]

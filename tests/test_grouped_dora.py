@@ -73,7 +73,7 @@ def test_all_nan_magnitude_is_plain_lora(ragged, device):
     for mag, out in ((m.clone().requires_grad_(), got), (None, want)):
         xs, As, Bs = (t.detach().clone().requires_grad_() for t in (x, a, bb))
         y = fastlora.grouped_lora_linear(xs, w, b, As, Bs, 1.5, ids, magnitude=mag, **kw)
-        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y))
         out += [y, xs.grad, As.grad, Bs.grad]
         if mag is not None:
             assert torch.count_nonzero(mag.grad) == 0
@@ -95,7 +95,7 @@ def test_one_dora_adapter_equals_dense_dora(device):
                                              seed=4)
         else:
             y = fastlora.lora_linear(xs, w, b, As, Bs, 0.8, magnitude=ms, dropout_p=0.2, training=True, seed=4)
-        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)))
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y))
         results.append([t.reshape(-1) for t in (y, xs.grad, As.grad, Bs.grad, ms.grad)])
     for name, g_, d_ in zip(NAMES, *results, strict=True):
         assert_close(g_, d_.double(), torch.float32, name, tol=1e-6)
