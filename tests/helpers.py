@@ -51,20 +51,6 @@ def run_dense(x, w, b, a, bb, s, *, p=0.0, seed=0, grads=True):
     return [y, x.grad, a.grad, bb.grad], [yr, xr.grad, ar.grad, bbr.grad]
 
 
-def run_grouped(x, w, b, a, bb, s, ids, *, p=0.0, seed=0):
-    x, a, bb = (t.detach().requires_grad_() for t in (x, a, bb))
-    y = fastlora.grouped_lora_linear(x, w, b, a, bb, s, ids, dropout_p=p, training=p > 0, seed=seed)
-    mask = fastlora.dropout_mask(x.shape, p, seed, x.device) if p > 0 else None
-    xr, wr, br, ar, bbr = f64(x, w, b, a, bb)
-    sr = s.double() if isinstance(s, torch.Tensor) else s
-    yr = reference.grouped_lora_linear(xr, wr, br, ar, bbr, sr, ids, dropout_p=p, training=p > 0,
-                                       dropout_mask=mask)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    yr.backward(dy.double())
-    return [y, x.grad, a.grad, bb.grad], [yr, xr.grad, ar.grad, bbr.grad]
-
-
 def offsets_of(ranks, device="cpu", dtype=torch.int32):
     """rank_offsets [n + 1] of a ragged stack whose adapter g has rank ranks[g]."""
     return torch.tensor([0, *torch.tensor(ranks).cumsum(0).tolist()], dtype=dtype, device=device)
@@ -78,7 +64,7 @@ def adapter_slice(t, g, offsets, dim):
     return t.narrow(dim, int(offsets[g]), int(offsets[g + 1] - offsets[g]))
 
 
-def run_stack(x, w, b, a, bb, s, ids, offsets, *, m=None, p=0.0, seed=0, **kw):
+def run_stack(x, w, b, a, bb, s, ids, offsets=None, *, m=None, p=0.0, seed=0, **kw):
     """Grouped LoRA over a padded (``offsets`` None) or ragged stack, grouped DoRA with a magnitude ``m``: (fastlora
     y, dx, dA, dB and, with m, dm; the same from the float64 reference) for one seeded random dy."""
     leaves = [t.detach().requires_grad_() for t in (x, a, bb, *([] if m is None else [m]))]

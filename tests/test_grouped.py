@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import case_id, make_grouped, run_grouped
+from helpers import case_id, make_grouped, run_stack
 from tolerance import assert_close
 
 import fastlora
@@ -27,7 +27,7 @@ CASES = [  # (M, K, N, R, n)
 def test_unsorted_ids_match_reference(M, K, N, R, n, dtype, device):
     ids = _ids(M, n, seed=M).to(device)
     scaling = torch.linspace(-1.0, 2.0, n)
-    outs, refs = run_grouped(*make_grouped(M, K, N, R, n, dtype, device), scaling, ids)
+    outs, refs = run_stack(*make_grouped(M, K, N, R, n, dtype, device), scaling, ids)
     for name, o, r in zip(NAMES, outs, refs, strict=True):
         assert_close(o, r, dtype, name)
 
@@ -35,7 +35,7 @@ def test_unsorted_ids_match_reference(M, K, N, R, n, dtype, device):
 def test_decode_each_token_its_own_adapter(device):
     M = n = 32
     ids = torch.randperm(n, generator=torch.Generator().manual_seed(1)).to(device)
-    outs, refs = run_grouped(*make_grouped(M, 64, 48, 8, n, torch.float32, device), 0.5, ids)
+    outs, refs = run_stack(*make_grouped(M, 64, 48, 8, n, torch.float32, device), 0.5, ids)
     for name, o, r in zip(NAMES, outs, refs, strict=True):
         assert_close(o, r, torch.float32, name)
 
@@ -43,7 +43,7 @@ def test_decode_each_token_its_own_adapter(device):
 def test_unused_adapters_get_exactly_zero_gradient(device):
     n = 9
     ids = torch.tensor([0, 3, 3, -1, 7, 0, 3, -1] * 3, device=device)
-    outs, refs = run_grouped(*make_grouped(ids.numel(), 40, 30, 4, n, torch.float32, device), 1.0, ids)
+    outs, refs = run_stack(*make_grouped(ids.numel(), 40, 30, 4, n, torch.float32, device), 1.0, ids)
     for name, o, r in zip(NAMES, outs, refs, strict=True):
         assert_close(o, r, torch.float32, name)
     unused = [g for g in range(n) if g not in (0, 3, 7)]
@@ -54,7 +54,7 @@ def test_unused_adapters_get_exactly_zero_gradient(device):
 def test_all_base_only(device):
     x, w, b, a, bb = make_grouped(25, 40, 30, 4, 3, torch.float32, device)
     ids = torch.full((25,), -1, device=device)
-    outs, refs = run_grouped(x, w, b, a, bb, 1.0, ids)
+    outs, refs = run_stack(x, w, b, a, bb, 1.0, ids)
     assert_close(outs[0], torch.nn.functional.linear(x.double(), w.double(), b.double()), torch.float32, "y")
     assert torch.count_nonzero(outs[2]) == 0 and torch.count_nonzero(outs[3]) == 0
     assert_close(outs[1], refs[1], torch.float32, "dx")
@@ -71,7 +71,7 @@ def test_all_one_adapter_equals_dense(device):
 def test_dropout_matches_reference_with_kernel_mask(device):
     M, n = 45, 6
     ids = _ids(M, n, seed=3).to(device)
-    outs, refs = run_grouped(*make_grouped(M, 70, 40, 8, n, torch.float32, device), 1.5, ids, p=0.25, seed=99)
+    outs, refs = run_stack(*make_grouped(M, 70, 40, 8, n, torch.float32, device), 1.5, ids, p=0.25, seed=99)
     for name, o, r in zip(NAMES, outs, refs, strict=True):
         assert_close(o, r, torch.float32, name)
 
@@ -148,6 +148,6 @@ def test_grouped_linear_module_and_use_adapters(device):
 @pytest.mark.parametrize("M,n", [(32, 32), (4096, 32), (1000, 128), (257, 1)])
 def test_gpu_grouped_matrix(M, n, dtype):
     ids = _ids(M, n, seed=M).cuda()
-    outs, refs = run_grouped(*make_grouped(M, 1024, 768, 16, n, dtype, "cuda"), 2.0, ids, p=0.1, seed=1)
+    outs, refs = run_stack(*make_grouped(M, 1024, 768, 16, n, dtype, "cuda"), 2.0, ids, p=0.1, seed=1)
     for name, o, r in zip(NAMES, outs, refs, strict=True):
         assert_close(o, r, dtype, name)

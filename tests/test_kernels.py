@@ -4,7 +4,7 @@ grouped shrink's segment-aligned tiles."""
 
 import pytest
 import torch
-from helpers import case_id, make_dense, make_grouped, run_dense, run_grouped
+from helpers import case_id, make_dense, make_grouped, run_dense, run_stack
 from tolerance import assert_close
 
 import fastlora
@@ -70,7 +70,7 @@ def test_forward_saves_the_packed_kernel_mask(M, K, device):
 def test_grouped_dropout_mask_follows_tokens(device):
     x, w, b, a, bb = make_grouped(45, 70, 33, 8, 3, torch.float32, device)
     ids = torch.randint(-1, 3, (45,), generator=torch.Generator().manual_seed(4)).to(device)
-    outs, refs = run_grouped(x, w, b, a, bb, torch.tensor([0.5, 2.0, -1.0]), ids, p=0.25, seed=21)
+    outs, refs = run_stack(x, w, b, a, bb, torch.tensor([0.5, 2.0, -1.0]), ids, p=0.25, seed=21)
     for name, o, r in zip(NAMES, outs, refs, strict=True):
         assert_close(o, r, torch.float32, name)
 
