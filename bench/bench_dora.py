@@ -117,8 +117,8 @@ def _ms(c: Case, impl_name: str) -> float:
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_dora(benchmark, request, case: Case):
-    if "peft" in case.impl and not harness.have_peft():
-        pytest.skip("peft is not installed")
+    if "peft" in case.impl:
+        harness.require("peft", "peft")
     if case.impl == "qdora-peft" and harness.bnb_unavailable():
         pytest.skip(harness.bnb_unavailable())
     if case.impl == "qdora-peft" and not case.train and not harness.CUDA:

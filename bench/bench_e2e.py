@@ -98,9 +98,9 @@ def _reference_first(case: Case, ids):
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_e2e(benchmark, request, case: Case):
-    pytest.importorskip("transformers", reason="the end-to-end model is built from a transformers config")
-    if case.impl in ("peft", "qlora-peft") and not harness.have_peft():
-        pytest.skip("peft is not installed")
+    harness.require("transformers", "peft")  # the end-to-end model is built from a transformers config
+    if case.impl in ("peft", "qlora-peft"):
+        harness.require("peft", "peft")
     if case.impl == "qlora-peft" and harness.bnb_unavailable():
         pytest.skip(harness.bnb_unavailable())
     e = harness.grid().e2e

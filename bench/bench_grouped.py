@@ -51,8 +51,8 @@ _MS: dict = {}
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_grouped(benchmark, request, case: Case):
-    if case.impl == "peft-mixed" and not harness.have_peft():
-        pytest.skip("peft is not installed")
+    if case.impl == "peft-mixed":
+        harness.require("peft", "peft")
     dtype, dev = harness.DTYPES[case.dtype], harness.device()
     pb = competitors.Problem(case.K, case.N, case.R, dtype, dev, num_adapters=case.G)
     gen = torch.Generator(device="cpu").manual_seed(case.M * 1000 + case.G)
@@ -142,8 +142,8 @@ MIXED_CASES = _mixed_cases()
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in MIXED_CASES])
 def test_grouped_mixed_ranks(benchmark, request, case: MixedCase):
-    if case.impl == "peft-mixed" and not harness.have_peft():
-        pytest.skip("peft is not installed")
+    if case.impl == "peft-mixed":
+        harness.require("peft", "peft")
     dtype, dev = harness.DTYPES[case.dtype], harness.device()
     mp = competitors.MixedProblem(case.K, case.N, case.ranks, dtype, dev)
     gen = torch.Generator(device="cpu").manual_seed(case.M * 1000 + len(case.ranks))

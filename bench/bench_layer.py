@@ -74,8 +74,8 @@ def _floor_ms(c: Case) -> float:
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_layer(benchmark, request, case: Case):
-    if case.impl == "peft" and not harness.have_peft():
-        pytest.skip("peft is not installed")
+    if case.impl == "peft":
+        harness.require("peft", "peft")
     pb = _problem(case)
     impl = competitors.layer_impl(case.impl, pb, case.dropout, case.train)
     ring = harness.input_ring(case.M, case.K, case.N, pb.dtype, case.train)

@@ -80,8 +80,7 @@ def _floor_ms(c: Case) -> float:
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_qlora(benchmark, request, case: Case):
     if case.impl == "qlora-peft":
-        if not harness.have_peft():
-            pytest.skip("peft is not installed")
+        harness.require("peft", "peft")
         if harness.bnb_unavailable():
             pytest.skip(harness.bnb_unavailable())
     qp = _problem(case)

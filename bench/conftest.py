@@ -4,19 +4,26 @@
 FASTLORA_BENCH_SHARD ("i/n": run the i-th of n contiguous slices, whole comparison groups kept together).
 ``bench/gpu_session.py`` adds FASTLORA_BENCH_DEADLINE (epoch seconds: later cells are skipped, with that reason),
 FASTLORA_COMPILE_LOG and FASTLORA_TUNING_LOG (see ``gpu_cache.activate`` and ``gpu_cache.dump_tuning``).
+FASTLORA_BENCH_SKIPS names a JSON file that receives the skipped cells counted by competitor and reason (``run.py``
+reports them in its last lines).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+from collections import Counter
 
 import gpu_cache
 import harness
 import pytest
 
 _progress = {"done": 0, "total": 0}
+_impl: dict[str, str] = {}  # nodeid -> the competitor its cell times
+_skips: Counter = Counter()  # (competitor, reason) -> cells
+DEADLINE_REASON = "session budget spent (FASTLORA_BENCH_DEADLINE)"
 
 
 def pytest_report_header(config):
@@ -40,12 +47,23 @@ def pytest_configure(config):
 def pytest_runtest_setup(item):
     deadline = os.environ.get("FASTLORA_BENCH_DEADLINE")
     if deadline and time.time() > float(deadline):
-        pytest.skip("session budget spent (FASTLORA_BENCH_DEADLINE)")
+        pytest.skip(DEADLINE_REASON)
 
 
 def pytest_sessionfinish(session):
     if os.environ.get("FASTLORA_TUNING_LOG"):
         gpu_cache.dump_tuning(os.environ["FASTLORA_TUNING_LOG"])
+    if os.environ.get("FASTLORA_BENCH_SKIPS"):
+        with open(os.environ["FASTLORA_BENCH_SKIPS"], "w") as f:
+            json.dump([{"impl": impl, "reason": reason, "cells": n, "budget_spent": reason == DEADLINE_REASON}
+                       for (impl, reason), n in sorted(_skips.items())], f, indent=1)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _skips:
+        terminalreporter.write_line("skipped cells by competitor:")
+        for (impl, reason), n in sorted(_skips.items()):
+            terminalreporter.write_line(f"  {impl}: {n} ({reason})")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -74,6 +92,9 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_collection_finish(session):
     _progress["total"] = len(session.items)
+    for item in session.items:
+        case = getattr(item, "callspec", None) and item.callspec.params.get("case")
+        _impl[item.nodeid] = getattr(case, "impl", None) or item.name
 
 
 def pytest_report_teststatus(report, config):
@@ -93,7 +114,10 @@ def pytest_runtest_logreport(report):
         if report.passed:
             status = dict(report.user_properties).get("summary", "")
         elif report.skipped:
-            status = "SKIPPED " + (report.longrepr[2] if isinstance(report.longrepr, tuple) else "")
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else ""
+            reason = reason.removeprefix("Skipped: ")
+            _skips[(_impl.get(report.nodeid, report.nodeid), reason)] += 1
+            status = "SKIPPED " + reason
         else:
             status = "FAILED " + (report.longreprtext.strip().splitlines() or [""])[-1][:200]
         width = len(str(_progress["total"]))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -49,6 +50,8 @@ TOTAL = 480
 # candidates at 86 keys would take ~2.3 minutes at the default (docs/gpu-session.md). The cells themselves keep
 # harness.measure's 25 + 100 ms.
 AUTOTUNE_MS = "5,20"
+# The bench stage's pytest plugin and the plots stage's library: without them the session stops before it starts.
+BENCH_TOOLS = {"pytest_benchmark": "pytest-benchmark", "matplotlib": "matplotlib"}
 
 
 class Session:
@@ -287,6 +290,11 @@ def main(argv=None) -> int:
     ap.add_argument("--bench-filter", help="pytest -k expression for the bench cells (the CI dry run uses one)")
     ap.add_argument("--skip-check", action="store_true", help="no correctness tier (a rerun of bench cells)")
     args = ap.parse_args(argv)
+    missing = [dist for module, dist in BENCH_TOOLS.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        print(f"gpu_session: {' and '.join(missing)} missing (the [bench] tools): pip install -e '.[bench]', or "
+              "on the device `pip install --no-deps` their wheels carried in .whl/", file=sys.stderr)
+        return 2
     import torch
 
     cuda = torch.cuda.is_available()

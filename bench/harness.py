@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.metadata
+import importlib.util
 import itertools
 import math
 import os
@@ -382,12 +384,15 @@ def git_sha() -> str:
         return "unknown"
 
 
-def have_peft() -> bool:
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def require(module: str, extra: str) -> None:
+    """Skip the cell when ``module`` is not installed; one that is installed but fails to import fails the cell
+    with its own error (transformers 5.25 importing a shadowed ``kernels`` broke ``import peft``: that is no skip).
+    """
+    if importlib.util.find_spec(module) is None:
+        import pytest
+
+        pytest.skip(f"{module} is not installed: pip install -e '.[{extra}]'")
+    importlib.import_module(module)
 
 
 @functools.cache

@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +31,7 @@ ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 PUBLISHED_IMG = ROOT / "docs" / "img" / "bench"
 SUITES = ("layer", "grouped", "e2e", "qlora", "dora")
+HEADLINE = "peft"  # the competitor every suite compares with (its impl names contain this)
 
 
 def parse_args(argv=None):
@@ -98,6 +101,8 @@ def main(argv=None) -> int:
         banner("NO CUDA DEVICE: running the CPU smoke grid under TRITON_INTERPRET=1. Its timings are CPU/"
                "interpreter figures that check the plumbing; they are NOT GPU results.")
 
+    skips_file = Path(tempfile.mkstemp(prefix="fastlora-skips-", suffix=".json")[1])
+    env["FASTLORA_BENCH_SKIPS"] = str(skips_file)
     files = [str(BENCH / f"bench_{s}.py") for s in args.suite.split(",")]
     cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
            "-o", "python_files=bench_*.py", f"--benchmark-json={out}", "--benchmark-quiet",
@@ -127,7 +132,28 @@ def main(argv=None) -> int:
     if not cuda:
         banner(f"CPU smoke run finished in {time.perf_counter() - t0:.0f} s. The numbers in {out.name} and its "
                "plots are CPU/interpreter figures, NOT GPU results; do not publish or commit them.")
-    return rc
+    skips_rc = report_skips(skips_file)
+    return rc or skips_rc
+
+
+def report_skips(path: Path) -> int:
+    """Print the skipped cells by competitor, last; 3 when cells of the headline competitor (PEFT) were skipped for
+    any reason but a spent session budget (deselect them on purpose with --filter "not peft")."""
+    try:
+        skips = json.loads(path.read_text() or "[]")
+    finally:
+        path.unlink(missing_ok=True)
+    if not skips:
+        return 0
+    missing = [s for s in skips if HEADLINE in s["impl"] and not s["budget_spent"]]
+    lines = [f"  {s['impl']}: {s['cells']} cells: {s['reason']}" for s in skips]
+    if missing:
+        banner(f"THE HEADLINE COMPETITOR (PEFT) WAS SKIPPED in {sum(s['cells'] for s in missing)} cells, so the "
+               "speedups this run was for are missing; exit code 3.\nSkipped cells by competitor:\n"
+               + "\n".join(lines))
+        return 3
+    print("skipped cells by competitor:\n" + "\n".join(lines), flush=True)
+    return 0
 
 
 def banner(text: str) -> None:
