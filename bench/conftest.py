@@ -55,7 +55,8 @@ def pytest_sessionfinish(session):
         gpu_cache.dump_tuning(os.environ["FASTLORA_TUNING_LOG"])
     if os.environ.get("FASTLORA_BENCH_SKIPS"):
         with open(os.environ["FASTLORA_BENCH_SKIPS"], "w") as f:
-            json.dump([{"impl": impl, "reason": reason, "cells": n, "budget_spent": reason == DEADLINE_REASON}
+            json.dump([{"impl": impl, "reason": reason, "cells": n, "budget_spent": reason == DEADLINE_REASON,
+                        "not_installed": reason.startswith(harness.NOT_INSTALLED)}
                        for (impl, reason), n in sorted(_skips.items())], f, indent=1)
 
 

@@ -384,6 +384,9 @@ def git_sha() -> str:
         return "unknown"
 
 
+NOT_INSTALLED = "not installed: "  # how require's skips begin (run.py fails a main job whose PEFT is missing)
+
+
 def require(module: str, extra: str) -> None:
     """Skip the cell when ``module`` is not installed; one that is installed but fails to import fails the cell
     with its own error (transformers 5.25 importing a shadowed ``kernels`` broke ``import peft``: that is no skip).
@@ -391,7 +394,7 @@ def require(module: str, extra: str) -> None:
     if importlib.util.find_spec(module) is None:
         import pytest
 
-        pytest.skip(f"{module} is not installed: pip install -e '.[{extra}]'")
+        pytest.skip(f"{NOT_INSTALLED}{module} (pip install -e '.[{extra}]')")
     importlib.import_module(module)
 
 

@@ -137,23 +137,23 @@ def main(argv=None) -> int:
 
 
 def report_skips(path: Path) -> int:
-    """Print the skipped cells by competitor, last; 3 when cells of the headline competitor (PEFT) were skipped for
-    any reason but a spent session budget (deselect them on purpose with --filter "not peft")."""
+    """Print the skipped cells by competitor, last, with a banner when some were the headline competitor's (PEFT),
+    a spent session budget aside; 3 when PEFT was not installed (leave it out on purpose with --filter "not peft")."""
     try:
         skips = json.loads(path.read_text() or "[]")
     finally:
         path.unlink(missing_ok=True)
-    if not skips:
-        return 0
-    missing = [s for s in skips if HEADLINE in s["impl"] and not s["budget_spent"]]
-    lines = [f"  {s['impl']}: {s['cells']} cells: {s['reason']}" for s in skips]
-    if missing:
-        banner(f"THE HEADLINE COMPETITOR (PEFT) WAS SKIPPED in {sum(s['cells'] for s in missing)} cells, so the "
-               "speedups this run was for are missing; exit code 3.\nSkipped cells by competitor:\n"
-               + "\n".join(lines))
-        return 3
-    print("skipped cells by competitor:\n" + "\n".join(lines), flush=True)
-    return 0
+    lines = "\n".join(f"  {s['impl']}: {s['cells']} cells: {s['reason']}" for s in skips)
+    headline = [s for s in skips if HEADLINE in s["impl"] and not s["budget_spent"]]
+    absent = any(s["not_installed"] for s in headline)
+    if headline:
+        banner(f"{sum(s['cells'] for s in headline)} CELLS OF THE HEADLINE COMPETITOR (PEFT) WERE SKIPPED: "
+               + ("it is not installed, so the comparisons this run is for are missing; exit code 3."
+                  if absent else "their speedups are missing from this run.")
+               + "\nSkipped cells by competitor:\n" + lines)
+    elif skips:
+        print("skipped cells by competitor:\n" + lines, flush=True)
+    return 3 if absent else 0
 
 
 def banner(text: str) -> None:

@@ -20,20 +20,25 @@ def test_require_skips_only_what_is_not_installed(tmp_path, monkeypatch):
     (tmp_path / "broken_dep").mkdir()
     (tmp_path / "broken_dep" / "__init__.py").write_text("raise ImportError('cannot import name CUDAProperties')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(pytest.skip.Exception, match="no_such_dep is not installed: pip install -e '.\\[peft\\]'"):
+    with pytest.raises(pytest.skip.Exception, match="^not installed: no_such_dep \\(pip install -e '.\\[peft\\]'\\)"):
         harness.require("no_such_dep", "peft")
     with pytest.raises(ImportError, match="CUDAProperties"):
         harness.require("broken_dep", "peft")
     harness.require("json", "peft")
 
 
-@pytest.mark.parametrize("skips, rc", [
-    ([{"impl": "peft", "reason": "peft is not installed", "cells": 4, "budget_spent": False}], 3),
-    ([{"impl": "qlora-peft", "reason": "session budget spent", "cells": 2, "budget_spent": True}], 0),
-    ([{"impl": "fastlora", "reason": "needs CUDA", "cells": 1, "budget_spent": False}], 0),
-    ([], 0),
-], ids=["peft-skipped", "budget-spent", "other-competitor", "none"])
-def test_report_skips_fails_without_the_headline_competitor(tmp_path, capsys, skips, rc):
+def _skip(impl, reason, cells, budget_spent=False, not_installed=False):
+    return dict(impl=impl, reason=reason, cells=cells, budget_spent=budget_spent, not_installed=not_installed)
+
+
+@pytest.mark.parametrize("skips, rc, banner", [
+    ([_skip("peft", "not installed: peft", 4, not_installed=True), _skip("fastlora", "needs CUDA", 1)], 3, 4),
+    ([_skip("qdora-peft", "CUDA only", 2)], 0, 2),
+    ([_skip("qlora-peft", "session budget spent", 2, budget_spent=True)], 0, None),
+    ([_skip("fastlora", "needs CUDA", 1)], 0, None),
+    ([], 0, None),
+], ids=["peft-not-installed", "peft-cannot-run-here", "budget-spent", "other-competitor", "none"])
+def test_report_skips_names_the_headline_competitor_last(tmp_path, capsys, skips, rc, banner):
     path = tmp_path / "skips.json"
     path.write_text(json.dumps(skips))
     assert run.report_skips(path) == rc
@@ -41,7 +46,8 @@ def test_report_skips_fails_without_the_headline_competitor(tmp_path, capsys, sk
     assert not path.exists()
     for s in skips:
         assert f"{s['impl']}: {s['cells']} cells: {s['reason']}" in out
-    assert ("HEADLINE COMPETITOR (PEFT) WAS SKIPPED in 4 cells" in out) == (rc == 3)
+    assert (f"{banner} CELLS OF THE HEADLINE COMPETITOR (PEFT) WERE SKIPPED" in out) == (banner is not None), out
+    assert ("exit code 3" in out) == (rc == 3)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the smoke grid is the no-CUDA path")
