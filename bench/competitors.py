@@ -95,7 +95,8 @@ def layer_impl(name: str, pb: Problem, dropout: float, train: bool) -> Impl:
             return y.reshape(*x.shape[:-1], pb.N)
         return Impl(cublas, [A, B])
     if name == "fastlora":
-        mod = fastlora.Linear.from_linear(pb.base_linear(), r=pb.R, alpha=pb.alpha, dropout=dropout)
+        mod = fastlora.Linear.from_linear(pb.base_linear(), r=pb.R, alpha=pb.alpha, dropout=dropout,
+                                          adapter_dtype=pb.dtype)  # as the PEFT competitor (docs/benchmarks.md)
         set_params(mod, [mod.lora_A, mod.lora_B], [pb.A, pb.B], train)
 
         def seeded(x, seed):
@@ -388,8 +389,8 @@ def inject(model: nn.Module, impl: str, r: int, alpha: float, dora: bool = False
         return (get_peft_model(model, cfg, autocast_adapter_dtype=False),
                 f"peft.get_peft_model(all-linear{', use_dora=True' if dora else ''})")
     if impl == "fastlora":
-        fastlora.inject(model, "all-linear", r=r, alpha=alpha, use_dora=dora)
-        how = f"fastlora.inject(all-linear{', use_dora=True' if dora else ''})"
+        fastlora.inject(model, "all-linear", r=r, alpha=alpha, use_dora=dora, adapter_dtype=model.dtype)
+        how = f"fastlora.inject(all-linear{', use_dora=True' if dora else ''}, adapter_dtype={model.dtype})"
     else:
         for module in list(model.modules()):
             for name, child in list(module.named_children()):

@@ -4,8 +4,9 @@
 cost is measured against it), ``peft-dora`` (PEFT's LoRA layer with ``use_dora=True``), ``peft-dora-cached``
 (inference only: the same under ``peft.helpers.DoraCaching``, which keeps the weight norm between eval calls),
 ``composed`` (the best plain-torch composition, after the "dorafactors" recipe: the norm factored with ||W||^2
-computed once, cuBLAS GEMMs, and one fused elementwise compose) and ``fastlora-dora`` (fastlora.Linear with
-``use_dora=True``).
+computed once, cuBLAS GEMMs, and one fused elementwise compose), ``fastlora-dora`` (fastlora.Linear with
+``use_dora=True``: the norm computed every call by default, as PEFT) and ``fastlora-dora-cached`` (inference only:
+the same under ``fastlora.DoraCaching``, the counterpart of ``peft-dora-cached``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch.nn.functional as F
 import fastlora
 from fastlora.reference import DORA_EPS
 
-DORA = ("linear", "fastlora-lora", "peft-dora", "peft-dora-cached", "composed", "fastlora-dora")
-INFERENCE_ONLY = ("peft-dora-cached",)
+DORA = ("linear", "fastlora-lora", "peft-dora", "peft-dora-cached", "composed", "fastlora-dora",
+        "fastlora-dora-cached")
+INFERENCE_ONLY = ("peft-dora-cached", "fastlora-dora-cached")
 # QDoRA (a 4-bit base, ``competitors.QProblem``): nn.Linear on the dequantised W, fastlora QLoRA, PEFT's DoRA over a
 # bitsandbytes Linear4bit, fastlora.Linear4bit(use_dora=True); each maps to ``competitors.qlora_impl`` (+ magnitude)
 QDORA = {"linear": ("linear", False), "qlora-fastlora": ("qlora-fastlora", False),
@@ -48,9 +50,14 @@ def dora_impl(name: str, pb: competitors.Problem, m: torch.Tensor, dropout: floa
         return competitors.Impl(
             lambda x: fastlora.lora_linear(x, W, b, A, B, s, dropout_p=p, training=train), [A, B],
             lambda x, seed: fastlora.lora_linear(x, W, b, A, B, s, dropout_p=p, training=train, seed=seed))
-    if name == "fastlora-dora":
-        mod = fastlora.Linear.from_linear(pb.base_linear(), r=pb.R, alpha=pb.alpha, dropout=dropout, use_dora=True)
+    if name in ("fastlora-dora", "fastlora-dora-cached"):
+        mod = fastlora.Linear.from_linear(pb.base_linear(), r=pb.R, alpha=pb.alpha, dropout=dropout, use_dora=True,
+                                          adapter_dtype=pb.dtype)  # as the PEFT competitor (docs/benchmarks.md)
         params = competitors.set_params(mod, [mod.lora_A, mod.lora_B, mod.lora_magnitude], [pb.A, pb.B, m], train)
+        if name == "fastlora-dora-cached":
+            if train:
+                raise ValueError("fastlora-dora-cached is an inference competitor (the eval norm is what it keeps)")
+            return competitors.Impl(_Cached(mod, fastlora.DoraCaching), params, info=dict(cache="fastlora.DoraCaching"))
 
         def seeded(x, seed):
             return fastlora.lora_linear(x, W, b, mod.lora_A, mod.lora_B, s, magnitude=mod.lora_magnitude,

@@ -56,6 +56,7 @@ STYLE = {
     "peft-dora-cached": ("tab:red", "<", "PEFT DoRA + DoraCaching"),
     "composed": ("tab:purple", "D", "factored norm + cuBLAS + addcmul"),
     "fastlora-dora": ("tab:blue", "*", "fastlora DoRA"),
+    "fastlora-dora-cached": ("tab:cyan", ">", "fastlora DoRA + DoraCaching"),
     "qdora-peft": ("tab:orange", "^", "PEFT QDoRA"),
     "qdora-fastlora": ("tab:green", "*", "fastlora.Linear4bit DoRA"),
 }

@@ -3,6 +3,7 @@
 from fastlora import reference
 from fastlora.adapters import add_adapters, load_adapter, load_adapters_grouped, remove_adapters, save_adapter
 from fastlora.convert import from_peft
+from fastlora.dora import DoraCaching
 from fastlora.functional import dropout_mask, grouped_lora_linear, lora_linear, lora_linear_4bit
 from fastlora.grouping import AdapterBatch
 from fastlora.linear4bit import Linear4bit
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterBatch",
+    "DoraCaching",
     "GroupedLinear",
     "Linear",
     "Linear4bit",

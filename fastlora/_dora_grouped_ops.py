@@ -121,7 +121,7 @@ def grouped_dora_norm(weight: Tensor, weight_sq: Tensor, lora_A: Tensor, lora_B:
 
     U = A W^T for the whole stack is one GEMM-core launch (n r rows padded, sum r ragged); the per-adapter cross and
     quadratic terms are small fp32 torch ops (ragged: A A^T of the stack masked to its diagonal blocks, (sum r)^2 K
-    FLOPs, and one-hot sums over each adapter's columns). ``weight_sq``: ||W_n||^2 (cached by the caller).
+    FLOPs, and one-hot sums over each adapter's columns). ``weight_sq``: ||W_n||^2 (from the caller).
     """
     N, K = weight.shape
     a2 = lora_A.reshape(-1, K)
@@ -136,8 +136,8 @@ def grouped_dora_norm(weight: Tensor, weight_sq: Tensor, lora_A: Tensor, lora_B:
         owner = _owners(rank_offsets, af.shape[0])
         onehot = F.one_hot(owner, n + 1)[:, :n].float()  # [sum r, n]
         gram = (af @ af.t()) * (owner[:, None] == owner[None, :])  # per-adapter A_a A_a^T blocks
-        cross = ((bf * u.t()) @ onehot).t()
-        quad = (((bf @ gram) * bf) @ onehot).t()
+        cross = onehot.t() @ (bf.t() * u)  # [n, N] contiguous, as the fake (inductor checks the strides)
+        quad = onehot.t() @ ((bf @ gram) * bf).t()
     s = scale_vec.float()[:, None]
     return (weight_sq[None, :] + 2.0 * s * cross + s * s * quad).clamp_min(0.0).sqrt()
 

@@ -96,7 +96,7 @@ def dora_norm(weight: Tensor, weight_sq: Tensor, lora_A: Tensor, lora_B: Tensor,
 
         ||W_n||^2 + 2 s B_n . (A W^T)[:, n] + s^2 B_n (A A^T) B_n^T
 
-    ``weight_sq``: ||W_n||^2 (fp32 [N], cached by the caller: W is frozen). U = A W^T [R, N] is one GEMM-core launch
+    ``weight_sq``: ||W_n||^2 (fp32 [N], from the caller: ``dora.weight_sq``). U = A W^T [R, N] is one GEMM-core launch
     (M = R), A A^T [R, R] a torch matmul; all fp32 (A is cast to fp32 when its dtype differs from W's, so W's tiles are
     converted, never copied). Rounding can make the sum slightly negative where the row's norm is ~0: clamped to 0.
     """

@@ -25,7 +25,7 @@ import torch.nn as nn
 from fastlora import _files
 from fastlora.linear4bit import Linear4bit, _is_bnb_4bit
 from fastlora.model import _check_bnb_4bit, _swap_in, _transaction
-from fastlora.modules import GroupedLinear, Linear, _adapter_args, _layout
+from fastlora.modules import GroupedLinear, Linear, _adapter_args, _adapter_dtype, _check_dropout_arg, _layout
 
 _SINGLE = (Linear, Linear4bit)  # one-adapter layers: what save_adapter writes and load_adapter fills
 
@@ -52,8 +52,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     PEFT writes them; PEFT's config has one ``use_dora``, so a model mixing DoRA and plain layers raises
     ``ValueError`` (nothing written).
 
-    Atomic: both files are written beside ``path`` and replace the old ones in one step, so a crash or a failed
-    write leaves the old adapter or the new one, never a mix; other files in ``path`` are kept (``fastlora._files``).
+    Safe to interrupt: the files are written inside ``path`` (created as ``os.makedirs`` would; an existing folder,
+    mount point or symlink is written into, never replaced) under hidden names, fsynced and renamed into place, the
+    config out first and in last. A failed write raises and leaves the old adapter; a crash leaves the old adapter,
+    the new one, or a folder without a config that ``load_adapter`` (and PEFT) refuse, never a mix that loads.
+    Other files in ``path`` are kept (``fastlora._files``).
     """
     from safetensors.torch import save
 
@@ -97,7 +100,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
         if dora:
             tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = mod.lora_magnitude.detach().cpu().contiguous()
     files = {CONFIG_NAME: text.encode(), WEIGHTS_NAME: save(tensors, metadata={"format": "pt"})}
-    _files.replace_files(path, files, name_first_out=CONFIG_NAME)
+    _files.replace_files(path, files, commit=CONFIG_NAME)
     return list(layers)
 
 
@@ -120,7 +123,7 @@ def _plain(value):
     return value
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_dtype=None) -> list[str]:
     """Load a PEFT-format LoRA adapter from directory ``path`` into ``model``; return the layer names.
 
     Each layer named in the file must be an ``nn.Linear`` (wrapped into a ``fastlora.Linear`` sharing its
@@ -132,11 +135,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     ``lora_bias``, ``fan_in_fan_out`` and ``modules_to_save`` adapters raise
     ``NotImplementedError``. A transaction: the files, every tensor's shape and dtype and every base are checked
     and the new layers built before any is swapped in; a failure leaves the model as it was.
+
+    The adapters are cast to ``adapter_dtype``; None (default) is PEFT's rule (``PeftModel.from_pretrained``'s
+    ``autocast_adapter_dtype=True``): fp32 over a bf16/fp16 or 4-bit base, whatever the file's dtype, the base's
+    dtype over an fp32 base.
     """
+    _adapter_dtype(adapter_dtype, torch.float32)
     config, weights, magnitudes = read_adapter_with_magnitudes(path)
     plan = []  # everything is checked and every new layer built before the model changes
     for name, (a, b) in weights.items():
-        kw = dict(_layer_args(config, name, a.shape[0], path), use_dora=name in magnitudes)
+        kw = dict(_layer_args(config, name, a.shape[0], path), use_dora=name in magnitudes, adapter_dtype=adapter_dtype)
         plan.append((name, _base_of(model, name, a, b, path), kw, a, b, magnitudes.get(name)))
     with _transaction(model):
         layers = {name: _loaded_layer(mod, kw, a, b, m) for name, mod, kw, a, b, m in plan}
@@ -162,7 +170,7 @@ def _loaded_layer(mod: nn.Module, kw: dict, a: torch.Tensor, b: torch.Tensor,
     return layer
 
 
-def load_adapters_grouped(model: nn.Module, paths, *, dropout: float = 0.0) -> list[str]:
+def load_adapters_grouped(model: nn.Module, paths, *, dropout: float = 0.0, adapter_dtype=None) -> list[str]:
     """Stack the PEFT-format adapters in ``paths`` into ``GroupedLinear`` layers; adapter id i is ``paths[i]``.
 
     Every layer named in any file (an ``nn.Linear`` or unmerged ``fastlora.Linear``) becomes a ``GroupedLinear``
@@ -173,8 +181,12 @@ def load_adapters_grouped(model: nn.Module, paths, *, dropout: float = 0.0) -> l
     (``"use_dora": true``) and plain ones mix: a layer with any DoRA adapter gets a ``lora_magnitude`` (n, out) with
     the files' magnitudes and NaN rows for the plain adapters (``grouped_lora_linear``'s convention). Returns the layer
     names; afterwards only the stacks' adapters require grad. A transaction like ``load_adapter``: everything is
-    read, checked and built off the model first, so a failure leaves the model as it was.
+    read, checked and built off the model first, so a failure leaves the model as it was. ``dropout`` outside [0, 1)
+    raises ``ValueError`` before anything is read. The stacks are ``adapter_dtype``; None: fp32 over a bf16/fp16
+    base (PEFT's rule, as ``load_adapter``), the base's dtype otherwise.
     """
+    dropout = _check_dropout_arg(dropout)
+    _adapter_dtype(adapter_dtype, torch.float32)
     paths = list(paths)
     if not paths:
         raise ValueError("load_adapters_grouped needs at least one adapter path; got none")
@@ -182,12 +194,12 @@ def load_adapters_grouped(model: nn.Module, paths, *, dropout: float = 0.0) -> l
     bases = _grouped_bases(model, paths, loaded, {})
     with _transaction(model):
         layers = {name: _stack(base.weight, base.bias, [_entry(c, w, name, m.get(name)) for c, w, m in loaded],
-                               dropout) for name, base in bases.items()}
+                               dropout, dtype=adapter_dtype) for name, base in bases.items()}
     _swap_in(model, layers)
     return list(layers)
 
 
-def add_adapters(model: nn.Module, paths, *, dropout: float = 0.0) -> list[int]:
+def add_adapters(model: nn.Module, paths, *, dropout: float = 0.0, adapter_dtype=None) -> list[int]:
     """Load the PEFT-format adapters in ``paths`` into a grouped model while it serves; return their adapter ids.
 
     ``model``: one that ``load_adapters_grouped`` / ``add_adapters`` built (its ``GroupedLinear`` layers share one id
@@ -197,14 +209,18 @@ def add_adapters(model: nn.Module, paths, *, dropout: float = 0.0) -> list[int]:
     ``GroupedLinear`` (``dropout`` for them; the others keep theirs). Storage: every layer is rebuilt compact, each
     live adapter at its own rank (no gaps, no padding), so add/remove cycles never grow it. A transaction: all files
     are read and checked and every new layer built off the model before any is swapped in; a failure changes
-    nothing. Optimizers holding the old ``lora_A``/``lora_B`` parameters must be rebuilt.
+    nothing. Optimizers holding the old ``lora_A``/``lora_B`` parameters must be rebuilt. ``adapter_dtype``, like
+    ``dropout``, is for the layers that become grouped (None: fp32 over a bf16/fp16 base); the others keep their
+    stacks' dtype. A ``dropout`` outside [0, 1) raises ``ValueError`` before anything is read.
     """
+    dropout = _check_dropout_arg(dropout)
+    _adapter_dtype(adapter_dtype, torch.float32)
     paths = list(paths)
     if not paths:
         raise ValueError("add_adapters needs at least one adapter path; got none")
     grouped = _grouped_layers(model)
     if not grouped:
-        load_adapters_grouped(model, paths, dropout=dropout)
+        load_adapters_grouped(model, paths, dropout=dropout, adapter_dtype=adapter_dtype)
         return list(range(len(paths)))
     n, removed = _id_space(grouped)
     loaded = [read_adapter_with_magnitudes(p) for p in paths]
@@ -220,8 +236,9 @@ def add_adapters(model: nn.Module, paths, *, dropout: float = 0.0) -> list[int]:
             entries = _entries(grouped[name], total) if name in grouped else [None] * total
             for i, (config, weights, magnitudes) in zip(ids, loaded, strict=True):
                 entries[i] = _entry(config, weights, name, magnitudes.get(name))
-            layers[name] = _stack(base.weight, base.bias, entries, grouped[name].dropout if name in grouped
-                                  else dropout, removed.difference(ids))
+            old = grouped.get(name)
+            layers[name] = _stack(base.weight, base.bias, entries, dropout if old is None else old.dropout,
+                                  removed.difference(ids), adapter_dtype if old is None else old.lora_A.dtype)
     _swap_in(model, layers)
     return ids
 
@@ -253,7 +270,8 @@ def remove_adapters(model: nn.Module, ids) -> None:
         entries = _entries(layer, n)
         for i in ids:
             entries[i] = None
-        layers[name] = _stack(layer.weight, layer.bias, entries, layer.dropout, removed.union(int(i) for i in ids))
+        layers[name] = _stack(layer.weight, layer.bias, entries, layer.dropout, removed.union(int(i) for i in ids),
+                              layer.lora_A.dtype)
     _swap_in(model, layers)
 
 
@@ -316,13 +334,14 @@ def _entries(layer: GroupedLinear, total: int) -> list:
     return out + [None] * (total - len(out))
 
 
-def _stack(weight, bias, entries: list, dropout: float, removed=frozenset()) -> GroupedLinear:
-    """A new ``GroupedLinear`` over ``weight``/``bias`` with adapter i = entries[i] (None: rank 0), compact. The
-    stack has a magnitude (n, out) when some entry has one (DoRA), its other rows NaN (plain adapters, empty slots)."""
+def _stack(weight, bias, entries: list, dropout: float, removed=frozenset(), dtype=None) -> GroupedLinear:
+    """A new ``GroupedLinear`` over ``weight``/``bias`` with adapter i = entries[i] (None: rank 0), compact, its stacks
+    in ``dtype`` (None: fp32 over a 16-bit weight, else its dtype). The stack has a magnitude (n, out) when some entry
+    has one (DoRA), its other rows NaN (plain adapters, empty slots)."""
     N, K = weight.shape
     ranks = [0 if e is None else e[0].shape[0] for e in entries]
     starts, total = _layout(ranks)
-    kw = dict(dtype=weight.dtype, device=weight.device)
+    kw = dict(dtype=_adapter_dtype(dtype, weight.dtype), device=weight.device)
     lora_A, lora_B = torch.zeros(total, K, **kw), torch.zeros(N, total, **kw)
     scaling = torch.zeros(len(entries), dtype=torch.float32, device=weight.device)
     dora = any(e is not None and e[3] is not None for e in entries)
@@ -369,6 +388,10 @@ def read_adapter_with_magnitudes(path: str | os.PathLike) -> tuple[
     config_file, weights_file = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     for f in (config_file, weights_file):
         if not os.path.isfile(f):
+            left = _files.leftovers(path, (CONFIG_NAME, WEIGHTS_NAME))
+            if left:
+                raise FileNotFoundError(f"{path}: a save_adapter into it did not finish: {f} is missing (left behind: "
+                                        f"{left}; the '.old' files are the previous adapter's). Save it again")
             raise FileNotFoundError(f"{path} is not an adapter directory: {f} is missing")
     with open(config_file) as f:
         try:

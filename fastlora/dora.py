@@ -1,10 +1,11 @@
 """DoRA's column norm ||W + s B A|| per output row, without an out x in tensor, and the ||W||^2 it starts from.
 
-||W_n||^2 is cached per weight tensor (W is frozen) and recomputed when W changes in place or is replaced (its
-version counter or storage changed); the rest is one small GEMM per step (``fastlora._dora_ops.dora_norm``). Under
-torch.compile the cache is skipped (version counters do not trace): ||W||^2 is then recomputed each call.
-A 4-bit W (QDoRA, ``weight_sq_4bit``): ||deq(W)_n||^2 in fp32 from the packed bytes, decoded ROWS rows at a time,
-cached on the packed tensor (its version and storage, and the block scales'); U = A deq(W)^T by the 4-bit GEMM.
+By default nothing is cached: every call computes ||W_n||^2 (one pass over W) and U = A W^T (one small GEMM,
+``fastlora._dora_ops.dora_norm``), so an edit made any way (``.data`` included) is seen by the next call.
+``DoraCaching`` (opt-in, as PEFT's) keeps ||W||^2 per weight tensor and, in eval mode, each layer's norm, trusting
+version counters and storages (which ``.data`` edits bypass); never under torch.compile (version counters do not
+trace). A 4-bit W (QDoRA, ``weight_sq_4bit``): ||deq(W)_n||^2 in fp32 from the packed bytes, decoded ROWS rows at a
+time; U = A deq(W)^T by the 4-bit GEMM.
 """
 
 from __future__ import annotations
@@ -18,14 +19,54 @@ from fastlora.reference import DORA_EPS
 _weight_sq: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 # Rows per chunk when summing ||W_n||^2: bounds the fp32 temporary to ROWS x in_features.
 ROWS = 1024
+_caching = False  # DoraCaching
+_epoch = 0  # bumped each time caching is switched on: nothing cached before is used again
+
+
+class DoraCaching:
+    """Opt-in caching of DoRA's norms, used as PEFT's ``peft.helpers.DoraCaching``: ``with DoraCaching(): ...``, or
+    ``DoraCaching()(True)`` / ``DoraCaching()(False)`` to switch it on or off for good. Off by default.
+
+    While on: ||W_n||^2 is computed once per base weight tensor (training too), and in eval mode each DoRA layer
+    (``Linear``, ``Linear4bit``, ``GroupedLinear``) computes its norm ||W + s B A|| once and reuses it. Both are
+    recomputed when W, A, B, the scaling (or the 4-bit block scales) change by an op that bumps their version
+    counter (optimizer steps, ``copy_``/``mul_`` under ``no_grad``, ``load_state_dict``) or are replaced, and when
+    the grad mode switches into or out of ``torch.inference_mode``. Edits that bypass version counters
+    (``p.data.add_(...)``, ``p.data = t``) are **not** guaranteed to be seen: make them with caching off, or switch
+    it on again after them; each switch on (entering the block, leaving an inner ``DoraCaching(False)``, a call with
+    True) starts from empty caches. A training-mode forward drops the layer's eval norm. Under torch.compile nothing
+    is cached.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = bool(enabled)
+        self._previous: list[bool] = []
+
+    def __enter__(self) -> DoraCaching:
+        self._previous.append(_caching)
+        _set_caching(self.enabled)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _set_caching(self._previous.pop())
+
+    def __call__(self, enabled: bool = True) -> None:
+        _set_caching(bool(enabled))
+
+
+def _set_caching(enabled: bool) -> None:
+    global _caching, _epoch
+    _caching = enabled
+    _epoch += 1
+    _weight_sq.clear()
 
 
 def _cached_on(t: torch.Tensor, key, compute) -> torch.Tensor:
-    """``compute()``, kept on tensor ``t`` (weakly) while ``key()`` is unchanged; every call under torch.compile
-    (version counters do not trace) or for a meta ``t``."""
-    if torch.compiler.is_compiling() or t.device.type == "meta":
+    """``compute()``, kept on tensor ``t`` (weakly) while caching is on and ``key()`` is unchanged; every call with
+    caching off, under torch.compile (version counters do not trace) or for a meta ``t``."""
+    if torch.compiler.is_compiling() or not _caching or t.device.type == "meta":
         return compute()
-    k = key()
+    k = (_epoch, torch.is_inference_mode_enabled(), *key())  # an inference-mode result is never saved for backward
     hit = _weight_sq.get(t)
     if hit is None or hit[0] != k:
         hit = (k, compute())
@@ -34,19 +75,22 @@ def _cached_on(t: torch.Tensor, key, compute) -> torch.Tensor:
 
 
 def eval_cached(module, tensors, compute, extra=()) -> torch.Tensor:
-    """A DoRA layer's norm: ``compute()`` in training, under torch.compile and on meta; in eval kept on
-    ``module._norm_cache`` until one of ``tensors`` changes (version counter or storage: in place or replaced) or
-    ``extra`` differs."""
-    if module.training or torch.compiler.is_compiling() or tensors[0].device.type == "meta":
+    """A DoRA layer's norm: ``compute()`` unless caching is on and the layer is in eval mode (never under
+    torch.compile or on meta); then kept on ``module._norm_cache`` until one of ``tensors`` changes (version counter
+    or storage), ``extra`` differs, caching is switched on again or the inference mode flips."""
+    if torch.compiler.is_compiling() or tensors[0].device.type == "meta":
         return compute()
-    key = (*extra, *((t._version, t.data_ptr()) for t in tensors))
+    if module.training or not _caching:
+        module._norm_cache = None
+        return compute()
+    key = (_epoch, torch.is_inference_mode_enabled(), *extra, *((t._version, t.data_ptr()) for t in tensors))
     if module._norm_cache is None or module._norm_cache[0] != key:
         module._norm_cache = (key, compute())
     return module._norm_cache[1]
 
 
 def weight_sq(weight: torch.Tensor) -> torch.Tensor:
-    """||W_n||^2, fp32 [N], cached while ``weight`` keeps its version and storage."""
+    """||W_n||^2, fp32 [N]; with ``DoraCaching`` on, cached while ``weight`` keeps its version and storage."""
     return _cached_on(weight, lambda: (weight._version, weight.data_ptr(), weight.shape), lambda: _row_sq(weight))
 
 
@@ -65,7 +109,8 @@ def weight_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
 
 def weight_sq_4bit(packed: torch.Tensor, state) -> torch.Tensor:
     """||deq(W)_n||^2, fp32 [N], of a packed 4-bit weight (``state``: its ``QuantState4bit``, K a multiple of the
-    block size), cached while the packed bytes and the block scales keep their versions and storages."""
+    block size); with ``DoraCaching`` on, cached while the packed bytes and the block scales keep their versions and
+    storages."""
     return _cached_on(packed, lambda: (packed._version, packed.data_ptr(), state.absmax._version,
                                        state.absmax.data_ptr(), tuple(state.shape), state.quant_type),
                       lambda: _row_sq_4bit(packed, state))

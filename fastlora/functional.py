@@ -93,7 +93,7 @@ def lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, c
 
     ``magnitude`` [N] (QDoRA: DoRA over the 4-bit base, PEFT's semantics as ``lora_linear(magnitude=)``) with W the
     dequantised weight: g = magnitude / max(||W + s B A||, eps), the norm detached, computed in fp32 from the packed
-    weight (||W_n||^2 cached per weight); see docs/dora.md.
+    weight; see docs/dora.md.
     """
     return _lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, compute_dtype=compute_dtype,
                              dropout_p=dropout_p, training=training, seed=seed, magnitude=magnitude)

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from fastlora import dora, quant
 from fastlora.functional import _check_dtype, _lora_linear_4bit
-from fastlora.modules import Linear, _adapter_args, _check_use_dora, _init_adapter
+from fastlora.modules import Linear, _adapter_args, _adapter_dtype, _check_use_dora, _init_adapter
 
 _STATE = ("absmax", "code", "absmax2", "code2", "offset")
 
@@ -28,7 +28,8 @@ class Linear4bit(nn.Module):
     ``use_dora=True`` (QDoRA: PEFT's DoRA over the 4-bit base): a trainable ``lora_magnitude`` (out,), fp32 like the
     adapters, initialised as PEFT does to ||W_n|| of the dequantised W (B being zero); y = g (x W^T + s T B^T) + b
     with g = lora_magnitude / max(||W + s B A||, eps) (PEFT's dropout form in training, docs/dora.md). The norm is
-    computed in fp32 from the packed weight; in eval mode it is cached until W, its block scales, A or B change.
+    computed in fp32 from the packed weight, every call (kept in eval mode only under ``fastlora.DoraCaching``).
+    ``adapter_dtype`` (None: fp32) sets another dtype for lora_A, lora_B and lora_magnitude.
 
     Merging is refused: folding B A (and, with DoRA, g) into 4-bit codes re-quantises the whole weight (PEFT does it
     and warns of the rounding), after which ``unmerge`` cannot restore the base. ``dequantize()`` gives a
@@ -37,23 +38,26 @@ class Linear4bit(nn.Module):
 
     def __init__(self, in_features, out_features, bias=True, *, r=8, alpha=8, dropout=0.0, use_rslora=False,
                  use_dora=False, compute_dtype=torch.bfloat16, quant_type="nf4", blocksize=64, double_quant=True,
-                 device=None):
+                 device=None, adapter_dtype=None):
         super().__init__()
         _check_dtype("compute_dtype", compute_dtype)
         _check_use_dora(use_dora)
+        _adapter_dtype(adapter_dtype, torch.float32)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=compute_dtype)
         self._quantize(base, quant_type, blocksize, double_quant)
-        self._setup(base.bias, r, alpha, dropout, use_rslora, compute_dtype, use_dora)
+        self._setup(base.bias, r, alpha, dropout, use_rslora, compute_dtype, use_dora, adapter_dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, *, r=8, alpha=8, dropout=0.0, use_rslora=False, use_dora=False,
-                    compute_dtype=None, quant_type="nf4", blocksize=64, double_quant=True) -> Linear4bit:
+                    compute_dtype=None, quant_type="nf4", blocksize=64, double_quant=True,
+                    adapter_dtype=None) -> Linear4bit:
         """Wrap ``linear``: an ``nn.Linear`` is quantised (quant_type, blocksize, double_quant; its weight is not
         kept), a ``bitsandbytes.nn.Linear4bit`` is shared as it is (its format wins; no copy). The bias is shared
         and frozen. compute_dtype None: the bitsandbytes layer's, else bfloat16. ``use_dora``: QDoRA (see the
         class)."""
         _adapter_args(r, alpha, dropout, use_rslora)  # before anything below touches ``linear``
         _check_use_dora(use_dora)
+        _adapter_dtype(adapter_dtype, torch.float32)
         if compute_dtype is not None:
             _check_dtype("compute_dtype", compute_dtype)
         self = cls.__new__(cls)
@@ -79,10 +83,12 @@ class Linear4bit(nn.Module):
             self._quantize(linear, quant_type, blocksize, double_quant)
         else:
             raise TypeError(f"linear must be an nn.Linear or a bitsandbytes.nn.Linear4bit; got {type(linear).__name__}")
-        self._setup(linear.bias, r, alpha, dropout, use_rslora, compute_dtype or torch.bfloat16, use_dora)
+        self._setup(linear.bias, r, alpha, dropout, use_rslora, compute_dtype or torch.bfloat16, use_dora,
+                    adapter_dtype)
         return self
 
-    def _with_new_adapter(self, *, r, alpha, dropout=0.0, use_rslora=False, use_dora=False) -> Linear4bit:
+    def _with_new_adapter(self, *, r, alpha, dropout=0.0, use_rslora=False, use_dora=False,
+                          adapter_dtype=None) -> Linear4bit:
         """A new layer over this one's packed weight, quantisation state and bias (shared, not copied), with a fresh
         adapter (and, ``use_dora``, a fresh magnitude ||W_n||); this layer is left as it is."""
         _check_use_dora(use_dora)
@@ -96,7 +102,7 @@ class Linear4bit(nn.Module):
         for name in _STATE:
             if "quant_" + name in self._buffers:
                 new.register_buffer("quant_" + name, self._buffers["quant_" + name], persistent=False)
-        new._setup(self.bias, r, alpha, dropout, use_rslora, self.compute_dtype, use_dora)
+        new._setup(self.bias, r, alpha, dropout, use_rslora, self.compute_dtype, use_dora, adapter_dtype)
         return new.train(self.training)
 
     def _quantize(self, linear: nn.Linear, quant_type, blocksize, double_quant):
@@ -158,7 +164,7 @@ class Linear4bit(nn.Module):
         else:
             self._set_buffers(state)
 
-    def _setup(self, bias, r, alpha, dropout, use_rslora, compute_dtype, use_dora=False):
+    def _setup(self, bias, r, alpha, dropout, use_rslora, compute_dtype, use_dora=False, adapter_dtype=None):
         _check_dtype("compute_dtype", compute_dtype)
         _check_use_dora(use_dora)
         if self.in_features % self.blocksize:
@@ -166,11 +172,12 @@ class Linear4bit(nn.Module):
                              f"{self.blocksize}: the fused 4-bit GEMM reads each weight row as whole blocks")
         args = _adapter_args(r, alpha, dropout, use_rslora)
         self.compute_dtype = compute_dtype
-        _init_adapter(self, bias, args, use_dora, dict(device=self.weight.device, dtype=torch.float32),
+        dtype = _adapter_dtype(adapter_dtype, torch.float32)  # None: fp32 (PEFT's QLoRA)
+        _init_adapter(self, bias, args, use_dora, dict(device=self.weight.device, dtype=dtype),
                       lambda: dora.weight_sq_4bit(self.weight, self.quant_state))
 
     def _norm(self) -> torch.Tensor:
-        """max(||W + s B A||, eps) per row, fp32 [out], W dequantised; cached in eval mode (version counters)."""
+        """max(||W + s B A||, eps) per row, fp32 [out], W dequantised; kept in eval under ``DoraCaching``."""
         state = self.quant_state
         return dora.eval_cached(self, (self.weight, state.absmax, self.lora_A, self.lora_B),
                                 lambda: dora.weight_norm_4bit(self.weight, state, self.lora_A, self.lora_B,

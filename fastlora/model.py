@@ -11,18 +11,19 @@ import contextlib
 import re
 from collections.abc import Iterable
 
+import torch
 import torch.nn as nn
 
 from fastlora import quant
 from fastlora.linear4bit import Linear4bit, _is_bnb_4bit
-from fastlora.modules import GroupedLinear, Linear, _adapter_args, _check_use_dora
+from fastlora.modules import GroupedLinear, Linear, _adapter_args, _adapter_dtype, _check_use_dora
 
 ALL_LINEAR = "all-linear"
 _FASTLORA = (Linear, Linear4bit, GroupedLinear)
 
 
 def inject(model: nn.Module, target_modules, *, r: int, alpha: float, dropout: float = 0.0,
-           use_rslora: bool = False, use_dora: bool = False) -> list[str]:
+           use_rslora: bool = False, use_dora: bool = False, adapter_dtype=None) -> list[str]:
     """Replace the ``nn.Linear`` layers named by ``target_modules`` with fastlora layers; return their names.
 
     An ``nn.Linear`` becomes a ``fastlora.Linear``; a bitsandbytes ``Linear4bit`` (what ``from_pretrained`` with
@@ -42,11 +43,17 @@ def inject(model: nn.Module, target_modules, *, r: int, alpha: float, dropout: f
     ``use_dora=True`` (PEFT's ``LoraConfig(use_dora=True)``): every new layer is a DoRA layer with a trainable
     ``lora_magnitude`` initialised as PEFT does (docs/dora.md); a 4-bit target becomes a
     ``fastlora.Linear4bit(use_dora=True)`` (QDoRA).
+
+    Adapters are fp32 over bf16/fp16 (and 4-bit) bases, as ``get_peft_model`` makes them (its default
+    ``autocast_adapter_dtype=True``): in 16 bits an Adam step below the value's spacing is lost, and GradScaler
+    refuses fp16 gradients. Over an fp32 base they are fp32. ``adapter_dtype`` (torch.float16, bfloat16 or float32)
+    overrides this for every new layer.
     """
     names = match_modules(model, target_modules)
     _adapter_args(r, alpha, dropout, use_rslora)
     _check_use_dora(use_dora)
-    kw = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora)
+    _adapter_dtype(adapter_dtype, torch.float32)
+    kw = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora, adapter_dtype=adapter_dtype)
     for name in names:  # every base checked before any layer is built
         mod = model.get_submodule(name)
         if _is_bnb_4bit(mod):

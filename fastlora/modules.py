@@ -18,6 +18,7 @@ from fastlora.functional import (
     _columns_aligned,
     _dora_linear,
     _grouped_lora_linear,
+    _short,
     lora_linear,
 )
 from fastlora.grouping import AdapterBatch
@@ -31,17 +32,38 @@ def _adapter_args(r, alpha, dropout, use_rslora) -> tuple[int, int | float, floa
         raise ValueError(f"r must be an int in [1, {MAX_RANK}]; got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
         raise TypeError(f"alpha must be a finite real number; got {alpha!r} ({type(alpha).__name__})")
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+    dropout = _check_dropout_arg(dropout)
     if not isinstance(use_rslora, bool):
         raise TypeError(f"use_rslora must be a bool; got {use_rslora!r}")
     r, alpha = int(r), int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
-    return r, alpha, float(dropout), use_rslora, alpha / math.sqrt(r) if use_rslora else alpha / r
+    return r, alpha, dropout, use_rslora, alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _check_dropout_arg(dropout) -> float:
+    """A layer's dropout probability, checked where it enters (not at the first training forward), as a float."""
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+    return float(dropout)
 
 
 def _check_use_dora(use_dora) -> None:
     if not isinstance(use_dora, bool):
         raise TypeError(f"use_dora must be a bool; got {type(use_dora).__name__}")
+
+
+ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _adapter_dtype(adapter_dtype, base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of new adapters (lora_A, lora_B, DoRA's magnitude) over a base of ``base_dtype``: ``adapter_dtype``
+    if given, else PEFT's rule (``autocast_adapter_dtype=True``, its default): fp32 over a 16-bit base (an Adam step
+    on a 16-bit adapter is lost below its spacing; GradScaler refuses fp16 gradients), the base's dtype otherwise."""
+    if adapter_dtype is None:
+        return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+    if adapter_dtype not in ADAPTER_DTYPES:
+        raise TypeError(f"adapter_dtype must be torch.float16, torch.bfloat16, torch.float32 or None (fp32 over a "
+                        f"16-bit base, else the base's dtype); got {adapter_dtype!r}")
+    return adapter_dtype
 
 
 def _init_adapter(layer, bias, args, use_dora, kw, weight_sq) -> None:
@@ -70,45 +92,57 @@ class Linear(nn.Module):
 
     ``use_dora=True`` (PEFT's DoRA): a trainable ``lora_magnitude`` (out,), initialised as PEFT does to
     ||W + s B A|| per row (= ||W_n||, B being zero), and y = g (x W^T + s T B^T) + b with g = lora_magnitude /
-    max(||W + s B A||, eps) (PEFT's dropout form in training, docs/dora.md). In eval mode the norm is cached until
-    W, A or B change (in place or replaced).
+    max(||W + s B A||, eps) (PEFT's dropout form in training, docs/dora.md). The norm is computed every call;
+    only under ``fastlora.DoraCaching`` is it kept in eval mode (docs/dora.md, "Caching the norm").
+
+    ``adapter_dtype``: the dtype of lora_A, lora_B (and lora_magnitude). None (default) is PEFT's rule: fp32 over a
+    bf16/fp16 base (``get_peft_model``'s ``autocast_adapter_dtype=True``; the kernels take fp32 adapters under
+    16-bit activations and return their gradients in fp32), the base's dtype otherwise.
     """
 
     def __init__(self, in_features, out_features, bias=True, *, r=8, alpha=8, dropout=0.0, use_rslora=False,
-                 use_dora=False, device=None, dtype=None):
+                 use_dora=False, device=None, dtype=None, adapter_dtype=None):
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(base.weight, base.bias, r, alpha, dropout, use_rslora, use_dora)
+        self._setup(base.weight, base.bias, r, alpha, dropout, use_rslora, use_dora, adapter_dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, r=8, alpha=8, dropout=0.0, use_rslora=False, use_dora=False) -> Linear:
-        """Wrap ``linear``: the new layer shares (and freezes) its weight and bias parameters."""
+    def from_linear(cls, linear: nn.Linear, *, r=8, alpha=8, dropout=0.0, use_rslora=False, use_dora=False,
+                    adapter_dtype=None) -> Linear:
+        """Wrap ``linear``: the new layer shares (and freezes) its weight and bias parameters. ``adapter_dtype``: see
+        the class (None: fp32 over a 16-bit weight)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear; got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora, use_dora)
+        self._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora, use_dora, adapter_dtype)
         return self
 
-    def _setup(self, weight, bias, r, alpha, dropout, use_rslora, use_dora=False):
+    def _setup(self, weight, bias, r, alpha, dropout, use_rslora, use_dora=False, adapter_dtype=None):
         args = _adapter_args(r, alpha, dropout, use_rslora)
         _check_use_dora(use_dora)
+        dtype = _adapter_dtype(adapter_dtype, weight.dtype)
         self.out_features, self.in_features = weight.shape
         self.weight = weight
         self.weight.requires_grad_(False)
         self._merged_g = None  # what unmerge() needs: g of the merge and the rows it zeroed
-        _init_adapter(self, bias, args, use_dora, dict(device=weight.device, dtype=weight.dtype),
+        _init_adapter(self, bias, args, use_dora, dict(device=weight.device, dtype=dtype),
                       lambda: dora.weight_sq(self.weight))
 
     def _norm(self) -> torch.Tensor:
-        """max(||W + s B A||, eps) per row, fp32 [out]; cached in eval mode (tensors' version counters)."""
+        """max(||W + s B A||, eps) per row, fp32 [out]; kept in eval mode under ``DoraCaching``."""
         return dora.eval_cached(self, (self.weight, self.lora_A, self.lora_B),
                                 lambda: dora.weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling),
                                 (self.scaling,))
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A in the base weight's dtype (computed in fp32)."""
-        return (self.scaling * (self.lora_B.float() @ self.lora_A.float())).to(self.weight.dtype)
+        return self._delta_fp32().to(self.weight.dtype)
+
+    def _delta_fp32(self) -> torch.Tensor:
+        """scaling * B A in fp32: merge and unmerge add it to W in fp32 and round once, as PEFT's merge of fp32
+        adapters into a 16-bit W."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -117,12 +151,12 @@ class Linear(nn.Module):
         if self.merged:
             return
         if self.use_dora:
-            w = self.weight.float() + self.delta_weight().float()  # W + s B A, as PEFT merges it
+            w = self.weight.float() + self._delta_fp32()  # W + s B A, as PEFT merges it
             g = self.lora_magnitude.float() / torch.linalg.vector_norm(w, dim=1).clamp_min(DORA_EPS)
             self._keep_merge_scale(g)
             self.weight.copy_(w * g[:, None])
         else:
-            self.weight.add_(self.delta_weight())
+            self.weight.add_(self._delta_fp32())  # computed in fp32 (or W's wider dtype), rounded once
         self.merged = True
 
     def _keep_merge_scale(self, g: torch.Tensor) -> None:
@@ -137,11 +171,11 @@ class Linear(nn.Module):
             return
         if self.use_dora:
             g, zeroed, rows = self._merged_g
-            self.weight.copy_(self.weight.float() / torch.where(g == 0, 1.0, g)[:, None] - self.delta_weight().float())
+            self.weight.copy_(self.weight.float() / torch.where(g == 0, 1.0, g)[:, None] - self._delta_fp32())
             self.weight[zeroed] = rows
             self._merged_g = None
         else:
-            self.weight.sub_(self.delta_weight())
+            self.weight.sub_(self._delta_fp32())
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,12 +211,15 @@ class GroupedLinear(nn.Module):
     DoRA: ``lora_magnitude`` (n, out) is a trainable parameter when some adapter is DoRA, else None (a plain stack holds
     and computes nothing more). Row g is adapter g's magnitude, or NaN for a plain LoRA adapter (and for empty or
     removed slots): one batch mixes both (``grouped_lora_linear(magnitude=)``, docs/dora.md). ``use_dora=True`` makes
-    every adapter DoRA, initialised as PEFT does (||W_n||: B starts at zero). In eval mode the norm is cached until W,
-    A, B or the scaling change (in place or replaced).
+    every adapter DoRA, initialised as PEFT does (||W_n||: B starts at zero). The norm is computed every call; only
+    under ``fastlora.DoraCaching`` is it kept in eval mode.
+
+    ``adapter_dtype``: the stacks' dtype (lora_A, lora_B, lora_magnitude); None: fp32 over a bf16/fp16 base (PEFT's
+    rule, as ``Linear``), the base's dtype otherwise.
     """
 
     def __init__(self, in_features, out_features, bias=True, *, num_adapters=None, r=8, alpha=8, dropout=0.0,
-                 ranks=None, use_dora=False, device=None, dtype=None):
+                 ranks=None, use_dora=False, device=None, dtype=None, adapter_dtype=None):
         super().__init__()
         if ranks is None:
             if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
@@ -207,14 +244,14 @@ class GroupedLinear(nn.Module):
         _check_use_dora(use_dora)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         starts, total = _layout(ranks)
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        kw = dict(device=base.weight.device, dtype=_adapter_dtype(adapter_dtype, base.weight.dtype))
         lora_A = torch.zeros(total, in_features, **kw)
         for o, rank in zip(starts, ranks, strict=True):
             if rank:
                 nn.init.kaiming_uniform_(lora_A[o:o + rank], a=math.sqrt(5))
         magnitude = None
         if use_dora:  # PEFT's initial magnitude ||W + s B A|| = ||W_n||; empty slots plain (NaN)
-            norm = dora.weight_sq(base.weight).sqrt().to(base.weight.dtype)
+            norm = dora.weight_sq(base.weight).sqrt().to(kw["dtype"])
             magnitude = norm.expand(len(ranks), -1).clone()
             magnitude[torch.tensor([rank == 0 for rank in ranks], device=norm.device)] = float("nan")
         self._setup(base.weight.requires_grad_(False), base.bias.requires_grad_(False) if bias else None,
@@ -229,22 +266,20 @@ class GroupedLinear(nn.Module):
         """A layer over ``weight``/``bias`` (shared, frozen) holding a ragged stack built elsewhere, laid out as
         ``_layout(ranks)``: lora_A (total, in), lora_B (out, total), adapter g at rank ``ranks[g]``; ``scaling`` fp32
         (n,); ``magnitude`` (n, out) or None: DoRA rows, NaN for plain adapters. The tensors are taken as they are (no
-        copy)."""
+        copy). Parts that disagree raise ``ValueError`` naming the argument and both shapes, before anything is set."""
+        ranks = _check_stack(weight, lora_A, lora_B, ranks, scaling, magnitude)
+        dropout = _check_dropout_arg(dropout)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         weight.requires_grad_(False)
         if bias is not None:
             bias.requires_grad_(False)
-        self._setup(weight, bias, lora_A, lora_B, [int(r) for r in ranks], scaling, float(dropout), frozenset(removed),
-                    magnitude)
+        self._setup(weight, bias, lora_A, lora_B, ranks, scaling, dropout, frozenset(removed), magnitude)
         self.alpha = None  # per adapter: see the scaling buffer
         return self
 
     def _setup(self, weight, bias, lora_A, lora_B, ranks, scaling, dropout, removed, magnitude=None):
-        starts, total = _layout(ranks)
-        if len(ranks) != scaling.numel() or total != lora_A.shape[0] or lora_B.shape[1] != total or (
-                magnitude is not None and tuple(magnitude.shape) != (len(ranks), weight.shape[0])):
-            raise AssertionError("ragged stack parts disagree")  # built by this package, not by users
+        starts, _ = _layout(ranks)
         self.out_features, self.in_features = weight.shape
         self.weight, self.bias = weight, bias
         self.lora_A, self.lora_B = nn.Parameter(lora_A), nn.Parameter(lora_B)
@@ -260,13 +295,46 @@ class GroupedLinear(nn.Module):
         self._norm_cache = None  # (versions and storages of W, A, B, scaling, the norm) in eval mode
         self._context: _AdapterContext | None = None
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Refuse (nothing of this layer loaded) a stack laid out for other ranks: ``rank_offsets`` must equal this
+        layer's, and each adapter's rows past its rank (zero padding to a multiple of 8) must be zero, else ``ranks``,
+        ``adapter(g)`` and ``add_adapters``/``remove_adapters`` would cut adapters at the wrong rank."""
+        offsets, a, b = (state_dict.get(prefix + k) for k in ("rank_offsets", "lora_A", "lora_B"))
+        starts, _ = _layout(self.ranks)
+        own = [*starts, starts[-1] + _slot(self.ranks[-1])]  # what rank_offsets holds, from the host-side ranks
+        why = None
+        if offsets is None:
+            if a is not None or b is not None:
+                why = "it has lora_A/lora_B but no rank_offsets, so its adapters' ranks are unknown"
+        elif offsets.is_meta:
+            pass
+        elif tuple(offsets.shape) != (len(own),) or offsets.tolist() != own:
+            why = (f"its rank_offsets {_short(offsets.tolist())} differ from this layer's {_short(own)} "
+                   f"(ranks {_short(self.ranks)})")
+        elif (a is not None and b is not None and not (a.is_meta or b.is_meta) and a.shape == self.lora_A.shape
+              and b.shape == self.lora_B.shape):
+            for g, (o, rank) in enumerate(zip(own, self.ranks, strict=False)):
+                end = o + _slot(rank)
+                if a[o + rank:end].count_nonzero() or b[:, o + rank:end].count_nonzero():
+                    why = (f"adapter {g} has non-zero values past this layer's rank {rank} (rows {o + rank}:{end} of "
+                           f"lora_A / columns of lora_B): it was saved at a larger rank")
+                    break
+        if why is not None:
+            error_msgs.append(f"GroupedLinear {prefix[:-1] or '(root)'!r}: cannot load a stack laid out for other "
+                              f"ranks: {why}. Build the layer with the saved ranks (GroupedLinear(..., ranks=...)) "
+                              "or load the adapters with fastlora.add_adapters; nothing of this layer was loaded")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     @property
     def use_dora(self) -> bool:
         """Whether the stack holds a magnitude (some adapter may be DoRA)."""
         return self.lora_magnitude is not None
 
     def _norm(self) -> torch.Tensor:
-        """max(||W + s_g B_g A_g||, eps) for every adapter, fp32 [n, out]; cached in eval mode (version counters)."""
+        """max(||W + s_g B_g A_g||, eps) for every adapter, fp32 [n, out]; kept in eval under ``DoraCaching``."""
         args = (self.weight, self.lora_A, self.lora_B, self.scaling, self.rank_offsets)
         return dora.eval_cached(self, args, lambda: dora.grouped_weight_norm(*args))
 
@@ -278,7 +346,7 @@ class GroupedLinear(nn.Module):
                 raise ValueError("GroupedLinear needs adapter_ids: pass them to forward or run the model "
                                  "inside `with fastlora.use_adapters(model, adapter_ids)`")
             adapter_ids, batch = self._context.ids_for(x.shape[:-1], self.num_adapters, x.device, self.removed)
-            check = False
+            check = self._context.check_ids  # the batch checked the ids; this checks the magnitude's NaN rows
         elif self.removed and not torch.compiler.is_compiling():
             _check_removed(adapter_ids, self.removed)
         # the offsets are this layer's own (checked when built): no host read, T as wide as the largest rank
@@ -322,6 +390,35 @@ def _layout(ranks: list[int]) -> tuple[list[int], int]:
         starts.append(o)
         o += _slot(r)
     return starts, -(-o // 16) * 16
+
+
+def _check_stack(weight, lora_A, lora_B, ranks, scaling, magnitude) -> list[int]:
+    """``GroupedLinear.from_stack``'s parts checked against each other and ``_layout(ranks)``; the ranks as ints."""
+    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("scaling", scaling)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor; got {type(t).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (out_features, in_features); got {tuple(weight.shape)}")
+    ranks = list(ranks)
+    if not ranks or any(isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 0 <= r <= MAX_RANK
+                        for r in ranks):
+        raise ValueError(f"ranks must be a non-empty list of ints in [0, {MAX_RANK}]; got {_short(ranks)}")
+    ranks = [int(r) for r in ranks]
+    (N, K), n, total = weight.shape, len(ranks), _layout(ranks)[1]
+    layout = f"for ranks {_short(ranks)} (the layout: each rank rounded up to a multiple of 8, the sum to 16)"
+    if tuple(lora_A.shape) != (total, K):
+        raise ValueError(f"lora_A must have shape (sum of slots, in_features) = ({total}, {K}) {layout} and weight "
+                         f"{tuple(weight.shape)}; got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (N, total):
+        raise ValueError(f"lora_B must have shape (out_features, sum of slots) = ({N}, {total}) {layout} and weight "
+                         f"{tuple(weight.shape)}; got {tuple(lora_B.shape)}")
+    if tuple(scaling.shape) != (n,):
+        raise ValueError(f"scaling must have shape (num_adapters,) = ({n},) for {n} ranks; got {tuple(scaling.shape)}")
+    if magnitude is not None and (not isinstance(magnitude, torch.Tensor) or tuple(magnitude.shape) != (n, N)):
+        shape = tuple(magnitude.shape) if isinstance(magnitude, torch.Tensor) else type(magnitude).__name__
+        raise ValueError(f"magnitude must be None or have shape (num_adapters, out_features) = ({n}, {N}); "
+                         f"got {shape}")
+    return ranks
 
 
 def _check_removed(adapter_ids: torch.Tensor, removed) -> None:

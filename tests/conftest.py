@@ -33,3 +33,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture
+def dora_caching():
+    """``fastlora.DoraCaching`` switched on for the test (it is off by default)."""
+    import fastlora
+
+    with fastlora.DoraCaching():
+        yield

@@ -146,7 +146,7 @@ def test_weight_norm_without_the_out_by_in_matrix(R, dtype, device):
     assert_close(norm, exact, torch.float32, "norm", tol=1e-5)  # fp32 throughout, inputs exact in fp32
 
 
-def test_weight_sq_cache_follows_the_weight(device):
+def test_weight_sq_cache_follows_the_weight(device, dora_caching):
     w = torch.randn(30, 20, device=device)
     first = dora.weight_sq(w)
     assert dora.weight_sq(w) is first, "cached while W is unchanged"
@@ -241,7 +241,7 @@ def test_linear_matches_reference_and_trains_the_magnitude(device):
 
 
 @pytest.mark.parametrize("which", ["lora_A", "lora_B", "lora_magnitude", "weight"])
-def test_eval_cache_follows_in_place_updates(which, device):
+def test_eval_cache_follows_in_place_updates(which, device, dora_caching):
     layer = dora_layer(device).eval()
     x = torch.randn(5, 40, device=device)
     before = layer(x)

@@ -179,7 +179,7 @@ def test_grouped_linear_use_dora_initialisation_and_training(device):
 
 
 @pytest.mark.parametrize("which", ["lora_B", "lora_magnitude", "scaling"])
-def test_grouped_linear_eval_norm_cache_follows_updates(which, device):
+def test_grouped_linear_eval_norm_cache_follows_updates(which, device, dora_caching):
     layer = dora_stack(device, seed=1).eval()
     x = torch.randn(6, 40, device=device)
     ids = torch.tensor([0, 2, 2, 1, 0, -1], device=device)

@@ -133,7 +133,7 @@ def test_weight_norm_4bit_without_the_out_by_in_matrix(R, device, monkeypatch):
     assert_close(dora.weight_sq_4bit(packed, state), wd.square().sum(1), FP32, "||W||^2", tol=1e-6)
 
 
-def test_weight_sq_4bit_cache_follows_the_packed_weight(device):
+def test_weight_sq_4bit_cache_follows_the_packed_weight(device, dora_caching):
     x, packed, state, b, a, bb, m = make_qdora(5, 64, 30, 2, device=device)
     first = dora.weight_sq_4bit(packed, state)
     assert dora.weight_sq_4bit(packed, state) is first, "cached while the packed bytes are unchanged"
@@ -246,7 +246,7 @@ def test_linear4bit_trains_every_parameter(p, device):
 
 
 @pytest.mark.parametrize("which", ["lora_A", "lora_B", "lora_magnitude", "weight"])
-def test_eval_cache_follows_in_place_updates(which, device):
+def test_eval_cache_follows_in_place_updates(which, device, dora_caching):
     layer = qdora_layer(device).eval()
     x = torch.randn(5, 64, device=device)
     before = layer(x)
