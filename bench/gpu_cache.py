@@ -426,6 +426,12 @@ def verify() -> dict:
     0). The device-free half of the proof; the session's own hit/miss counts are the other."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels are not cached")
+    import triton
+
+    built_for = json.loads(MANIFEST.read_text())["target"]["triton"]
+    if triton.__version__ != built_for:
+        raise SystemExit(f"triton {triton.__version__} here; the archive holds triton {built_for}'s kernels, which "
+                         "this one never loads (`status` says so): nothing to verify")
     shutil.rmtree(CACHE_DIR, ignore_errors=True)
     os.environ["TRITON_CACHE_DIR"] = CACHE_DIR
     unpacked = unpack()
@@ -470,12 +476,17 @@ def status(manifest_path: Path = MANIFEST) -> dict:
     import torch
 
     hashes = target_hashes(device_target=torch.cuda.is_available())
-    out = {"triton": triton.__version__, "libtriton_sha256": lib, "triton_key_sha256": here,
-           "archive_key_sha256": m["triton_key_sha256"], "ptxas": ptxas, "ptxas_match": ptxas == m["ptxas"],
+    built_for = m["target"].get("triton")
+    out = {"triton": triton.__version__, "archive_triton": built_for, "libtriton_sha256": lib,
+           "triton_key_sha256": here, "archive_key_sha256": m["triton_key_sha256"], "ptxas": ptxas,
+           "ptxas_match": ptxas == m["ptxas"],
            **hashes, "target_match": all(hashes[k] == m.get(k) for k in hashes),
            "cache_invalidating_env": _invalidating_env()}
     if here == m["triton_key_sha256"]:
         out["key"] = "match"
+    elif built_for and triton.__version__ != built_for:  # its sources differ: no pin can make the keys meet
+        out["key"] = (f"mismatch (triton {triton.__version__} here, the archive holds triton {built_for}'s kernels: "
+                      f"none loads, every kernel compiles on first use; build needs triton {built_for})")
     else:
         from triton.runtime import cache
 

@@ -21,8 +21,8 @@ cores, checked like bf16) and 'ieee' (the default, FMA units: no wgmma expected 
 also counts the LDL/STL instructions inside its K loops (``loop_spills``, from the SASS), which tells a few
 loop-invariant values parked outside the loop (ptxas's own occupancy target does that) from spills paid every K
 step; either fails the check. Run it without ``TRITON_INTERPRET`` (interpreted kernels cannot compile) and
-without ``FASTLORA_POISON``. Needs the triton wheel (it ships ptxas and cuobjdump); tested with triton 3.6, whose
-internals it patches (the active driver, ``JITFunction.run``, ``Autotuner.run``) and restores on exit.
+without ``FASTLORA_POISON``. Needs the triton wheel (it ships ptxas and cuobjdump); tested with triton 3.6.0 and 3.7.1,
+whose internals it patches (the active driver, ``JITFunction.run``, ``Autotuner.run``) and restores on exit.
 
 Grids (``cases``). full (default): the default bench grid's (K, N) shapes and token counts, bf16/fp16/fp32/tf32, r in
 the bench ranks plus {16, 64, 256}: inference, and training with dropout 0 and 0.1, with bias; training without

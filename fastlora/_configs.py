@@ -99,6 +99,12 @@ def _mma_sync(capability: tuple[int, int] | None) -> bool:
     return capability is not None and (capability[0] < 9 or capability[0] >= 12)
 
 
+def _tile_mma_sync(capability: tuple[int, int] | None, block_m: int) -> bool:
+    """Whether a tile's dots run as mma.sync: on ``_mma_sync`` targets, and on Hopper under 64 rows (wgmma takes 64
+    rows per warp group), where the operand fragments sit in registers as before Hopper."""
+    return _mma_sync(capability) or (capability is not None and capability[0] == 9 and block_m < 64)
+
+
 def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict, elt: int,
                         capability: tuple[int, int] | None, x_elt: int | None = None) -> bool:
     """Whether a GEMM-core config stays within the register file of ``capability`` (None: no limit from the MMA
@@ -144,6 +150,9 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
         if g_tile and num_warps == 8 and bm >= (64 if dual else 128):
             return False  # grouped DoRA dx on 8 warps: 128x64x32 16 B, with dropout 64x64x32 8-16 B, at 255 registers
             # (sm_90; 64x64x32 without dropout and 32x64x32 on 4 and 8 warps clean)
+        if flags["HAS_LORA"] and flags["W_KMAJOR"] and not flags.get("W_QUANT") and num_warps == 8 and bm >= 128:
+            return False  # the forward's main GEMM (W read K-major, low-rank term), 128x64x32 / 8 warps: 255 registers
+            # on triton 3.6.0, 8 B of stack on 3.7.1 at every R; its dx twin and the norm GEMM (no low-rank term) clean
         budget = FMA_W4_BUDGET if flags.get("W_QUANT") else FMA_BUDGET
         return acc + operands <= budget and acc + 2 * bm * bk // threads <= MAX_ACC_PER_THREAD
     mma_sync = _mma_sync(capability)
@@ -152,8 +161,9 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
     shrink = "BLOCK_N" in flags  # the launcher fixes the shrink's BLOCK_N (N = R)
     if shrink and mma_sync and elt == 2 and bk >= 256:
         return False  # 16x16x256 at r = 8, M = 16 (bf16, fp16): 8 B of stack at 255 registers on sm_80
-    if shrink and mma_sync and elt == 4 and num_warps == 4 and acc >= MMA_SYNC_MAX_ACC:
-        return False  # tf32 32x256x32 (r = 256): 8 B at 255 registers on sm_80 (64x256x32 / 8 warps compiles clean)
+    if shrink and _tile_mma_sync(capability, bm) and elt == 4 and num_warps == 4 and acc >= MMA_SYNC_MAX_ACC:
+        return False  # tf32 32x256x32 (r = 256): 8 B at 255 registers on sm_80, 72 B on sm_90 with triton 3.7.1 (under
+        # 64 rows: mma.sync there too); 64x256x32 / 8 warps compiles clean
     if shrink and mma_sync and elt == 4 and flags["X_DROPOUT"]:  # tf32 dropout shrink before Hopper: 4-warp
         # 64x16x32 kept 8-24 B at 168 registers, 64x256x32 / 8 warps 8 B at 255 (M = 1); the 8-warp tiles within
         # these bounds compiled clean (32-128 rows, r = 8 ... 256, 80-243 registers)
@@ -168,8 +178,10 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
         # tile fits two accumulators
     if shrink and num_warps == 8 and bk == 32 and (bm * bk < 8 * threads or (mma_sync and acc < MMA_SYNC_MAX_ACC)):
         return False  # small 8-warp shrinks: 8 B of stack at 48-128 regs (sm_90 32x16x32; sm_80 128x16x32, 64x64x32)
-    if flags.get("RAGGED") and shrink and bk >= 256:
-        return False  # ragged shrink 16x64x256 / 4 warps: 8 B of stack at 255 registers (16x16x256 unaligned: 32 B)
+    if flags["W_GROUPED"] and shrink and bk >= 256:
+        return False  # the segmented shrink (grouped or ragged, tiles cut at adapter offsets): ragged 16x64x256 / 4
+        # warps 8 B of stack at 255 registers (16x16x256 unaligned: 32 B); grouped 16x16x256 (r = 16, the forward's
+        # K-major A stack) 8 B at 80 registers with triton 3.7.1 (clean on 3.6.0; the dense shrink clean on both)
     if flags.get("RAGGED") and not shrink and ((bm >= 128 and num_warps == 4) or (flags["RAGGED"] == 1 and bk >= 128)):
         return False  # ragged_dot's loops beside the K loop: 128x64x64 / 4 warps 16 B (88 B unaligned); unaligned
         # (scalar B loads) 32x64x128 / 4 warps 16-24 B at 128 registers, 16x64x128 8 B
@@ -190,15 +202,25 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
         # tf32 16x64x128 / 4 warps, forward and dx, 8-24 B at 255
     if grouped_dora and dual and not g_tile and elt == 4 and bm < 64 and num_warps == 8:
         return False  # tf32 grouped DoRA forward with dropout, 32x64x32 / 8 warps: 8 B at 80 registers (sm_90)
-    if grouped_dora and mma_sync and (acc + g_tile > MMA_SYNC_MAX_ACC or (
-            flags.get("RAGGED") and acc >= MMA_SYNC_MAX_ACC and num_warps == 4)):
+    if grouped_dora and mma_sync and acc + g_tile > MMA_SYNC_MAX_ACC:
         return False  # sm_80, grouped DoRA: dx 64x128x64 / 4 warps 144-160 B, with dropout 64x64x64 / 4 40-80 B (g's
-        # gather beside mma.sync's operands); ragged forward 64x128x64 / 4 8-24 B (64x64x64 dx, 16x64x128 clean)
+        # gather beside mma.sync's operands)
+    if flags.get("RAGGED") and flags["B_GROUPED"] and mma_sync and acc >= MMA_SYNC_MAX_ACC and num_warps == 4:
+        return False  # ragged_dot beside mma.sync's operands, 64x128x64 / 4 warps: grouped DoRA's forward 8-24 B, the
+        # ragged LoRA forward 8 B with triton 3.7.1 (sm_80; its dx and no-bias twins at 255 registers); 64x64x64 and
+        # 16x64x128 clean
     if dual and mma_sync and bk * block_n // threads > 64:
         return False  # mma.sync keeps W's fragments in registers for both dots: 16x128x128, 16x64x256 / 4 warps
         # spilled 8-56 B on sm_80 (32x64x128 and 16x64x128 clean)
-    if full and (flags["B_GROUPED"] or (flags["OUT_DROPOUT"] and flags["BLOCK_R"] >= 32)):
-        return False  # 8-56 bytes spilled (16 B for tf32 dx at 128x64x64 / 4 warps, 64 accumulator elements)
+    if full and (flags["B_GROUPED"] or (flags["OUT_DROPOUT"] and (
+            flags["BLOCK_R"] >= 32 or (block_n > 128 and not cfg.get("USE_TMA"))))):
+        return False  # 8-56 bytes spilled (16 B for tf32 dx at 128x64x64 / 4 warps, 64 accumulator elements); dx with
+        # dropout at BLOCK_R 16 on pointers, 128x256x64 / 8 warps: 8 B at 255 registers with triton 3.7.1 (its TMA twin
+        # and 256x128x64 clean on 3.6.0 and 3.7.1)
+    if flags["X_DROPOUT"] and mma_sync and bk >= 64 and acc >= 32:
+        return False  # 16-bit dropout shrink on mma.sync: 64x64x64 / 4 and 128x64x64 / 8 warps (r = 64) at 255
+        # registers, the latter 8 B of stack with triton 3.7.1 (sm_80); BLOCK_K 32 (64x64x32 / 4: 206) and the 16-column
+        # tiles (128x16x64 / 8: 244-255) clean
     if flags["X_DROPOUT"]:  # Philox state per x element: 384-930 bytes spilled past this (tf32: 16-48 B at 64x64x64)
         return bm >= 64 and acc + 2 * bm * bk * (elt // 2) // threads <= MAX_ACC_PER_THREAD
     return True

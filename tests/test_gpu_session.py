@@ -166,6 +166,8 @@ def test_status_tells_match_libtriton_only_mismatch_and_stale(tmp_path):
     other = hashlib.sha256(cache.triton_key().replace(lib, "f" * 64).encode()).hexdigest()
     assert status(triton_key_sha256=other, target={"libtriton_sha256": "f" * 64})["key"].startswith("libtriton-only")
     assert status(triton_key_sha256="0" * 64)["key"].startswith("mismatch")
+    other_triton = status(triton_key_sha256="0" * 64, target={"libtriton_sha256": lib, "triton": "0.0.0"})
+    assert other_triton["key"].startswith("mismatch (triton ") and other_triton["archive_triton"] == "0.0.0"
     edited = dict(base["sources"], **{"kernels/gemm.py": "0" * 16})
     assert status(triton_key_sha256=gpu_cache.key_digest(), sources=edited)["stale_sources"] == ["kernels/gemm.py"]
 
