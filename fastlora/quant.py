@@ -1,4 +1,6 @@
-"""bitsandbytes' 4-bit weight format (NF4/FP4, blockwise absmax, double quant) in plain torch.
+"""Quantised base-weight formats in plain torch: bitsandbytes' 4-bit (NF4/FP4, blockwise absmax, double quant) and
+block-scaled FP8 (``float8_e4m3fn`` codes with 2-D block scales, as DeepSeek's and Qwen's FP8 releases; see
+``quantize_fp8_blockwise``, at the end).
 
 The bytes and the state are bitsandbytes' own, so a model quantised by bitsandbytes loads as it is, and the
 fused 4-bit kernels are tested against this module. Imports only torch, json and math; bitsandbytes is imported
@@ -350,3 +352,93 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState4bit, *, dtype: torch
     values = torch.nn.functional.pad(code[q], (0, state.nblocks * state.blocksize - n))
     out = (values.view(state.nblocks, state.blocksize) * absmax[:, None]).reshape(-1)[:n]
     return out.view(state.shape).to(dtype)
+
+
+# Block-scaled FP8 (DeepSeek-V3's and Qwen's FP8 checkpoints): ``weight`` float8_e4m3fn [N, K] and ``weight_scale_inv``
+# [ceil(N / bn), ceil(K / bk)], W[i, j] = float(weight[i, j]) * weight_scale_inv[i // bn, j // bk].
+
+FP8_MAX = 448.0  # the largest float8_e4m3fn
+FP8_SCALE_DTYPES = (torch.float32, torch.bfloat16)  # DeepSeek stores fp32 scales, Qwen bf16
+# An all-zero block's scale: 1.0, as transformers' Fp8Quantize gives it (DeepSeek's weight_quant divides by 0 there).
+ZERO_BLOCK_SCALE = 1.0
+
+
+def _check_block_size(block_size) -> tuple[int, int]:
+    if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block_size)):
+        raise ValueError(f"block_size must be two positive ints (rows, columns); got {block_size!r}")
+    return int(block_size[0]), int(block_size[1])
+
+
+def check_fp8_blockwise(weight: torch.Tensor, weight_scale_inv: torch.Tensor, block_size=(128, 128)) -> None:
+    """Raise TypeError/ValueError unless ``weight`` (float8_e4m3fn [N, K]) and ``weight_scale_inv`` (fp32 or bf16
+    [ceil(N / bn), ceil(K / bk)], on weight's device) are a block-scaled FP8 weight with ``block_size`` (bn, bk)."""
+    bn, bk = _check_block_size(block_size)
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float8_e4m3fn:
+        got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise TypeError(f"weight must be a torch.float8_e4m3fn tensor; got {got}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features); got shape {tuple(weight.shape)}")
+    if not isinstance(weight_scale_inv, torch.Tensor) or weight_scale_inv.dtype not in FP8_SCALE_DTYPES:
+        got = weight_scale_inv.dtype if isinstance(weight_scale_inv, torch.Tensor) else type(weight_scale_inv).__name__
+        raise TypeError(f"weight_scale_inv must be a torch.float32 or torch.bfloat16 tensor; got {got}")
+    N, K = weight.shape
+    expected = (-(-N // bn), -(-K // bk))
+    if tuple(weight_scale_inv.shape) != expected:
+        raise ValueError(f"weight_scale_inv must have shape (ceil(N/{bn}), ceil(K/{bk})) = {expected} for weight "
+                         f"{(N, K)} and block_size {(bn, bk)}; got {tuple(weight_scale_inv.shape)}")
+    if weight_scale_inv.device != weight.device:
+        raise ValueError(f"weight_scale_inv must be on weight's device {weight.device}; got {weight_scale_inv.device}")
+
+
+def _expand_blocks(scale: torch.Tensor, shape, block_size) -> torch.Tensor:
+    """Per-block values [ceil(N / bn), ceil(K / bk)] repeated over their blocks, cut to shape (N, K)."""
+    (N, K), (bn, bk) = shape, block_size
+    return scale.repeat_interleave(bn, dim=0)[:N].repeat_interleave(bk, dim=1)[:, :K]
+
+
+def quantize_fp8_blockwise(w: torch.Tensor, block_size=(128, 128),
+                           scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise a 2-D weight w [N, K] to block-scaled FP8: (weight float8_e4m3fn [N, K], weight_scale_inv
+    [ceil(N / bn), ceil(K / bk)] in ``scale_dtype``, fp32 (DeepSeek) or bf16 (Qwen)).
+
+    Per block, in fp32 as DeepSeek-V3's ``weight_quant``: s = amax(|block|) / 448, weight = e4m3(w / s), rounded to
+    nearest even. A bf16 s is rounded to bf16 first and w divided by the rounded s, so ``dequantize_fp8_blockwise``
+    with the stored scale undoes exactly this division; w / s can then pass 448 by up to 2^-8 relative and is
+    clamped to +-448. An all-zero block gets s = 1.0 (``ZERO_BLOCK_SCALE``, as transformers) and decodes to zeros;
+    a block whose amax / 448 is below fp32's smallest normal gets that normal instead, so s stays normal and finite.
+    Edge blocks of N, K not multiples of the block are partial, with their own amax.
+    Error: |dequant - w| <= max(2^-4 |w|, 2^-10 s) per element (3 mantissa bits; 2^-10 s below e4m3's normals).
+    """
+    bn, bk = _check_block_size(block_size)
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a torch.Tensor; got {type(w).__name__}")
+    if w.dtype not in (*DTYPES, torch.float64):
+        raise TypeError(f"w must be float16, bfloat16, float32 or float64; got {w.dtype}")
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D (out_features, in_features); got shape {tuple(w.shape)}")
+    if scale_dtype not in FP8_SCALE_DTYPES:
+        raise TypeError(f"scale_dtype must be torch.float32 or torch.bfloat16; got {scale_dtype}")
+    wf = w.float()
+    if not torch.isfinite(wf).all():
+        raise ValueError("w has inf or NaN entries (in float32); FP8 block scales cannot represent them")
+    N, K = w.shape
+    nbn, nbk = -(-N // bn), -(-K // bk)
+    padded = torch.nn.functional.pad(wf.abs(), (0, nbk * bk - K, 0, nbn * bn - N))
+    amax = padded.view(nbn, bn, nbk, bk).amax(dim=(1, 3))
+    scale = (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    scale = torch.where(amax > 0, scale, ZERO_BLOCK_SCALE).to(scale_dtype)
+    q = (wf / _expand_blocks(scale.float(), (N, K), (bn, bk))).clamp(-FP8_MAX, FP8_MAX)
+    return q.to(torch.float8_e4m3fn), scale
+
+
+def dequantize_fp8_blockwise(weight: torch.Tensor, weight_scale_inv: torch.Tensor, block_size=(128, 128),
+                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W [N, K] = float(weight) * weight_scale_inv[i // bn, j // bk]: the fp32 product rounded once to ``dtype``
+    (as DeepSeek-V3's ``weight_dequant``), or exact for ``torch.float64``. Checked by ``check_fp8_blockwise``."""
+    check_fp8_blockwise(weight, weight_scale_inv, block_size)
+    if dtype not in (*DTYPES, torch.float64):
+        raise TypeError(f"dtype must be float16, bfloat16, float32 or float64; got {dtype}")
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = _expand_blocks(weight_scale_inv.to(cd), weight.shape, _check_block_size(block_size))
+    return (weight.to(cd) * scale).to(dtype)

@@ -119,3 +119,19 @@ def grouped_dora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, m
             delta = (c - 1) * F.linear(xd[rows], weight) + c * low
         out = out.index_add(0, rows, delta.to(out.dtype))
     return out.reshape(base.shape)
+
+
+def lora_linear_fp8(x, weight, weight_scale_inv, bias, lora_A, lora_B, scaling, *, block_size=(128, 128),
+                    dropout_p=0.0, training=False, dropout_mask=None, magnitude=None):
+    """``lora_linear`` (``dora_linear`` when ``magnitude`` is given) over a block-scaled FP8 base: weight
+    float8_e4m3fn [N, K], weight_scale_inv [ceil(N / bn), ceil(K / bk)], W = float(weight) * scale per block, in
+    x's dtype (the fp32 product rounded once; exact for float64). As ``fastlora.quant.dequantize_fp8_blockwise``.
+    """
+    bn, bk = block_size
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale = weight_scale_inv.to(cd).repeat_interleave(bn, dim=0)[:weight.shape[0]]
+    w = (weight.to(cd) * scale.repeat_interleave(bk, dim=1)[:, :weight.shape[1]]).to(x.dtype)
+    kw = dict(dropout_p=dropout_p, training=training, dropout_mask=dropout_mask)
+    if magnitude is None:
+        return lora_linear(x, w, bias, lora_A, lora_B, scaling, **kw)
+    return dora_linear(x, w, bias, lora_A, lora_B, scaling, magnitude, **kw)
