@@ -25,26 +25,27 @@ without ``FASTLORA_POISON``. Needs the triton wheel (it ships ptxas and cuobjdum
 whose internals it patches (the active driver, ``JITFunction.run``, ``Autotuner.run``) and restores on exit.
 
 Grids (``cases``). full (default): the default bench grid's (K, N) shapes and token counts, bf16/fp16/fp32/tf32, r in
-the bench ranks plus {16, 64, 256}: inference, and training with dropout 0 and 0.1, with bias; training without
-bias at r = 16 once per dtype; grouped, 32 adapters at r = 16 on the grouped bench shape and token counts, with
-and without bias; a bitsandbytes nf4 base (double quant) at r = 16 in each dtype, on the bench shapes and token
-counts, the 4-bit product in that dtype (fp32: bitsandbytes' compute dtype float32, the transformers default),
-inference and training. Only M's specialisation (1 or not), N, K alignment and the constexprs change what compiles;
-Triton's cache makes the repeats cheap; 15 (sm_80) to 18 (sm_90) minutes on 2 cores, empty cache, measured before
-tf32 joined the grid.
-ci (~3 minutes on 2 cores, empty cache): M = 4096 and M = 16 (small-M configs), K = N = 4096. Every flag
-combination of the forward and backward kernels (dense/grouped x dropout 0/0.1 x bias on/off, inference and
-training) for bf16 at r = 16, dense and grouped; then training with bias and dropout 0.1 for bf16 at r = 256,
-fp16 at r = 64 and fp32 at r = 256 (ieee and tf32); fp16 grouped inference at r = 16 (its own tile issues); an nf4
-base at r = 16, bf16 (every flag) and fp32 (ieee and tf32: training with dropout 0.1); DoRA (``dora_calls``: every
-flag at bf16 r = 16, training with dropout at fp16 r = 64, training at fp32 r = 256, ieee and tf32), also alone as
-``--tier dora`` (with M = 1 too, as in the full tier, and the same calls over an nf4 double-quant base: QDoRA, which
-the ci tier leaves out); ragged stacks (``ragged_calls``: every flag at bf16 over the
-mix 28 x r 8, 3 x r 64, 1 x r 256, whose offsets are multiples of 8, and training with dropout over the unaligned mix
-r 2, 8, 16, 4); ``--tier ragged`` runs the ragged calls alone, with fp16 and fp32 (ieee, tf32) and M = 1 too.
-``--tier gdora`` (``gdora_calls``, M = 4096, 16, 1): grouped DoRA, 32 adapters with every other one plain (NaN
-magnitude rows), padded r = 16 and the ragged bench mix at bf16 every flag, training with dropout at fp16 (padded r =
-64) and fp32 ieee and tf32 (padded r = 16 with and without dropout, ragged mix).
+the bench ranks plus {16, 64, 256}: inference, and training with dropout 0 and 0.1, with bias; training without bias at
+r = 16 once per dtype; grouped, 32 adapters at r = 16 on the grouped bench shape and token counts, with and without
+bias; a bitsandbytes nf4 base (double quant) at r = 16 in each dtype, on the bench shapes and token counts, the 4-bit
+product in that dtype (fp32: bitsandbytes' compute dtype float32, the transformers default), inference and training; a
+block-scaled FP8 base (``fp8_calls``). Only M's specialisation (1 or not), N, K alignment and the constexprs change what
+compiles; Triton's cache makes the repeats cheap; 15 (sm_80) to 18 (sm_90) minutes on 2 cores, empty cache, measured
+before tf32 joined the grid.
+ci (~3 minutes on 2 cores, empty cache): M = 4096 and M = 16 (small-M configs), K = N = 4096. Every flag combination of
+the forward and backward kernels (dense/grouped x dropout 0/0.1 x bias on/off, inference and training) for bf16 at r =
+16, dense and grouped; then training with bias and dropout 0.1 for bf16 at r = 256, fp16 at r = 64 and fp32 at r = 256
+(ieee and tf32); fp16 grouped inference at r = 16 (its own tile issues); an nf4 base at r = 16, bf16 (every flag) and
+fp32 (ieee and tf32: training with dropout 0.1); an FP8 base (``fp8_calls``: bf16 W8A16 at r = 16 and 64, inference and
+training with dropout 0 and 0.1; alone, with M = 1 too, as ``--tier fp8``); DoRA (``dora_calls``: every flag at bf16 r =
+16, training with dropout at fp16 r = 64, training at fp32 r = 256, ieee and tf32), also alone as ``--tier dora`` (with
+M = 1 too, as in the full tier, and the same calls over an nf4 double-quant base: QDoRA, which the ci tier leaves out);
+ragged stacks (``ragged_calls``: every flag at bf16 over the mix 28 x r 8, 3 x r 64, 1 x r 256, whose offsets are
+multiples of 8, and training with dropout over the unaligned mix r 2, 8, 16, 4); ``--tier ragged`` runs the ragged calls
+alone, with fp16 and fp32 (ieee, tf32) and M = 1 too. ``--tier gdora`` (``gdora_calls``, M = 4096, 16, 1): grouped DoRA,
+32 adapters with every other one plain (NaN magnitude rows), padded r = 16 and the ragged bench mix at bf16 every flag,
+training with dropout at fp16 (padded r = 64) and fp32 ieee and tf32 (padded r = 16 with and without dropout, ragged
+mix).
 The flags left out there repeat combinations already compiled; every flag at every dtype x rank takes ~7 minutes.
 M = 1, its own specialisation of every kernel (about 40% of the full tier's variants), is left to the full tier.
 Every autotune config the pruning keeps compiles, so the largest and smallest tiles are always in. Cases run in
@@ -304,7 +305,8 @@ class Case:
     train: bool = True
     G: int = 1
     tf32: bool = False
-    quant: str = ""  # "nf4": a 4-bit base (fastlora.lora_linear_4bit, double quant, blocksize 64)
+    quant: str = ""  # "nf4": a 4-bit base (fastlora.lora_linear_4bit, double quant, blocksize 64); "fp8": a
+    # block-scaled FP8 base (fastlora.lora_linear_fp8, 128 x 128 blocks, fp32 scales; W8A16, adapters in x's dtype)
     dora: bool = False  # DoRA: lora_linear(magnitude=) or, with quant, lora_linear_4bit(magnitude=) (QDoRA)
     ranks: tuple = ()  # a ragged grouped stack (rank_offsets), G = len(ranks) adapters at these ranks; r unused
 
@@ -323,7 +325,7 @@ class Case:
         w = torch.empty(self.N, self.K, dtype=dt)
         b = torch.empty(self.N, dtype=dt) if self.bias else None
         lead = (self.G,) if self.G > 1 else ()
-        adt = torch.float32 if self.quant else dt  # fastlora.Linear4bit's adapters are fp32, as PEFT's QLoRA
+        adt = torch.float32 if self.quant == "nf4" else dt  # fastlora.Linear4bit's adapters are fp32, as PEFT's QLoRA
         if self.ranks:
             lead, r = (), sum(self.ranks)
         else:
@@ -343,6 +345,11 @@ class Case:
             elif self.G > 1:
                 ids = torch.arange(self.M) % self.G
                 y = fastlora.grouped_lora_linear(x, w, b, a, bb, 2.0, ids, **mag, **kw)
+            elif self.quant == "fp8":
+                w8 = torch.empty(self.N, self.K, dtype=torch.float8_e4m3fn)
+                scale = torch.empty(-(-self.N // 128), -(-self.K // 128))
+                m = torch.empty(self.N, dtype=adt, requires_grad=self.train) if self.dora else None
+                y = fastlora.lora_linear_fp8(x, w8, scale, b, a, bb, 2.0, magnitude=m, **kw)
             elif self.quant:
                 packed, state = quant.empty_4bit((self.N, self.K), dtype=dt, quant_type=self.quant)
                 m = torch.empty(self.N, dtype=adt, requires_grad=self.train) if self.dora else None
@@ -378,6 +385,13 @@ def dora_calls(M: int, qdora: bool = True) -> list[Case]:
                 *_calls("fp32", M, 4096, 4096, 256, ps=(0.0, 0.1), biases=(True,), infer=False, tf32=True, quant=q,
                         dora=True)]
     return out
+
+
+def fp8_calls(M: int) -> list[Case]:
+    """A block-scaled FP8 base (W8A16, 128 x 128 blocks, K = N = 4096) under bf16 activations and adapters: inference
+    and training with dropout 0 and 0.1, with bias, at r = 16 and 64 (the forward's dequantising main GEMM, dx's over
+    the same bytes transposed). The ci tier's and ``--tier fp8``'s (which adds M = 1)."""
+    return [c for r in (16, 64) for c in _calls("bf16", M, 4096, 4096, r, biases=(True,), quant="fp8")]
 
 
 def gdora_calls(M: int) -> list[Case]:
@@ -426,12 +440,15 @@ def cases(tier: str) -> list[Case]:
             *_calls("bf16", M, 4096, 4096, 16, biases=(True,), quant="nf4"),
             *_calls("fp32", M, 4096, 4096, 16, ps=(0.1,), biases=(True,), infer=False, quant="nf4"),
             *_calls("fp32", M, 4096, 4096, 16, ps=(0.1,), biases=(True,), infer=False, tf32=True, quant="nf4"),
+            *fp8_calls(M),
             *dora_calls(M, qdora=False),
             *_calls("bf16", M, 4096, 4096, 0, G=32, ranks=RAGGED_MIXES[0]),
             *_calls("bf16", M, 4096, 4096, 0, G=4, ranks=RAGGED_MIXES[1], ps=(0.1,), biases=(True,), infer=False),
         )]
     if tier == "dora":
         return [c for M in (4096, 16, 1) for c in dora_calls(M)]
+    if tier == "fp8":
+        return [c for M in (4096, 16, 1) for c in fp8_calls(M)]
     if tier == "gdora":
         return [c for M in (4096, 16, 1) for c in gdora_calls(M)]
     if tier == "ragged":
@@ -448,7 +465,7 @@ def cases(tier: str) -> list[Case]:
         out += [c for M in g.grouped_tokens for c in _calls(dtype, M, K, N, g.grouped_rank, G=32, tf32=tf32)]
         out += [c for K, N in g.shapes for M in g.tokens
                 for c in _calls(dtype, M, K, N, 16, biases=(True,), tf32=tf32, quant="nf4")]
-    return out + [c for M in (4096, 16, 1) for c in dora_calls(M)]
+    return out + [c for M in (4096, 16, 1) for c in (*dora_calls(M), *fp8_calls(M))]
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -555,7 +572,7 @@ def table(records: list[dict], capability: int) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--capability", type=int, choices=sorted(DEVICES), default=90, help="compile target (sm_XX)")
-    ap.add_argument("--tier", choices=("full", "ci", "dora", "ragged", "gdora"), default="full",
+    ap.add_argument("--tier", choices=("full", "ci", "dora", "ragged", "gdora", "fp8"), default="full",
                     help="which grid of public calls")
     ap.add_argument("--json", metavar="PATH", help="write the records here")
     ap.add_argument("--check", action="store_true", help="exit 1 if a check fails")

@@ -4,7 +4,7 @@ from fastlora import reference
 from fastlora.adapters import add_adapters, load_adapter, load_adapters_grouped, remove_adapters, save_adapter
 from fastlora.convert import from_peft
 from fastlora.dora import DoraCaching
-from fastlora.functional import dropout_mask, grouped_lora_linear, lora_linear, lora_linear_4bit
+from fastlora.functional import dropout_mask, grouped_lora_linear, lora_linear, lora_linear_4bit, lora_linear_fp8
 from fastlora.grouping import AdapterBatch
 from fastlora.linear4bit import Linear4bit
 from fastlora.model import inject, merge, unmerge
@@ -27,6 +27,7 @@ __all__ = [
     "load_adapters_grouped",
     "lora_linear",
     "lora_linear_4bit",
+    "lora_linear_fp8",
     "merge",
     "reference",
     "remove_adapters",

@@ -15,6 +15,7 @@ import triton
 
 from fastlora.kernels.gemm import DX, DX_DROP, FWD_DROP, _lora_gemm_kernel, gemm_configs
 from fastlora.kernels.grad import _lora_grad_kernel, grad_configs
+from fastlora.kernels.weight4 import FP8
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # DoRA modes that keep a second accumulator (the dropout forms, kernels/gemm.py), and those that scale dx's dy tiles
@@ -105,6 +106,22 @@ def _tile_mma_sync(capability: tuple[int, int] | None, block_m: int) -> bool:
     return _mma_sync(capability) or (capability is not None and capability[0] == 9 and block_m < 64)
 
 
+def fp8_fits(cfg: dict, flags: dict, acc: int, w: int, elt: int) -> bool:
+    """The FP8 W's own limits beside the 4-bit ones (bench/sm90.py; acc, w: accumulator and W elements per thread).
+    Scales per element (a reduction block that BLOCK_K does not divide, e.g. 64 x 32 blocks) in K steps of 128: dx
+    32x64x128 / 4 warps with dropout spilled 40 B at 255 registers on sm_90, 16x64x128 24 B, and the forward's
+    32x64x128 staged its scale tiles in 196 KB of shared memory on sm_80 (the 64-wide K steps clean). Measured on
+    sm_90, in dx at 255 registers: DoRA's dropout form 32x64x128 / 4 warps 8 B (16x64x128 clean); tf32 with dropout
+    64x128x64 / 4 warps 16 B (64x64x64, 16x64x128 clean)."""
+    bk = cfg["BLOCK_K"]
+    reduction_block = flags["QBLOCK"] if flags["W_TRANS"] else flags["QBLOCK2"]
+    if reduction_block % bk and bk >= 128:
+        return False
+    if flags.get("DORA") == DX_DROP.value and cfg["BLOCK_M"] >= 32 and bk >= 128:
+        return False
+    return not (flags["W_TRANS"] and elt == 4 and flags["OUT_DROPOUT"] and acc + w > 96)
+
+
 def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict, elt: int,
                         capability: tuple[int, int] | None, x_elt: int | None = None) -> bool:
     """Whether a GEMM-core config stays within the register file of ``capability`` (None: no limit from the MMA
@@ -119,7 +136,7 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
     g_tile = bm * bk // threads if grouped_dora and flags["DORA"] in DX_DORA else 0  # grouped dx: g per (row, k)
     if flags["X_DROPOUT"] and bk < 32:
         return False  # the mask is packed 32 columns to a word
-    if flags.get("W_QUANT") and flags.get("DORA") in (FWD_DROP.value, DX.value, DX_DROP.value) and elt == 4:
+    if flags.get("W_FORMAT") and flags.get("DORA") in (FWD_DROP.value, DX.value, DX_DROP.value) and elt == 4:
         # QDoRA in fp32 (measured): the dropout forward keeps x and keep * x beside the dequantised W tile and two
         # accumulators: tf32 16x64x128 / 4 warps kept 16 B of stack at 255 registers (sm_90), FMA 64x64x32 / 8 warps
         # 8 B (in the K loop) and 32x64x32 / 4 warps 8 B. dx scales dy in registers: tf32 16x64x128 / 4 warps 8 B on
@@ -132,11 +149,13 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
             return small
         elif flags["DORA"] == DX.value and bk >= 128:
             return False  # sm_90 tf32 dx: 64x64x64 / 4 warps kept (clean), 16x64x128 not
-    if flags.get("W_QUANT") and flags.get("DORA") == FWD_DROP.value and bm >= 32 and bk >= 128:
+    if flags.get("W_FORMAT") and flags.get("DORA") == FWD_DROP.value and bm >= 32 and bk >= 128:
         return False  # 16-bit QDoRA dropout forward 32x64x128 / 4 warps: 8 B at 255 registers (16x64x128, 64x64x64
         # / 4 warps clean)
-    if flags.get("W_QUANT"):  # the dequantised W tile is in registers beside the accumulator
+    if flags.get("W_FORMAT"):  # the dequantised W tile (4-bit or FP8) is in registers beside the accumulator
         w = bk * block_n // threads
+        if flags["W_FORMAT"] == FP8.value and not fp8_fits(cfg, flags, acc, w, elt):
+            return False
         budget = W4_BUDGET_MMA_SYNC if _mma_sync(capability) else W4_BUDGET
         if w > MAX_W4_PER_THREAD or acc + w > budget or (bm < 64 and bk < 64):
             return False
@@ -150,10 +169,10 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
         if g_tile and num_warps == 8 and bm >= (64 if dual else 128):
             return False  # grouped DoRA dx on 8 warps: 128x64x32 16 B, with dropout 64x64x32 8-16 B, at 255 registers
             # (sm_90; 64x64x32 without dropout and 32x64x32 on 4 and 8 warps clean)
-        if flags["HAS_LORA"] and flags["W_KMAJOR"] and not flags.get("W_QUANT") and num_warps == 8 and bm >= 128:
+        if flags["HAS_LORA"] and flags["W_KMAJOR"] and not flags.get("W_FORMAT") and num_warps == 8 and bm >= 128:
             return False  # the forward's main GEMM (W read K-major, low-rank term), 128x64x32 / 8 warps: 255 registers
             # on triton 3.6.0, 8 B of stack on 3.7.1 at every R; its dx twin and the norm GEMM (no low-rank term) clean
-        budget = FMA_W4_BUDGET if flags.get("W_QUANT") else FMA_BUDGET
+        budget = FMA_W4_BUDGET if flags.get("W_FORMAT") else FMA_BUDGET
         return acc + operands <= budget and acc + 2 * bm * bk // threads <= MAX_ACC_PER_THREAD
     mma_sync = _mma_sync(capability)
     if acc > (MMA_SYNC_MAX_ACC if mma_sync else MAX_ACC_PER_THREAD):
@@ -326,7 +345,7 @@ def _with_tma_hook(configs):
 
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LORA", "W_GROUPED", "B_GROUPED", "RAGGED", "X_DROPOUT",
-             "OUT_DROPOUT", "TMA_OK", "W_KMAJOR", "W_QUANT", "W_TRANS", "W_COMPUTE", "INPUT_PRECISION", "DORA",
+             "OUT_DROPOUT", "TMA_OK", "W_KMAJOR", "W_FORMAT", "W_TRANS", "W_COMPUTE", "INPUT_PRECISION", "DORA",
              "STORE_Z"]
 _gemm_tuned = triton.autotune(_with_tma_hook(gemm_configs(shrink=False)), key=_GEMM_KEY,
                               prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_kernel)

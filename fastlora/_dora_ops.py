@@ -9,8 +9,9 @@ detached, ``dora_norm``):
 Both are one launch of the GEMM core each way (``_launch.DoraScale``): the forward scales its epilogue by g, dx
 scales dy by g as its tiles are loaded; the dropout forms add the second product of the same W tiles (over the
 dropped x, or (g - 1) * dy) into a second accumulator of the same K loop.
-A 4-bit base (QDoRA) passes its packed bytes as ``weight`` with ``quant`` / ``qblocks`` as ``fastlora._ops`` does
-(empty for a dense W): the same launches read W packed and dequantise its tiles in registers.
+A 4-bit base (QDoRA) passes its packed bytes as ``weight``, an FP8 base its float8_e4m3fn weight, with ``quant`` /
+``qblocks`` as ``fastlora._ops`` does (empty for a dense W): the same launches read W quantised and dequantise its
+tiles in registers.
 Derivations: docs/dora.md.
 """
 
@@ -112,9 +113,9 @@ def _(weight, weight_sq, lora_A, lora_B, scaling):
 @torch.library.custom_op("fastlora::dora_norm_4bit", mutates_args=())
 def dora_norm_4bit(weight: Tensor, quant: list[Tensor], qblocks: list[int], weight_sq: Tensor, lora_A: Tensor,
                    lora_B: Tensor, scaling: float) -> Tensor:
-    """``dora_norm`` over a packed 4-bit W (``quant``/``qblocks`` as ``fastlora._ops``): U = A deq(W)^T is the 4-bit
-    forward launch with A as its input, W's tiles dequantised to fp32 in registers (the compute dtype is fp32 here,
-    whatever the layer's), A in fp32: no dequantised W is written."""
+    """``dora_norm`` over a packed 4-bit W or an FP8 one (``quant``/``qblocks`` as ``fastlora._ops``): U = A deq(W)^T
+    is the quantised forward launch with A as its input, W's tiles dequantised to fp32 in registers (the compute dtype
+    is fp32 here, whatever the layer's), A in fp32: no dequantised W is written."""
     fp32 = [*qblocks[:2], COMPUTE_DTYPES.index(torch.float32)]
     w = _weight(weight, quant, fp32, lora_B.shape[0], lora_A.shape[1])
     return _combine(_launch.gemm(lora_A.float(), w, out_dtype=torch.float32), weight_sq, lora_A, lora_B, scaling)

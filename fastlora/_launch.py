@@ -20,7 +20,7 @@ from fastlora._configs import FMA_LORA_CHUNK, FMA_PTXAS_OPTIONS, INTERPRET, LORA
 from fastlora.kernels.dropout import _dropout_mask_kernel
 from fastlora.kernels.gemm import DX, DX_DROP, FWD, FWD_DROP, NO_DORA, _lora_gemm_kernel
 from fastlora.kernels.grad import _lora_grad_kernel
-from fastlora.kernels.weight4 import ABSMAX, DENSE, DOUBLE
+from fastlora.kernels.weight4 import ABSMAX, DENSE, DOUBLE, FP8
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 # Tests set this so every buffer a kernel should fully write starts as NaN.
@@ -102,8 +102,27 @@ class DoraScale:
         return FWD_DROP.value if self.dropout else FWD.value
 
 
+class _StoredWeight:
+    """A quantised weight's logical matrix: the stored [N, K] (``stored``, row-major) or, ``transposed``, its
+    transpose (dx), with the shape and strides a dense tensor would have."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.stored[::-1] if self.transposed else self.stored
+
+    def dim(self) -> int:
+        return 2
+
+    def stride(self, dim: int) -> int:
+        strides = (1, self.stored[1]) if self.transposed else (self.stored[1], 1)
+        return strides[dim]
+
+    def t(self):
+        return replace(self, transposed=not self.transposed)
+
+
 @dataclass(frozen=True)
-class Packed4bit:
+class Packed4bit(_StoredWeight):
     """A bitsandbytes 4-bit weight as the GEMM core's W operand: the stored [N, K] (``shape``) or, after ``t()``,
     its transpose, addressed through the strides of the logical matrix like a dense tensor.
 
@@ -125,28 +144,45 @@ class Packed4bit:
     transposed: bool = False
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return self.stored[::-1] if self.transposed else self.stored
-
-    def dim(self) -> int:
-        return 2
-
-    def stride(self, dim: int) -> int:
-        strides = (1, self.stored[1]) if self.transposed else (self.stored[1], 1)
-        return strides[dim]
-
-    def t(self) -> Packed4bit:
-        return replace(self, transposed=not self.transposed)
+    def w_format(self) -> int:
+        return DOUBLE.value if self.absmax2 is not None else ABSMAX.value
 
     @property
-    def w_quant(self) -> int:
-        return DOUBLE.value if self.absmax2 is not None else ABSMAX.value
+    def qblock(self) -> tuple[int, int]:
+        return self.blocksize, self.blocksize2
 
     def pointers(self) -> tuple:
         """(absmax, absmax2, code, code2, offset) for the kernel, absent ones replaced by ``absmax``."""
         a = self.absmax
         return (a, a if self.absmax2 is None else self.absmax2, self.code, a if self.code2 is None else self.code2,
                 a if self.offset is None else self.offset)
+
+
+@dataclass(frozen=True)
+class BlockFP8(_StoredWeight):
+    """A block-scaled FP8 weight as the GEMM core's W operand (W8A16): the stored [N, K] (``stored``) or, after
+    ``t()``, its transpose, addressed through the strides of the logical matrix like a dense tensor.
+
+    data: the e4m3 bytes viewed as uint8 [N, K], contiguous; scale: fp32 [cdiv(N, block[0]), cdiv(K, block[1])],
+    contiguous (``weight_scale_inv``: W[n, k] = e4m3(data[n, k]) * scale[n // block[0], k // block[1]]); compute: the
+    dtype the dequantised tiles (and the X tiles beside them) are multiplied in.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    block: tuple[int, int]
+    stored: tuple[int, int]
+    compute: torch.dtype
+    transposed: bool = False
+
+    w_format = FP8.value
+
+    @property
+    def qblock(self) -> tuple[int, int]:
+        return self.block
+
+    def pointers(self) -> tuple:
+        return (self.scale,) * 5
 
 
 
@@ -173,7 +209,7 @@ def _descriptors(x, w, out, tma: bool):
 
 def gemm(
     x: torch.Tensor,
-    w: torch.Tensor | Packed4bit,
+    w: torch.Tensor | Packed4bit | BlockFP8,
     *,
     out_dtype: torch.dtype,
     shrink: bool = False,
@@ -195,11 +231,11 @@ def gemm(
     config: dict | None = None,
 ) -> torch.Tensor:
     """out [M, N] = drop?(x) w^T + bias + scale * drop?(t b^T), see ``_lora_gemm_kernel``; ``dora`` applies a DoRA
-    magnitude scale (``DoraScale``; dense or 4-bit w, ungrouped) and fills its ``z``.
+    magnitude scale (``DoraScale``; dense or quantised w, ungrouped) and fills its ``z``.
 
-    x [M, K]; w [N, K] (a tensor or a ``Packed4bit``) or, grouped, [G, N, K]; t [M, R]; b [N, R] or [G, N, R];
-    perm/ids [M] (sorted order -> token, adapter id of each sorted row); seg [G + 1] (the segment offsets, needed
-    with a grouped w: its tiles are cut at them). ``shrink`` marks N = R (a rank-sized output). ``ragged``
+    x [M, K]; w [N, K] (a tensor, a ``Packed4bit`` or a ``BlockFP8``) or, grouped, [G, N, K]; t [M, R]; b [N, R] or
+    [G, N, R]; perm/ids [M] (sorted order -> token, adapter id of each sorted row); seg [G + 1] (the segment offsets,
+    needed with a grouped w: its tiles are cut at them). ``shrink`` marks N = R (a rank-sized output). ``ragged``
     (``Ragged``): w [sum r, K] (shrink, N = ragged.width) or b [N, sum r] is a ragged stack, per-adapter ranks.
     ``bits``: the packed dropout keep-mask [M, cdiv(K, 32)] int32, written by an ``x_dropout`` shrink (pass
     ``dropout_bits(M, K)``) and read by an ``out_dropout`` main GEMM.
@@ -218,7 +254,7 @@ def gemm(
         raise AssertionError("dropout needs the packed mask buffer")
     if w_grouped and seg is None:
         raise AssertionError("a grouped w needs the segment offsets")
-    quant = w if isinstance(w, Packed4bit) else None
+    quant = w if isinstance(w, (Packed4bit, BlockFP8)) else None
     cap = _configs.target_capability(x.device)
     want_tma = (config or {}).get("USE_TMA", cap is not None and cap[0] >= 9)
     dual = dora is not None and dora.dropout  # two accumulators: pointer loads only
@@ -253,15 +289,18 @@ def gemm(
         HAS_PERM=perm is not None, W_GROUPED=w_grouped, B_GROUPED=b_grouped, RAGGED=ragged.align if ragged else 0,
         HAS_SCALE_VEC=scale_vec is not None,
         X_DROPOUT=x_dropout, OUT_DROPOUT=out_dropout, TMA_OK=x_desc is not None, W_KMAJOR=w_kmajor,
-        W_QUANT=DENSE.value if quant is None else quant.w_quant, W_TRANS=bool(quant and quant.transposed),
+        W_FORMAT=DENSE.value if quant is None else quant.w_format, W_TRANS=bool(quant and quant.transposed),
         W_COMPUTE=_TL_DTYPES[compute],
-        QBLOCK=quant.blocksize if quant else 1,
-        QBLOCK2=quant.blocksize2 if quant else 1, INPUT_PRECISION=precision,
+        QBLOCK=quant.qblock[0] if quant else 1,
+        QBLOCK2=quant.qblock[1] if quant else 1, INPUT_PRECISION=precision,
         DORA=dora.mode if dora is not None else NO_DORA.value, STORE_Z=dora is not None and dora.z is not None,
     )
     if shrink:
         flags["BLOCK_N"] = min(block_r(R), RAGGED_SHRINK_N) if ragged is not None else block_r(R)
-    if fma:
+    # One block per SM (FMA_PTXAS_OPTIONS) on the FMA path and for an FP8 W before Hopper: at ptxas's own occupancy
+    # target (168 registers) the FP8 forward's 64x64x64 and 32x64x128 / 4 warps tiles parked 16-32 B of loop-invariant
+    # values on the stack on sm_80 (none with it).
+    if fma or (isinstance(quant, BlockFP8) and _configs._mma_sync(cap)):
         flags["ptx_options"] = " ".join(filter(None, [triton.knobs.nvidia.ptxas_options, FMA_PTXAS_OPTIONS]))
 
     def grid(meta):  # a grouped w cuts row tiles at its G adapter segments: at most G more

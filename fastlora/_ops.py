@@ -7,8 +7,9 @@ backward reads it instead of drawing it again.
 
 A 4-bit base (QLoRA) passes its packed bytes as ``weight`` with ``quant`` = [absmax, code] or, double-quantised,
 [absmax, code, absmax2, code2, offset] and ``qblocks`` = [blocksize, blocksize2, compute] (compute: the index of
-the compute dtype in ``COMPUTE_DTYPES``); N then comes from lora_B. A dense weight passes ``quant`` = [] and
-``qblocks`` = [].
+the compute dtype in ``COMPUTE_DTYPES``); N then comes from lora_B. A block-scaled FP8 base passes its
+float8_e4m3fn [N, K] ``weight`` (the dtype names the format) with ``quant`` = [weight_scale_inv] (fp32, contiguous)
+and ``qblocks`` = [block rows, block columns, compute]. A dense weight passes ``quant`` = [] and ``qblocks`` = [].
 
 A ragged stack (``rank_offsets`` [G + 1] int32, adapter g at its own rank) passes lora_A [sum r, K] and lora_B
 [N, sum r]; T and U are then [M, ``t_width``], each row filled up to its adapter's rank only (the rest unwritten);
@@ -80,9 +81,13 @@ def quant_args(state, compute_dtype: torch.dtype) -> tuple[list[Tensor], list[in
 
 
 def _weight(weight: Tensor, quant: list[Tensor], qblocks: list[int], N: int, K: int):
-    """The W operand: ``weight`` itself (``quant`` empty), or its packed 4-bit form with the quantisation state."""
+    """The W operand: ``weight`` itself (``quant`` empty), its packed 4-bit form with the quantisation state, or an
+    FP8 weight with its block scales."""
     if not quant:
         return weight
+    if weight.dtype == torch.float8_e4m3fn:
+        return _launch.BlockFP8(weight.view(torch.uint8), quant[0], (qblocks[0], qblocks[1]), (N, K),
+                                COMPUTE_DTYPES[qblocks[2]])
     absmax, code, *double = quant
     absmax2, code2, offset = double if double else (None, None, None)
     return _launch.Packed4bit(weight, absmax, code, absmax2, code2, offset, qblocks[0], qblocks[1], (N, K),

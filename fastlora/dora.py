@@ -4,8 +4,8 @@ By default nothing is cached: every call computes ||W_n||^2 (one pass over W) an
 ``fastlora._dora_ops.dora_norm``), so an edit made any way (``.data`` included) is seen by the next call.
 ``DoraCaching`` (opt-in, as PEFT's) keeps ||W||^2 per weight tensor and, in eval mode, each layer's norm, trusting
 version counters and storages (which ``.data`` edits bypass); never under torch.compile (version counters do not
-trace). A 4-bit W (QDoRA, ``weight_sq_4bit``): ||deq(W)_n||^2 in fp32 from the packed bytes, decoded ROWS rows at a
-time; U = A deq(W)^T by the 4-bit GEMM.
+trace). A 4-bit W (QDoRA, ``weight_sq_4bit``) or an FP8 one (``weight_sq_fp8``): ||deq(W)_n||^2 in fp32 from the
+stored bytes, decoded ROWS rows at a time; U = A deq(W)^T by the quantised-W GEMM.
 """
 
 from __future__ import annotations
@@ -139,6 +139,39 @@ def weight_norm_4bit(packed, state, lora_A, lora_B, scaling: float) -> torch.Ten
     with torch.no_grad():
         return _dora_ops.dora_norm_4bit(data, tensors, qblocks, weight_sq_4bit(packed, state), lora_A.detach(),
                                         lora_B.detach(), float(scaling)).clamp_min(DORA_EPS)
+
+
+def weight_sq_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """||deq(W)_n||^2, fp32 [N], of a block-scaled FP8 weight (float8_e4m3fn [N, K], ``scale`` [cdiv(N, bn),
+    cdiv(K, bk)]); with ``DoraCaching`` on, cached while the bytes and the scales keep their versions and storages."""
+    return _cached_on(weight, lambda: (weight._version, weight.data_ptr(), scale._version, scale.data_ptr(),
+                                       tuple(weight.shape), tuple(block)),
+                      lambda: _row_sq_fp8(weight, scale, block))
+
+
+def _row_sq_fp8(weight, scale, block) -> torch.Tensor:
+    N, K = weight.shape
+    if weight.device.type == "meta":
+        return torch.empty(N, dtype=torch.float32, device="meta")
+    bn, bk = block
+    with torch.no_grad():
+        cols = scale.detach().float().repeat_interleave(bk, dim=1)[:, :K]  # [cdiv(N, bn), K]
+        out = []
+        for r0 in range(0, N, ROWS):  # a ROWS x K fp32 temporary, never N x K
+            rows = torch.arange(r0, min(r0 + ROWS, N), device=weight.device)
+            w = weight.detach()[r0:r0 + ROWS].float() * cols[rows // bn]
+            out.append(w.square().sum(1))
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float32, device=weight.device)
+
+
+def weight_norm_fp8(weight, scale, block, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """``weight_norm`` of a block-scaled FP8 W: max(||deq(W)_n + s B_n A||, DORA_EPS), fp32 [N], detached; U = A
+    deq(W)^T by the FP8 GEMM (tiles dequantised to fp32 in registers)."""
+    with torch.no_grad():
+        sc = scale.detach().float().contiguous()
+        fp32 = [*block, _ops.COMPUTE_DTYPES.index(torch.float32)]
+        return _dora_ops.dora_norm_4bit(weight.detach().contiguous(), [sc], fp32, weight_sq_fp8(weight, scale, block),
+                                        lora_A.detach(), lora_B.detach(), float(scaling)).clamp_min(DORA_EPS)
 
 
 def grouped_weight_norm(weight, lora_A, lora_B, scale_vec, rank_offsets=None) -> torch.Tensor:

@@ -154,6 +154,55 @@ def _lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, 
     return y.reshape(*x.shape[:-1], N)
 
 
+def lora_linear_fp8(x, weight, weight_scale_inv, bias, lora_A, lora_B, scaling, *, block_size=(128, 128),
+                    dropout_p=0.0, training=False, seed=None, magnitude=None):
+    """``lora_linear`` over a block-scaled FP8 base (DeepSeek-V3 / transformers' ``fp8`` checkpoints):
+    y = x W^T + b + scaling * (dropout(x) A^T) B^T with W[i, j] = float(weight[i, j]) * weight_scale_inv[i // bn,
+    j // bk], (bn, bk) = ``block_size``.
+
+    weight float8_e4m3fn [N, K]; weight_scale_inv fp32 or bf16 [ceil(N / bn), ceil(K / bk)] (edge blocks partial:
+    N and K need not be multiples of the block). W is dequantised tile by tile inside the GEMM (forward and dx, W8A16),
+    never written out in 16 bits: each fp32 product float(q) * s is rounded once to x's dtype, in which the base
+    product runs (as ``fastlora.quant.dequantize_fp8_blockwise(..., dtype=x.dtype)`` then ``F.linear``); the
+    low-rank branch runs in x's dtype with the adapters as they are. weight and its scales are frozen: no gradient
+    flows to them. Under torch.autocast x is first cast to the autocast dtype. ``magnitude`` [N]: DoRA over the FP8
+    base, PEFT's semantics as ``lora_linear(magnitude=)``, the norm ||deq(W) + s B A|| computed in fp32.
+    """
+    quant.check_fp8_blockwise(weight, weight_scale_inv, block_size)
+    block = (int(block_size[0]), int(block_size[1]))
+    N, K = weight.shape
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor; got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x's last dimension must equal in_features = {K} (weight {tuple(weight.shape)}); got x of "
+                         f"shape {tuple(x.shape)}")
+    _check_dtype("x", x.dtype)
+    _check_device("weight", weight, x)
+    if bias is not None:
+        _check_optional("bias", bias, x, (N,), "(out_features,)")
+        _check_dtype("bias", bias.dtype)
+    s, p = _check_lora(x, lora_A, lora_B, N, K, scaling, dropout_p, training)
+    if magnitude is not None:
+        _check_magnitude(magnitude, x, N)
+    if _autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    w8, scale = weight.detach().contiguous(), weight_scale_inv.detach()  # frozen; the kernels read W row-major
+    if not _use_kernels(x, lora_A, lora_B, *(() if magnitude is None else (magnitude,))):
+        return reference.lora_linear_fp8(x, w8, scale, bias, lora_A, lora_B, s, block_size=block, dropout_p=p,
+                                         training=training, magnitude=magnitude)
+    seed = _seed(seed) if p > 0 else 0
+    tensors, qblocks = [scale.float().contiguous()], [*block, _ops.COMPUTE_DTYPES.index(x.dtype)]
+    with torch.autocast(x.device.type, enabled=False):
+        if magnitude is not None:  # ||W||^2 cached (DoraCaching) on the caller's weight tensor
+            norm = dora.weight_norm_fp8(weight, weight_scale_inv, block, lora_A, lora_B, s)
+            y = DoRAFunction.apply(x.reshape(-1, K), w8, bias, lora_A, lora_B, magnitude, norm, s, p, seed,
+                                   tensors, qblocks)
+        else:
+            y = LoRAFunction.apply(x.reshape(-1, K), w8, bias, lora_A, lora_B, s, None, None, None, None, p,
+                                   seed, tensors, qblocks)
+    return y.reshape(*x.shape[:-1], N)
+
+
 def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *, dropout_p=0.0, training=False,
                         seed=None, check_ids=True, batch=None, rank_offsets=None, magnitude=None):
     """Each token adds its own adapter: y_i = x_i W^T + b + scaling[g] (dropout(x_i) A[g]^T) B[g]^T, g = ids[i].

@@ -12,8 +12,9 @@ of the X tiles as they are loaded (dx: X = dy, whose columns are the forward's o
 accumulator over the same W tiles carries PEFT's (g - 1) * W d(x) term (docs/dora.md). Grouped (B_GROUPED), g is
 [G, N], one row per adapter, gathered per tile row by its adapter id (plain-LoRA adapters and base-only rows: 1).
 
-Transposes are stride swaps, never copies. With W_QUANT the W operand is a bitsandbytes 4-bit weight (packed
-codes + block scales, ``weight4.py``) dequantised per K tile in registers. With HAS_PERM, row m of the tile
+Transposes are stride swaps, never copies. W_FORMAT says what the W operand is: dense, a bitsandbytes 4-bit weight
+(packed codes + block scales, ``weight4.py``) or a block-scaled FP8 weight (e4m3 bytes + 2-D block scales,
+``weight8.py``), the last two dequantised per K tile in registers. With HAS_PERM, row m of the tile
 space is token perm[m] (tokens sorted by adapter), so X is gathered and out scattered in place. With W_GROUPED
 (grouped shrink) W is a stack [G, N, K]; the sorted rows are cut into tiles at the adapter segment offsets, so
 each tile runs the ordinary (pipelined) K loop on one adapter's W, and base-only rows come out zero. With
@@ -29,7 +30,8 @@ import triton
 import triton.language as tl
 
 from .tiles import grouped_dot, load_dropped, ragged_dot, segment_tile, tile_mn, unpack_keep
-from .weight4 import DENSE, load_4bit
+from .weight4 import ABSMAX, DENSE, DOUBLE, FP8, load_4bit
+from .weight8 import load_fp8
 
 # DORA values: how the GEMM core applies a DoRA magnitude scale g [N] (per output column of the forward).
 NO_DORA = tl.constexpr(0)
@@ -107,18 +109,19 @@ def _mainloop_ptr(
     acc, acc2, x_ptr, w_ptr, bits_ptr, g_ptr, quant, rows, ids, n0, offs_n, mask_m, mask_n, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bits, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_DROPOUT: tl.constexpr,
-    W_KMAJOR: tl.constexpr, W_QUANT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr,
+    W_KMAJOR: tl.constexpr, W_FORMAT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr,
     QBLOCK2: tl.constexpr, W_COMPUTE: tl.constexpr, INPUT_PRECISION: tl.constexpr, FMA: tl.constexpr,
     DORA: tl.constexpr, DORA_ROWS: tl.constexpr,
 ):
     """acc += drop?(X[rows]) W^T with pointer loads (any strides, gathered rows). With X_DROPOUT the keep-mask
-    is drawn here (Philox) and also written, packed, to bits (the shrink has one column tile, so once). With
-    W_QUANT, W is fetched 4-bit and dequantised (``quant``: absmax, absmax2, code, code2, offset pointers) from the
-    stored [N, K] weight (forward) or, W_TRANS, its transpose (dx); the stored row length is the unit stride's
-    partner (stride_wn, or stride_wk when W_TRANS). The 4-bit product runs in W_COMPUTE (bitsandbytes'
-    compute dtype), X tiles cast to it in registers, whatever X's own dtype. DoRA (dense or 4-bit W, the same dots
-    either way): DX scales the X tiles by g (each row by its adapter's g when DORA_ROWS, grouped); FWD_DROP and
-    DX_DROP also add the second product of the same W tile into acc2 (returned)."""
+    is drawn here (Philox) and also written, packed, to bits (the shrink has one column tile, so once). With a
+    quantised W_FORMAT, W is fetched 4-bit (``quant``: absmax, absmax2, code, code2, offset pointers) or FP8
+    (``quant[0]``: the block scales) and dequantised, from the stored [N, K] weight (forward) or, W_TRANS, its
+    transpose (dx); the stored row length is the unit stride's partner (stride_wn, or stride_wk when W_TRANS). The
+    product runs in W_COMPUTE (bitsandbytes' compute dtype; FP8: X's), X tiles cast to it in registers, whatever X's
+    own dtype. DoRA (dense, 4-bit or FP8 W, the same dots either way): DX scales the X tiles by g (each row by its
+    adapter's g when DORA_ROWS, grouped); FWD_DROP and DX_DROP also add the second product of the same W tile into
+    acc2 (returned)."""
     offs_k = tl.arange(0, BLOCK_K)
     # FMA dots (fp32 without tf32): rows past the tile's end and, for a K-contiguous W, columns past N read row /
     # column 0 (never stored) instead of being masked, so no row or column predicates stay live across the K loop
@@ -135,8 +138,8 @@ def _mainloop_ptr(
             mask_wn = tl.full((BLOCK_N,), 1, tl.int1)
     x_ptrs = x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + cols_w.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
-    dt: tl.constexpr = x_ptr.dtype.element_ty if W_QUANT == DENSE else W_COMPUTE  # the dot's operand dtype
-    if W_QUANT != DENSE:
+    dt: tl.constexpr = x_ptr.dtype.element_ty if W_FORMAT == DENSE else W_COMPUTE  # the dot's operand dtype
+    if W_FORMAT == ABSMAX or W_FORMAT == DOUBLE:
         codebook = tl.load(quant[2] + tl.arange(0, 16))
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
@@ -148,15 +151,18 @@ def _mainloop_ptr(
                      mask=mask_m[:, None] & (offs_w < tl.cdiv(K, 32))[None, :])
         else:
             x = tl.load(x_ptrs, mask=mask_xm[:, None] & mask_k[None, :], other=0.0)
-        if W_QUANT == DENSE:
+        if W_FORMAT == DENSE:
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_wn[None, :], other=0.0).to(dt)
+        elif W_FORMAT == FP8:  # the bytes through W's strides (dx: transposed), scaled per block
+            w = load_fp8(w_ptrs, mask_k[:, None] & mask_wn[None, :], quant[0], k0, offs_k, offs_n, mask_n,
+                         stride_wk if W_TRANS else stride_wn, BLOCK_K, W_TRANS, QBLOCK, QBLOCK2).to(dt)
         else:
             if W_TRANS:  # dx: rows k0.. of the stored weight, columns n0..
                 w = load_4bit(w_ptr, quant, codebook, (k0 + offs_k).to(tl.int64), mask_k, n0, stride_wk,
-                              BLOCK_N, W_QUANT, QBLOCK, QBLOCK2)
+                              BLOCK_N, W_FORMAT, QBLOCK, QBLOCK2)
             else:  # forward: rows offs_n, columns k0.., transposed to [BLOCK_K, BLOCK_N]
                 w = load_4bit(w_ptr, quant, codebook, offs_n.to(tl.int64), mask_n, k0, stride_wn,
-                              BLOCK_K, W_QUANT, QBLOCK, QBLOCK2).T
+                              BLOCK_K, W_FORMAT, QBLOCK, QBLOCK2).T
             w = w.to(dt)
         if DORA == DX:
             acc = tl.dot(dora_scale(x, g_ptr, ids, k0, offs_k, mask_k, K, False, DORA_ROWS, dt), w, acc,
@@ -235,7 +241,7 @@ def _lora_gemm_kernel(
     W_GROUPED: tl.constexpr, B_GROUPED: tl.constexpr, RAGGED: tl.constexpr, HAS_SCALE_VEC: tl.constexpr,
     X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
     USE_TMA: tl.constexpr, TMA_OK: tl.constexpr, W_KMAJOR: tl.constexpr,
-    W_QUANT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
+    W_FORMAT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
     W_COMPUTE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DORA: tl.constexpr, STORE_Z: tl.constexpr,
 ):
     """out [M, N] (rows in caller order) from X [M, K], W [(G,) N, K], T [M, R] fp32, B [(G,) N, R].
@@ -247,9 +253,10 @@ def _lora_gemm_kernel(
     INPUT_PRECISION). ids: sorted adapter id per tile row (-1 = base only); scale_ptr: per-adapter scaling
     (HAS_SCALE_VEC) else ``scaling``. bits: the dropout keep-mask, int32 words [M, cdiv(K, 32)] by token —
     written by the X_DROPOUT shrink, read by OUT_DROPOUT. USE_TMA needs TMA_OK (the launcher built descriptors:
-    16-byte aligned, unit inner stride) and no gather. M_BUCKET and TMA_OK also key the autotuner. W_QUANT
-    (``weight4``: DENSE, ABSMAX, DOUBLE) reads W as 4-bit codes at w_ptr with their block scales (qabs..qoff
-    pointers, QBLOCK elements per absmax, QBLOCK2 absmax per absmax2) and multiplies in W_COMPUTE; W_TRANS: the
+    16-byte aligned, unit inner stride) and no gather. M_BUCKET and TMA_OK also key the autotuner. W_FORMAT
+    (``weight4``: DENSE, ABSMAX, DOUBLE, FP8) reads W as 4-bit codes at w_ptr with their block scales (qabs..qoff
+    pointers, QBLOCK elements per absmax, QBLOCK2 absmax per absmax2) or as e4m3 bytes with fp32 scales at qabs_ptr
+    per QBLOCK x QBLOCK2 block of the stored [N, K], and multiplies in W_COMPUTE; W_TRANS: the
     operand is the stored weight's transpose (dx). The low-rank term stays in X's dtype (an fp32 X under a bf16
     4-bit base: exact adapter products, as PEFT's QLoRA computes them). W_KMAJOR: W's unit stride runs along K.
     RAGGED (with W_GROUPED or B_GROUPED; > 0, every offset a multiple of it, so 8 lets B's rank columns load as
@@ -263,9 +270,9 @@ def _lora_gemm_kernel(
     """
     tl.static_assert(not (X_DROPOUT and HAS_LORA), "X_DROPOUT is the shrink's; the main GEMM takes OUT_DROPOUT")
     tl.static_assert(not USE_TMA or (TMA_OK and not HAS_PERM and not W_GROUPED and not X_DROPOUT))
-    tl.static_assert(W_QUANT == DENSE or not (USE_TMA or W_GROUPED), "4-bit W: pointer loads, one weight")
+    tl.static_assert(W_FORMAT == DENSE or not (USE_TMA or W_GROUPED), "quantised W: pointer loads, one weight")
     tl.static_assert(DORA == NO_DORA or (not W_GROUPED and (B_GROUPED or not HAS_PERM)))
-    tl.static_assert(DORA == NO_DORA or W_QUANT == DENSE or not B_GROUPED, "grouped DoRA: dense W")
+    tl.static_assert(DORA == NO_DORA or W_FORMAT == DENSE or not B_GROUPED, "grouped DoRA: dense W")
     tl.static_assert(not USE_TMA or DORA == NO_DORA or DORA == FWD or DORA == DX, "two accumulators: pointers")
     quant = (qabs_ptr, qabs2_ptr, qcode_ptr, qcode2_ptr, qoff_ptr)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -331,7 +338,7 @@ def _lora_gemm_kernel(
             acc, acc2 = _mainloop_ptr(acc, acc2, x_ptr, w_base, bits_ptr, g_ptr, quant, rows, ids, pid_n * BLOCK_N,
                                       offs_n, mask_m, mask_n, k_len, stride_xm, stride_xk, stride_wn, stride_wk,
                                       stride_bits, dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_K, X_DROPOUT, W_KMAJOR,
-                                      W_QUANT, W_TRANS, QBLOCK, QBLOCK2, W_COMPUTE, INPUT_PRECISION, fma, DORA,
+                                      W_FORMAT, W_TRANS, QBLOCK, QBLOCK2, W_COMPUTE, INPUT_PRECISION, fma, DORA,
                                       B_GROUPED)
         if DORA == FWD or DORA == FWD_DROP or DORA == DX_DROP:
             acc = _dora_epilogue(acc, acc2, g_ptr, z_ptr, bits_ptr, rows, ids, pid_n * BLOCK_N, offs_n, mask_m, mask_n,
