@@ -124,14 +124,7 @@ def _lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, 
                          f"weight, contiguous; got shape {tuple(weight.shape)} {weight.dtype} ({nbytes} bytes)")
     _check_device("weight", weight, x)
     _check_device("quant_state.absmax", quant_state.absmax, x)
-    if bias is not None:
-        _check_optional("bias", bias, x, (N,), "(out_features,)")
-        _check_dtype("bias", bias.dtype)
-    s, p = _check_lora(x, lora_A, lora_B, N, K, scaling, dropout_p, training)
-    if magnitude is not None:
-        _check_magnitude(magnitude, x, N)
-    if _autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
+    x, s, p = _check_quantized_call(x, bias, lora_A, lora_B, N, K, scaling, dropout_p, training, magnitude)
     extra = (compute_dtype,) if magnitude is None else (compute_dtype, magnitude.dtype)
     if not _use_kernels(x, lora_A, lora_B, extra_dtypes=extra):
         w = quant.dequantize_4bit(weight, quant_state, dtype=compute_dtype)
@@ -140,18 +133,39 @@ def _lora_linear_4bit(x, weight, quant_state, bias, lora_A, lora_B, scaling, *, 
                                          compute_dtype=compute_dtype)
         return reference.lora_linear(x, w, bias, lora_A, lora_B, s, dropout_p=p, training=training,
                                      compute_dtype=compute_dtype)
-    seed = _seed(seed) if p > 0 else 0
     tensors, qblocks = _ops.quant_args(quant_state, compute_dtype)
     packed = weight.view(torch.uint8).reshape(-1)
+    return _quantized_apply(x, packed, bias, lora_A, lora_B, s, p, seed, tensors, qblocks, magnitude,
+                            norm_fn or (lambda: dora.weight_norm_4bit(weight, quant_state, lora_A, lora_B, s)))
+
+
+def _check_quantized_call(x, bias, lora_A, lora_B, N, K, scaling, dropout_p, training, magnitude):
+    """The checks a quantised base's call shares once x and its weight are checked: bias, the adapters, the DoRA
+    magnitude; returns x (cast as autocast would) with the checked scaling and dropout probability."""
+    if bias is not None:
+        _check_optional("bias", bias, x, (N,), "(out_features,)")
+        _check_dtype("bias", bias.dtype)
+    s, p = _check_lora(x, lora_A, lora_B, N, K, scaling, dropout_p, training)
+    if magnitude is not None:
+        _check_magnitude(magnitude, x, N)
+    if _autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    return x, s, p
+
+
+def _quantized_apply(x, w, bias, lora_A, lora_B, s, p, seed, tensors, qblocks, magnitude, norm_fn):
+    """The fused LoRA (DoRA with ``magnitude``, its norm from ``norm_fn()``) Function over a quantised W: ``w`` the
+    stored codes, ``tensors``/``qblocks`` their ``_ops`` quant arguments."""
+    K = x.shape[-1]
+    seed = _seed(seed) if p > 0 else 0
     with torch.autocast(x.device.type, enabled=False):
         if magnitude is not None:
-            norm = norm_fn() if norm_fn is not None else dora.weight_norm_4bit(weight, quant_state, lora_A, lora_B, s)
-            y = DoRAFunction.apply(x.reshape(-1, K), packed, bias, lora_A, lora_B, magnitude, norm, s, p, seed,
+            y = DoRAFunction.apply(x.reshape(-1, K), w, bias, lora_A, lora_B, magnitude, norm_fn(), s, p, seed,
                                    tensors, qblocks)
         else:
-            y = LoRAFunction.apply(x.reshape(-1, K), packed, bias, lora_A, lora_B, s, None, None, None, None, p,
-                                   seed, tensors, qblocks)
-    return y.reshape(*x.shape[:-1], N)
+            y = LoRAFunction.apply(x.reshape(-1, K), w, bias, lora_A, lora_B, s, None, None, None, None, p, seed,
+                                   tensors, qblocks)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def lora_linear_fp8(x, weight, weight_scale_inv, bias, lora_A, lora_B, scaling, *, block_size=(128, 128),
@@ -178,29 +192,15 @@ def lora_linear_fp8(x, weight, weight_scale_inv, bias, lora_A, lora_B, scaling, 
                          f"shape {tuple(x.shape)}")
     _check_dtype("x", x.dtype)
     _check_device("weight", weight, x)
-    if bias is not None:
-        _check_optional("bias", bias, x, (N,), "(out_features,)")
-        _check_dtype("bias", bias.dtype)
-    s, p = _check_lora(x, lora_A, lora_B, N, K, scaling, dropout_p, training)
-    if magnitude is not None:
-        _check_magnitude(magnitude, x, N)
-    if _autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
+    x, s, p = _check_quantized_call(x, bias, lora_A, lora_B, N, K, scaling, dropout_p, training, magnitude)
     w8, scale = weight.detach().contiguous(), weight_scale_inv.detach()  # frozen; the kernels read W row-major
     if not _use_kernels(x, lora_A, lora_B, *(() if magnitude is None else (magnitude,))):
         return reference.lora_linear_fp8(x, w8, scale, bias, lora_A, lora_B, s, block_size=block, dropout_p=p,
                                          training=training, magnitude=magnitude)
-    seed = _seed(seed) if p > 0 else 0
     tensors, qblocks = [scale.float().contiguous()], [*block, _ops.COMPUTE_DTYPES.index(x.dtype)]
-    with torch.autocast(x.device.type, enabled=False):
-        if magnitude is not None:  # ||W||^2 cached (DoraCaching) on the caller's weight tensor
-            norm = dora.weight_norm_fp8(weight, weight_scale_inv, block, lora_A, lora_B, s)
-            y = DoRAFunction.apply(x.reshape(-1, K), w8, bias, lora_A, lora_B, magnitude, norm, s, p, seed,
-                                   tensors, qblocks)
-        else:
-            y = LoRAFunction.apply(x.reshape(-1, K), w8, bias, lora_A, lora_B, s, None, None, None, None, p,
-                                   seed, tensors, qblocks)
-    return y.reshape(*x.shape[:-1], N)
+    # ||W||^2 cached (DoraCaching) on the caller's weight tensor
+    return _quantized_apply(x, w8, bias, lora_A, lora_B, s, p, seed, tensors, qblocks, magnitude,
+                            lambda: dora.weight_norm_fp8(weight, weight_scale_inv, block, lora_A, lora_B, s))
 
 
 def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *, dropout_p=0.0, training=False,
