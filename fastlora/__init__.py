@@ -7,6 +7,7 @@ from fastlora.dora import DoraCaching
 from fastlora.functional import dropout_mask, grouped_lora_linear, lora_linear, lora_linear_4bit, lora_linear_fp8
 from fastlora.grouping import AdapterBatch
 from fastlora.linear4bit import Linear4bit
+from fastlora.linear_fp8 import LinearFP8
 from fastlora.model import inject, merge, unmerge
 from fastlora.modules import GroupedLinear, Linear, use_adapters
 
@@ -18,6 +19,7 @@ __all__ = [
     "GroupedLinear",
     "Linear",
     "Linear4bit",
+    "LinearFP8",
     "add_adapters",
     "dropout_mask",
     "from_peft",

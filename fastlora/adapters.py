@@ -23,11 +23,10 @@ import torch
 import torch.nn as nn
 
 from fastlora import _files
-from fastlora.linear4bit import Linear4bit, _is_bnb_4bit
-from fastlora.model import _check_bnb_4bit, _swap_in, _transaction
+from fastlora.linear4bit import _is_bnb_4bit
+from fastlora.linear_fp8 import is_fp8_linear
+from fastlora.model import _QUANTIZED, _SINGLE, _swap_in, _transaction, base_shape, check_base, layer_class
 from fastlora.modules import GroupedLinear, Linear, _adapter_args, _adapter_dtype, _check_dropout_arg, _layout
-
-_SINGLE = (Linear, Linear4bit)  # one-adapter layers: what save_adapter writes and load_adapter fills
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -42,8 +41,9 @@ _UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False, "modules_to_save": 
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Write every ``fastlora.Linear`` / ``fastlora.Linear4bit`` adapter of ``model`` to directory ``path`` in
-    PEFT's format (a 4-bit model's adapter loads into PEFT over the same bitsandbytes base).
+    """Write every ``fastlora.Linear`` / ``Linear4bit`` / ``LinearFP8`` adapter of ``model`` to directory ``path`` in
+    PEFT's format (a 4-bit model's adapter loads into PEFT over the same bitsandbytes base; an FP8 model's over the
+    same model in bf16 or FP8: the file does not depend on the base's format).
 
     The config's ``r``/``lora_alpha`` are the most common values; layers that differ get ``rank_pattern``/
     ``alpha_pattern`` entries (as PEFT writes them). ``lora_dropout`` is the most common dropout (it does not
@@ -62,7 +62,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
 
     layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, _SINGLE)}
     if not layers:
-        raise ValueError("save_adapter found no fastlora.Linear or fastlora.Linear4bit in the model")
+        raise ValueError("save_adapter found no fastlora.Linear, fastlora.Linear4bit or fastlora.LinearFP8 in the "
+                         "model")
     dora = [name for name, mod in layers.items() if getattr(mod, "use_dora", False)]
     if dora and len(dora) < len(layers):
         plain = [name for name in layers if name not in dora]
@@ -127,11 +128,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_dtype=Non
     """Load a PEFT-format LoRA adapter from directory ``path`` into ``model``; return the layer names.
 
     Each layer named in the file must be an ``nn.Linear`` (wrapped into a ``fastlora.Linear`` sharing its
-    weight), a bitsandbytes ``Linear4bit`` (wrapped into a ``fastlora.Linear4bit`` sharing its packed weight), an
-    unmerged ``fastlora.Linear`` or a ``fastlora.Linear4bit`` (its adapter is replaced). Rank comes from the
-    tensors, alpha from ``lora_alpha``/``alpha_pattern``, dropout and ``use_rslora`` from the config. Afterwards
-    only the adapters of fastlora layers require grad (as ``inject``). A DoRA adapter (``"use_dora": true``) builds
-    DoRA layers holding the file's magnitudes (over a 4-bit base: ``fastlora.Linear4bit(use_dora=True)``).
+    weight), a bitsandbytes ``Linear4bit`` (wrapped into a ``fastlora.Linear4bit`` sharing its packed weight), a
+    block-scaled FP8 linear (transformers' ``FP8Linear``: a ``fastlora.LinearFP8`` sharing its weight and scales), an
+    unmerged ``fastlora.Linear``, a ``fastlora.Linear4bit`` or a ``fastlora.LinearFP8`` (its adapter is replaced).
+    Rank comes from the tensors, alpha from ``lora_alpha``/``alpha_pattern``, dropout and ``use_rslora`` from the
+    config. Afterwards only the adapters of fastlora layers require grad (as ``inject``). A DoRA adapter
+    (``"use_dora": true``) builds DoRA layers holding the file's magnitudes (over a 4-bit base:
+    ``fastlora.Linear4bit(use_dora=True)``; over an FP8 one ``fastlora.LinearFP8(use_dora=True)``).
     ``lora_bias``, ``fan_in_fan_out`` and ``modules_to_save`` adapters raise
     ``NotImplementedError``. A transaction: the files, every tensor's shape and dtype and every base are checked
     and the new layers built before any is swapped in; a failure leaves the model as it was.
@@ -153,13 +156,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_dtype=Non
 
 
 def _loaded_layer(mod: nn.Module, kw: dict, a: torch.Tensor, b: torch.Tensor,
-                  m: torch.Tensor | None = None) -> Linear | Linear4bit:
+                  m: torch.Tensor | None = None) -> nn.Module:
     """A new fastlora layer over ``mod``'s base (shared) holding adapter (a, b) and, for DoRA (``kw["use_dora"]``),
     magnitude m; ``mod`` itself is not changed."""
-    if isinstance(mod, Linear4bit):  # new adapter parameters (fp32) over the same packed weight
+    if isinstance(mod, _QUANTIZED):  # new adapter parameters (fp32) over the same quantised weight
         layer = mod._with_new_adapter(**kw)
-    elif _is_bnb_4bit(mod):
-        layer = Linear4bit.from_linear(mod, **kw)
+    elif _is_bnb_4bit(mod) or is_fp8_linear(mod):
+        layer = layer_class(mod).from_linear(mod, **kw)
     else:
         layer = Linear.from_linear(_as_linear(mod.weight, mod.bias), **kw)
     with torch.no_grad():
@@ -309,9 +312,9 @@ def _grouped_bases(model, paths, loaded, grouped) -> dict[str, nn.Module]:
             _layer_args(config, name, weights[name][0].shape[0], path)
         if name in grouped:
             bases[name] = grouped[name]
-        elif isinstance(bases[name], Linear4bit) or _is_bnb_4bit(bases[name]):
-            raise NotImplementedError(f"{name!r} has a 4-bit base: grouped adapters stack over 16/32-bit bases only "
-                                      "(there is no grouped 4-bit layer)")
+        elif isinstance(bases[name], _QUANTIZED) or _is_bnb_4bit(bases[name]) or is_fp8_linear(bases[name]):
+            raise NotImplementedError(f"{name!r} has a quantised (4-bit or FP8) base: grouped adapters stack over "
+                                      "16/32-bit bases only (there is no grouped quantised layer)")
     return bases
 
 
@@ -451,16 +454,12 @@ def _base_of(model, name, a, b, source):
     if isinstance(mod, Linear):
         if mod.merged:
             raise ValueError(f"{name!r} is a merged fastlora.Linear; unmerge it before loading an adapter into it")
-    elif not isinstance(mod, (nn.Linear, Linear4bit)):
+    elif not isinstance(mod, (nn.Linear, *_QUANTIZED)) and not is_fp8_linear(mod):
         raise ValueError(f"{source}: adapter layer {name!r} is a {type(mod).__name__}; it must be an nn.Linear, "
-                         "a bitsandbytes Linear4bit, a fastlora.Linear or a fastlora.Linear4bit")
-    if _is_bnb_4bit(mod):
-        _check_bnb_4bit(name, mod)
-    if isinstance(mod, Linear4bit) or _is_bnb_4bit(mod):  # the weight is the packed [N*K/2, 1] bytes
-        N, K = mod.out_features, mod.in_features
-    else:
-        N, K = mod.weight.shape
-    _check_pair(name, a, b, N, K, source)
+                         "a bitsandbytes Linear4bit, an FP8 linear or a fastlora.Linear / Linear4bit / LinearFP8")
+    if not isinstance(mod, _SINGLE):
+        check_base(name, mod)
+    _check_pair(name, a, b, *base_shape(mod), source)
     return mod
 
 
@@ -524,5 +523,6 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     """PEFT ``target_modules`` for ``names``: the last name components when they select exactly ``names``."""
     suffixes = sorted({name.rpartition(".")[2] for name in names})
     selected = [n for n, m in model.named_modules()
-                if isinstance(m, (nn.Linear, *_SINGLE)) and any(n == s or n.endswith("." + s) for s in suffixes)]
+                if (isinstance(m, (nn.Linear, *_SINGLE)) or is_fp8_linear(m))
+                and any(n == s or n.endswith("." + s) for s in suffixes)]
     return suffixes if sorted(selected) == sorted(names) else sorted(names)

@@ -182,6 +182,14 @@ def lora_linear_fp8(x, weight, weight_scale_inv, bias, lora_A, lora_B, scaling, 
     flows to them. Under torch.autocast x is first cast to the autocast dtype. ``magnitude`` [N]: DoRA over the FP8
     base, PEFT's semantics as ``lora_linear(magnitude=)``, the norm ||deq(W) + s B A|| computed in fp32.
     """
+    return _lora_linear_fp8(x, weight, weight_scale_inv, bias, lora_A, lora_B, scaling, block_size=block_size,
+                            dropout_p=dropout_p, training=training, seed=seed, magnitude=magnitude)
+
+
+def _lora_linear_fp8(x, weight, weight_scale_inv, bias, lora_A, lora_B, scaling, *, block_size, dropout_p, training,
+                     seed, magnitude, norm_fn=None):
+    """``lora_linear_fp8``; ``norm_fn`` (DoRA): the layer's norm (``LinearFP8._norm``, cached in eval under
+    ``DoraCaching``), else computed here."""
     quant.check_fp8_blockwise(weight, weight_scale_inv, block_size)
     block = (int(block_size[0]), int(block_size[1]))
     N, K = weight.shape
@@ -200,7 +208,8 @@ def lora_linear_fp8(x, weight, weight_scale_inv, bias, lora_A, lora_B, scaling, 
     tensors, qblocks = [scale.float().contiguous()], [*block, _ops.COMPUTE_DTYPES.index(x.dtype)]
     # ||W||^2 cached (DoraCaching) on the caller's weight tensor
     return _quantized_apply(x, w8, bias, lora_A, lora_B, s, p, seed, tensors, qblocks, magnitude,
-                            lambda: dora.weight_norm_fp8(weight, weight_scale_inv, block, lora_A, lora_B, s))
+                            norm_fn or (lambda: dora.weight_norm_fp8(weight, weight_scale_inv, block, lora_A, lora_B,
+                                                                     s)))
 
 
 def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *, dropout_p=0.0, training=False,

@@ -16,10 +16,13 @@ import torch.nn as nn
 
 from fastlora import quant
 from fastlora.linear4bit import Linear4bit, _is_bnb_4bit
+from fastlora.linear_fp8 import LinearFP8, fp8_block_size, is_fp8_linear
 from fastlora.modules import GroupedLinear, Linear, _adapter_args, _adapter_dtype, _check_use_dora
 
 ALL_LINEAR = "all-linear"
-_FASTLORA = (Linear, Linear4bit, GroupedLinear)
+_QUANTIZED = (Linear4bit, LinearFP8)  # single-adapter layers over a quantised base: they never merge
+_SINGLE = (Linear, *_QUANTIZED)  # one adapter per layer: what save_adapter writes and load_adapter fills
+_FASTLORA = (*_SINGLE, GroupedLinear)
 
 
 def inject(model: nn.Module, target_modules, *, r: int, alpha: float, dropout: float = 0.0,
@@ -44,6 +47,10 @@ def inject(model: nn.Module, target_modules, *, r: int, alpha: float, dropout: f
     ``lora_magnitude`` initialised as PEFT does (docs/dora.md); a 4-bit target becomes a
     ``fastlora.Linear4bit(use_dora=True)`` (QDoRA).
 
+    A block-scaled FP8 linear (transformers' ``FP8Linear`` from an FP8 checkpoint, or any module holding a
+    float8_e4m3fn ``weight`` and its ``weight_scale_inv``) becomes a ``fastlora.LinearFP8`` sharing those tensors, with
+    fp32 adapters; per-tensor and UE8M0 scales raise ``NotImplementedError``.
+
     Adapters are fp32 over bf16/fp16 (and 4-bit) bases, as ``get_peft_model`` makes them (its default
     ``autocast_adapter_dtype=True``): in 16 bits an Adam step below the value's spacing is lost, and GradScaler
     refuses fp16 gradients. Over an fp32 base they are fp32. ``adapter_dtype`` (torch.float16, bfloat16 or float32)
@@ -55,28 +62,56 @@ def inject(model: nn.Module, target_modules, *, r: int, alpha: float, dropout: f
     _adapter_dtype(adapter_dtype, torch.float32)
     kw = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora, adapter_dtype=adapter_dtype)
     for name in names:  # every base checked before any layer is built
-        mod = model.get_submodule(name)
-        if _is_bnb_4bit(mod):
-            _check_bnb_4bit(name, mod)
-        else:
-            _check_unquantized(name, mod)
+        check_base(name, model.get_submodule(name))
     with _transaction(model):
         layers = [_wrap(model.get_submodule(name), kw) for name in names]
     _swap_in(model, dict(zip(names, layers, strict=True)))
     return names
 
 
-def _wrap(linear: nn.Linear, kw: dict) -> Linear | Linear4bit:
-    """A fastlora layer over ``linear`` (checked by ``_check_bnb_4bit`` / ``_check_unquantized``)."""
-    return (Linear4bit if _is_bnb_4bit(linear) else Linear).from_linear(linear, **kw)
+def _wrap(linear: nn.Module, kw: dict) -> Linear | Linear4bit | LinearFP8:
+    """A fastlora layer over the base ``linear`` (checked by ``check_base``)."""
+    return layer_class(linear).from_linear(linear, **kw)
+
+
+def layer_class(base: nn.Module) -> type:
+    """The fastlora layer that wraps a base linear: ``Linear4bit`` over a bitsandbytes 4-bit one, ``LinearFP8`` over
+    a block-scaled FP8 one, ``Linear`` over any other ``nn.Linear``."""
+    if _is_bnb_4bit(base):
+        return Linear4bit
+    return LinearFP8 if is_fp8_linear(base) else Linear
+
+
+def check_base(name: str, base: nn.Module) -> None:
+    """Raise, naming the layer, unless ``layer_class(base).from_linear`` can wrap the base linear at ``name``."""
+    if _is_bnb_4bit(base):
+        _check_bnb_4bit(name, base)
+    elif is_fp8_linear(base):
+        try:
+            fp8_block_size(base)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{name!r}: fastlora cannot read this FP8 linear's scales: {e}") from e
+        except NotImplementedError as e:
+            raise NotImplementedError(f"{name!r}: {e}") from e
+    else:
+        _check_unquantized(name, base)
+
+
+def base_shape(base: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a base linear or fastlora layer (a 4-bit weight is stored packed)."""
+    if isinstance(base, _QUANTIZED) or _is_bnb_4bit(base):
+        return base.out_features, base.in_features
+    return tuple(base.weight.shape)
 
 
 def _check_unquantized(name: str, linear: nn.Linear) -> None:
     """Raise for an ``nn.Linear`` subclass that quantises its weight (bitsandbytes ``Linear8bitLt``, ...)."""
     cls = type(linear)
-    if cls.__module__.partition(".")[0] == "bitsandbytes" or not linear.weight.is_floating_point():
+    if (cls.__module__.partition(".")[0] == "bitsandbytes" or not linear.weight.is_floating_point()
+            or linear.weight.element_size() < 2):
         raise NotImplementedError(f"{name!r} is a {cls.__module__}.{cls.__name__} with a {linear.weight.dtype} "
-                                  "weight; fastlora supports nn.Linear and bitsandbytes Linear4bit (4-bit) bases")
+                                  "weight; fastlora supports nn.Linear, bitsandbytes Linear4bit (4-bit) and "
+                                  "block-scaled FP8 (float8_e4m3fn weight with a weight_scale_inv) bases")
 
 
 def _check_bnb_4bit(name: str, linear: nn.Module) -> None:
@@ -125,7 +160,7 @@ def match_modules(model: nn.Module, target_modules) -> list[str]:
     if isinstance(target_modules, str):
         if target_modules.lower() == ALL_LINEAR:
             output = _output_layer(model)
-            matches = lambda name, mod: (isinstance(mod, nn.Linear) and mod is not output
+            matches = lambda name, mod: ((isinstance(mod, nn.Linear) or is_fp8_linear(mod)) and mod is not output
                                          and name.rpartition(".")[2] != "lm_head")
         else:
             pattern = re.compile(target_modules)
@@ -145,9 +180,9 @@ def match_modules(model: nn.Module, target_modules) -> list[str]:
         if isinstance(mod, _FASTLORA):
             raise ValueError(f"target_modules {target_modules!r} matched {name!r}, which is already a "
                              f"fastlora.{type(mod).__name__}")
-        if not isinstance(mod, nn.Linear):
+        if not isinstance(mod, nn.Linear) and not is_fp8_linear(mod):
             raise ValueError(f"target_modules {target_modules!r} matched {name!r}, a {type(mod).__name__}; only "
-                             "nn.Linear layers can be targeted")
+                             "nn.Linear layers (and FP8 linears) can be targeted")
         names.append(name)
     if not names:
         raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear in the model")
@@ -171,7 +206,8 @@ def merge(model: nn.Module) -> list[str]:
 
     ``GroupedLinear`` stacks are left alone: a per-token adapter cannot be folded into one weight. A model with
     ``fastlora.Linear4bit`` layers raises their ``NotImplementedError`` (naming the first such layer) before
-    anything is merged: folding an adapter into 4-bit codes re-quantises the base. ``layer.dequantize()`` gives a
+    anything is merged: folding an adapter into 4-bit codes re-quantises the base (so do ``fastlora.LinearFP8``
+    layers). ``layer.dequantize()`` gives a
     mergeable ``fastlora.Linear``.
     """
     return _apply(model, "merge")
@@ -183,11 +219,11 @@ def unmerge(model: nn.Module) -> list[str]:
 
 
 def _apply(model: nn.Module, method: str) -> list[str]:
-    layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, (Linear, Linear4bit))}
+    layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, _SINGLE)}
     if not layers:
-        raise ValueError("found no fastlora.Linear or fastlora.Linear4bit in the model")
-    # 4-bit layers first: they refuse, and must do so before any full-precision layer has changed.
-    for name, layer in sorted(layers.items(), key=lambda item: not isinstance(item[1], Linear4bit)):
+        raise ValueError("found no fastlora.Linear, fastlora.Linear4bit or fastlora.LinearFP8 in the model")
+    # quantised layers first: they refuse, and must do so before any full-precision layer has changed.
+    for name, layer in sorted(layers.items(), key=lambda item: not isinstance(item[1], _QUANTIZED)):
         try:
             getattr(layer, method)()
         except NotImplementedError as e:

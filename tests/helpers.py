@@ -1,9 +1,10 @@
 """Random problem builders and the float64 oracle runs shared by the kernel tests."""
 
 import torch
+import torch.nn as nn
 
 import fastlora
-from fastlora import reference
+from fastlora import quant, reference
 
 
 def case_id(**kw) -> str:
@@ -124,3 +125,20 @@ def saved_elements(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sizes
+
+
+class CheckpointFP8Linear(nn.Module):
+    """What an FP8 checkpoint's linear looks like once loaded (transformers' ``FP8Linear`` without its kernels): an
+    e4m3 ``weight`` and fp32/bf16 ``weight_scale_inv`` parameters, a ``block_size``."""
+
+    def __init__(self, w: torch.Tensor, bias=None, block_size=(128, 128), scale_dtype=torch.float32):
+        super().__init__()
+        q, s = quant.quantize_fp8_blockwise(w, block_size, scale_dtype)
+        self.block_size = block_size
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(s, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias)
+
+    def forward(self, x):
+        w = quant.dequantize_fp8_blockwise(self.weight, self.weight_scale_inv, self.block_size, dtype=x.dtype)
+        return nn.functional.linear(x, w, self.bias)
