@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from fastlora.linear4bit import Linear4bit, _is_bnb_4bit
-from fastlora.model import _check_bnb_4bit, _check_unquantized, _set_submodule
+from fastlora.linear4bit import Linear4bit
+from fastlora.linear_fp8 import LinearFP8
+from fastlora.model import _set_submodule, check_base, layer_class
 from fastlora.modules import Linear
 
 
@@ -34,9 +35,11 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     dropout p and the merged state, so outputs and trainable parameters are unchanged. A layer over a
     bitsandbytes ``Linear4bit`` (QLoRA) becomes a ``fastlora.Linear4bit`` that shares the packed weight, quant
     state, bias and compute dtype. A DoRA layer (``use_dora=True``) becomes a DoRA layer sharing PEFT's magnitude
-    parameter as ``lora_magnitude`` (over a 4-bit base: ``fastlora.Linear4bit(use_dora=True)``, QDoRA). Everything
+    parameter as ``lora_magnitude`` (over a 4-bit base: ``fastlora.Linear4bit(use_dora=True)``, QDoRA). A layer
+    over a block-scaled FP8 linear (transformers' ``FP8Linear``) becomes a ``fastlora.LinearFP8`` sharing its weight
+    and scales. Everything
     is checked before anything is replaced: the other LoRA variants, ``lora_bias``, ``fan_in_fan_out``/Conv1D
-    bases, several active adapters, disabled adapters, adapters merged into a 4-bit base, non-Linear LoRA layers
+    bases, several active adapters, disabled adapters, adapters merged into a quantised base, non-Linear LoRA layers
     (Embedding, Conv, 8-bit and other quantized bases) and ``modules_to_save``/trainable-token wrappers raise
     ``NotImplementedError`` naming the layer.
 
@@ -106,12 +109,10 @@ def _check_layer(name: str, mod) -> str:
     base = mod.get_base_layer()
     if not isinstance(base, nn.Linear):
         fail(f"a {type(base).__name__} base layer (needs nn.Linear)")
-    if _is_bnb_4bit(base):
-        if mod.merged:
-            fail("its adapter is merged into the 4-bit base (re-quantised); call unmerge_adapter() first")
-        _check_bnb_4bit(name, base)
-    else:
-        _check_unquantized(name, base)
+    kind = {Linear4bit: "4-bit", LinearFP8: "FP8"}.get(layer_class(base))
+    if kind and mod.merged:
+        fail(f"its adapter is merged into the {kind} base (re-quantised); call unmerge_adapter() first")
+    check_base(name, base)
     if dora:
         m = mod.lora_magnitude_vector[adapter].weight
         if m.shape != (base.out_features,) or not m.is_floating_point():
@@ -135,12 +136,12 @@ def _is_dora(mod, adapter: str) -> bool:
     return bool(mod.use_dora.get(adapter, False)) or adapter in mod.lora_magnitude_vector
 
 
-def _convert(mod, adapter: str) -> Linear | Linear4bit:
+def _convert(mod, adapter: str) -> nn.Module:
     dropout = mod.lora_dropout[adapter]
     base = mod.get_base_layer()
-    four_bit = _is_bnb_4bit(base)
+    cls = layer_class(base)
     dora = _is_dora(mod, adapter)
-    layer = (Linear4bit if four_bit else Linear).from_linear(
+    layer = cls.from_linear(
         base, r=mod.r[adapter], alpha=mod.lora_alpha[adapter],
         dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0, use_rslora=mod.use_rslora.get(adapter, False),
         use_dora=dora)
@@ -149,7 +150,7 @@ def _convert(mod, adapter: str) -> Linear | Linear4bit:
     layer.lora_B = mod.lora_B[adapter].weight
     if dora:
         layer.lora_magnitude = mod.lora_magnitude_vector[adapter].weight
-    if not four_bit:
+    if cls is Linear:
         layer.merged = mod.merged
         if dora and mod.merged:
             _take_merged_dora(layer, mod, adapter)

@@ -112,3 +112,33 @@ def test_load_adapter_refuses_a_mismatched_file_and_changes_nothing(tmp_path):
         fastlora.load_adapter(model, tmp_path)
     assert dict(model.named_modules()) == before
     assert model.model.embed_tokens.weight.requires_grad  # nothing frozen either
+
+
+def test_from_peft_over_transformers_fp8_linear():
+    """PEFT's LoRA layer over transformers' ``FP8Linear`` (what an FP8 checkpoint loads as): ``from_peft`` makes a
+    ``fastlora.LinearFP8`` that shares the FP8 weight, its scales and PEFT's adapter parameters, and computes the
+    reference on the dequantised weight."""
+    from peft import LoraConfig, get_peft_model
+
+    finegrained = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    torch.manual_seed(0)
+    fp8 = finegrained.FP8Linear(192, 136, block_size=(128, 128), has_bias=True)
+    q, s = quant.quantize_fp8_blockwise(torch.randn(136, 192))
+    with torch.no_grad():
+        fp8.weight.copy_(q)
+        fp8.weight_scale_inv.copy_(s)
+        fp8.bias.normal_()
+    model = torch.nn.ModuleDict(dict(proj=fp8))
+    peft_model = get_peft_model(model, LoraConfig(target_modules=["proj"], r=4, lora_alpha=8))
+    randomize_lora_B(peft_model)
+    peft_layer = peft_model.base_model.model.proj
+    out = fastlora.from_peft(peft_model)
+    layer = out.proj
+    assert isinstance(layer, fastlora.LinearFP8) and layer.weight is fp8.weight
+    assert layer.weight_scale_inv is fp8.weight_scale_inv and layer.lora_A is peft_layer.lora_A["default"].weight
+    x = torch.randn(5, 192)
+    w = quant.dequantize_fp8_blockwise(q, s, dtype=torch.float64)
+    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    ref = x.double() @ w.T + fp8.bias.detach().double() + 2.0 * (x.double() @ a.T) @ b.T
+    with torch.no_grad():
+        assert_close(layer(x), ref, FP32, "y")
