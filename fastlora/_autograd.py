@@ -35,8 +35,11 @@ class LoRAFunction(torch.autograd.Function):
         dx, dA, dB = _ops.lora_backward(dy, x, weight, lora_A, lora_B, t, bits, ctx.scaling, scale_vec, perm, ids,
                                         seg, ctx.dropout_p, need[0], need[3], need[4], quant, list(ctx.qblocks),
                                         rank_offsets, ctx.t_width, ctx.rank_align)
-        dw = (dy.t() @ x.to(dy.dtype)).to(weight.dtype) if need[1] else None
-        db = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None
+        dw = (dy.t() @ x.to(dy.dtype)).to(weight.dtype) if need[1] else None  # experts refuse a trainable W
+        db = None
+        if ctx.bias_dtype is not None and need[2]:
+            db = dy.sum(0) if weight.dim() == 2 else _expert_bias_grad(dy, perm, ids, weight.shape[0])
+            db = db.to(ctx.bias_dtype)
         return (dx if need[0] else None, dw, db, dA if need[3] else None, dB if need[4] else None,
                 None, None, None, None, None, None, None, None, None, None, None, None)
 
@@ -117,6 +120,14 @@ class GroupedDoRAFunction(torch.autograd.Function):
         db = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None
         return (dx if need[0] else None, dw, db, dA if need[3] else None, dB if need[4] else None, dm,
                 None, None, None, None, None, None, None, None, None, None)
+
+
+def _expert_bias_grad(dy, perm, ids, num_experts):
+    """d bias [E, N] of per-expert biases: each expert's sum of dy over its tokens (sorted rows: token perm[i] of
+    expert ids[i]; rows of no expert, id -1, add nothing)."""
+    keep = ids >= 0
+    return dy.new_zeros(num_experts, dy.shape[1], dtype=torch.float32).index_add_(
+        0, ids[keep].long(), dy[perm[keep].long()].float())
 
 
 def _dora_weight_grad(dy, x, g, bits, p, dtype):

@@ -7,7 +7,9 @@ backward reads it instead of drawing it again.
 
 A 4-bit base (QLoRA) passes its packed bytes as ``weight`` with ``quant`` = [absmax, code] or, double-quantised,
 [absmax, code, absmax2, code2, offset] and ``qblocks`` = [blocksize, blocksize2, compute] (compute: the index of
-the compute dtype in ``COMPUTE_DTYPES``); N then comes from lora_B. A block-scaled FP8 base passes its
+the compute dtype in ``COMPUTE_DTYPES``); N then comes from lora_B. A mixture of experts passes a 3-D ``weight``
+[E, N, K] (with bias [E, N] and a padded stack of E adapters): the main GEMMs then cut their row tiles at the
+expert segments, as the grouped shrink does, and each tile runs its expert's W. A block-scaled FP8 base passes its
 float8_e4m3fn [N, K] ``weight`` (the dtype names the format) with ``quant`` = [weight_scale_inv] (fp32, contiguous)
 and ``qblocks`` = [block rows, block columns, compute]. A dense weight passes ``quant`` = [] and ``qblocks`` = [].
 
@@ -35,7 +37,7 @@ def lora_forward(
     t, bits = _shrink(x, lora_A, perm, ids, seg, dropout_p, seed, ragged)
     w = _weight(weight, quant, qblocks, lora_B.shape[-2], x.shape[1])
     y = _launch.gemm(x, w, out_dtype=x.dtype, bias=bias, t=t, b=lora_B, scaling=scaling,
-                     scale_vec=scale_vec, perm=perm, ids=ids, ragged=ragged)
+                     scale_vec=scale_vec, perm=perm, ids=ids, seg=seg, ragged=ragged)
     return y, t, bits
 
 
@@ -116,9 +118,10 @@ def lora_backward(
                          seg=seg, ragged=ragged)
     if need_dx:
         w = _weight(weight, quant, qblocks, dy.shape[1], x.shape[1])
-        dx = _launch.gemm(dy, w.t(), out_dtype=x.dtype, t=u, b=lora_A.transpose(-1, -2), scaling=scaling,
-                          scale_vec=scale_vec, perm=perm, ids=ids, out_dropout=p > 0, dropout_p=p, bits=bits,
-                          ragged=ragged)
+        wt = w.transpose(-1, -2) if isinstance(w, Tensor) else w.t()  # experts [E, N, K]: each one transposed
+        dx = _launch.gemm(dy, wt, out_dtype=x.dtype, t=u, b=lora_A.transpose(-1, -2), scaling=scaling,
+                          scale_vec=scale_vec, perm=perm, ids=ids, seg=seg, out_dropout=p > 0, dropout_p=p,
+                          bits=bits, ragged=ragged)
     if need_dA:
         g = _launch.grad(x, u, num_adapters=G, scaling=scaling, scale_vec=scale_vec, perm=perm, seg=seg,
                          z_dropout=p > 0, dropout_p=p, bits=bits, ragged=ragged)  # [G, K, R] or ragged [K, sum r]

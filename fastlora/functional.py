@@ -234,7 +234,20 @@ def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *
     (c_g - 1) (d(x_i) W^T) + c_g s_g T_i B_g^T, T_i = d(x_i) A_g^T, one mask. Gradients: dm is 0 for NaN rows and for
     adapters no token uses. Checked ids also check that no row mixes NaN with numbers (host read); with
     ``check_ids=False`` a NaN element makes its column plain. See docs/dora.md.
+
+    A 3-D ``weight`` [n, out, in] is a mixture of experts: each token uses its expert's own base weight and adapter,
+    y_i = x_i W[e]^T + b[e] + scaling[e] (dropout(x_i) A[e]^T) B[e]^T with e = ids[i], ``bias`` None or [n, out],
+    and a token with id -1 (routed to no expert held here) gives an all-zero row. Any strides (an (n, in, out)
+    storage passed as ``w.transpose(1, 2)`` is read as it is, never copied). One fused path: tokens sorted by expert
+    (``batch``, which several calls may share), each tile on one expert's W with the low-rank term in the same
+    accumulator; no per-expert delta W + s B A is formed. The expert weights must be frozen; gradients reach x,
+    lora_A, lora_B (zero for experts no token reached) and a bias that requires grad. DoRA (``magnitude``), ragged
+    stacks and quantised expert weights are not supported there (``NotImplementedError``). See docs/moe.md.
     """
+    if isinstance(weight, torch.Tensor) and weight.dim() == 3:
+        return _expert_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, dropout_p=dropout_p,
+                                   training=training, seed=seed, check_ids=check_ids, batch=batch,
+                                   rank_offsets=rank_offsets, magnitude=magnitude)
     return _grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, dropout_p=dropout_p,
                                 training=training, seed=seed, check_ids=check_ids, batch=batch,
                                 rank_offsets=rank_offsets, magnitude=magnitude)
@@ -312,6 +325,85 @@ def _grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, 
         y = LoRAFunction.apply(x.reshape(-1, K), weight, bias, lora_A, lora_B, 1.0, scale_vec, batch.perm,
                                batch.sorted_ids, batch.seg_offsets, p, seed, *ragged)
     return y.reshape(*x.shape[:-1], N)
+
+
+def _expert_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *, dropout_p, training, seed,
+                        check_ids, batch, rank_offsets, magnitude):
+    """``grouped_lora_linear`` over one base weight per expert (weight [E, N, K]): checks, then the grouped fused
+    path with the 3-D weight (``LoRAFunction``; tiles cut at the expert segments run each expert's W)."""
+    if magnitude is not None or rank_offsets is not None:
+        what = "DoRA (magnitude)" if magnitude is not None else "a ragged stack (rank_offsets)"
+        raise NotImplementedError(f"{what} over per-expert weights (weight {tuple(weight.shape)}) is not supported; "
+                                  "experts take a padded LoRA stack lora_A (E, r, in), lora_B (E, out, r)")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor; got {type(x).__name__}")
+    E, N, K = weight.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x's last dimension must equal in_features = {K} (weight (experts, out, in) = "
+                         f"{tuple(weight.shape)}); got x of shape {tuple(x.shape)}")
+    _check_device("weight", weight, x)
+    if bias is not None:
+        _check_optional("bias", bias, x, (E, N), "(experts, out_features)")
+    if not _autocast_enabled(x.device.type):
+        _check_dtype("x", x.dtype)
+        if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+            raise TypeError(f"x, weight and bias must share a dtype (or run under torch.autocast); got x "
+                            f"{x.dtype}, weight {weight.dtype}, bias {None if bias is None else bias.dtype}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"weight (experts, out, in) = {tuple(weight.shape)} requires grad: the expert path trains "
+                         "the adapters (and a bias) only; freeze it (weight.requires_grad_(False))")
+    if not isinstance(lora_A, torch.Tensor) or not isinstance(lora_B, torch.Tensor):
+        raise TypeError("lora_A and lora_B must be tensors")
+    if lora_A.dim() != 3 or lora_A.shape[0] != E:
+        raise ValueError(f"lora_A must have shape (experts, r, in_features) = ({E}, r, {K}); got "
+                         f"{tuple(lora_A.shape)}")
+    r = lora_A.shape[1]
+    _check_shape("lora_A", lora_A, (E, r, K), "(experts, r, in_features)")
+    _check_shape("lora_B", lora_B, (E, N, r), "(experts, out_features, r)")
+    _check_adapters(x, lora_A, lora_B, r)
+    if not isinstance(adapter_ids, torch.Tensor):
+        raise TypeError(f"adapter_ids must be a tensor; got {type(adapter_ids).__name__}")
+    if adapter_ids.shape != x.shape[:-1]:
+        raise ValueError(f"adapter_ids must have shape x.shape[:-1] = {tuple(x.shape[:-1])}; "
+                         f"got {tuple(adapter_ids.shape)}")
+    if adapter_ids.device != x.device:
+        raise ValueError(f"adapter_ids is on {adapter_ids.device}, x on {x.device}")
+    if isinstance(scaling, torch.Tensor) and scaling.dim() > 0:
+        if scaling.shape != (E,):
+            raise ValueError(f"scaling must be a number or have shape (experts,) = ({E},); got {tuple(scaling.shape)}")
+        scale_vec = scaling.to(device=x.device, dtype=torch.float32)
+    else:
+        scale_vec = torch.full((E,), _check_scaling(scaling), dtype=torch.float32, device=x.device)
+    p = _check_dropout(dropout_p) if training else 0.0
+    if batch is None:
+        batch = AdapterBatch.build(adapter_ids, E, check_ids=check_ids)
+    elif adapter_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"adapter_ids must be int32 or int64; got {adapter_ids.dtype}")
+    else:
+        _check_batch(batch, x, E)
+    if x.device.type == "meta":
+        return _expert_meta(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids)
+    if not _use_kernels(x, lora_A, lora_B):
+        return reference.grouped_lora_linear(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids, dropout_p=p,
+                                             training=training)
+    x, weight, bias = _autocast(x, weight, bias)
+    bias = None if bias is None else bias.contiguous()  # the kernel reads row e at e * N
+    seed = _seed(seed) if p > 0 else 0
+    with torch.autocast(x.device.type, enabled=False):
+        y = LoRAFunction.apply(x.reshape(-1, K), weight, bias, lora_A, lora_B, 1.0, scale_vec, batch.perm,
+                               batch.sorted_ids, batch.seg_offsets, p, seed)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def _expert_meta(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids):
+    """The expert forward's shape, dtype and autograd graph on meta tensors (every expert on every token)."""
+    linear = torch.nn.functional.linear
+    out = x.new_zeros(*x.shape[:-1], weight.shape[1])
+    for e in range(weight.shape[0]):
+        sel = (adapter_ids == e).unsqueeze(-1).to(x.dtype)
+        low = scale_vec[e] * linear(linear(x.to(lora_A.dtype), lora_A[e]), lora_B[e])
+        out = out + sel * (linear(x, weight[e], None if bias is None else bias[e]) + low.to(x.dtype))
+    return out
 
 
 def _check_ragged(x, lora_A, lora_B, rank_offsets, N, K, scaling, check_values) -> tuple[int, int, int]:

@@ -42,7 +42,13 @@ def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *
     lora_A [n, r, in], lora_B [n, out, r]; scaling a float or an (n,) tensor. A loop over adapters. With
     ``rank_offsets`` (n + 1 offsets) the stack is ragged: A[g] = lora_A[o_g:o_(g+1)] of lora_A [sum r, in] and
     B[g] = lora_B[:, o_g:o_(g+1)] of lora_B [out, sum r].
+
+    A 3-D ``weight`` [n, out, in] (mixture-of-experts: one weight per expert, bias None or [n, out]): token i computes
+    W[g] x_i + b[g] + its adapter's term with g = adapter_ids[i]; a token with id -1 gives an all-zero row.
     """
+    if weight.dim() == 3:
+        return _expert_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, dropout_p, training,
+                                   dropout_mask)
     base = F.linear(x, weight, bias)
     xd = _dropped(x, dropout_p, training, dropout_mask).to(lora_A.dtype).reshape(-1, x.shape[-1])
     ids = adapter_ids.reshape(-1)
@@ -54,6 +60,21 @@ def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *
         a, b = _adapter(lora_A, lora_B, offsets, g)
         low = low.index_put((rows,), s * F.linear(F.linear(xd[rows], a), b))
     return base + low.reshape(base.shape).to(base.dtype)
+
+
+def _expert_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, dropout_p, training, dropout_mask):
+    """``grouped_lora_linear`` with one base weight per expert (a loop over experts)."""
+    xf = x.reshape(-1, x.shape[-1])
+    xd = _dropped(x, dropout_p, training, dropout_mask).to(lora_A.dtype).reshape(-1, x.shape[-1])
+    ids = adapter_ids.reshape(-1)
+    out = torch.zeros(xf.shape[0], weight.shape[1], dtype=x.dtype, device=x.device)
+    for g in range(weight.shape[0]):
+        rows = (ids == g).nonzero().squeeze(1)
+        s = scaling[g] if isinstance(scaling, torch.Tensor) else scaling
+        y = F.linear(xf[rows], weight[g], None if bias is None else bias[g])
+        low = s * F.linear(F.linear(xd[rows], lora_A[g]), lora_B[g])
+        out = out.index_put((rows,), y + low.to(y.dtype))
+    return out.reshape(*x.shape[:-1], weight.shape[1])
 
 
 def _adapter(lora_A, lora_B, offsets, g):

@@ -263,6 +263,8 @@ def _lora_gemm_kernel(
     16-byte vectors and cp.async): the stack is ragged, adapter g at its own rank r_g = ro[g + 1] - ro[g]:
     W [sum r, K] (shrink; rows ro[g]:ro[g + 1], out's columns past r_g left unwritten) or B [N, sum r] (main; columns
     ro[g]:ro[g + 1], read over r_g only), T [M, R] with R the width (at least every r_g).
+    A grouped W with HAS_LORA is a mixture of experts (main GEMMs: W [G, N, K], one weight per expert, B [G, N, R]):
+    the same segment tiles, each on its expert's W, B and bias (bias [G, N] contiguous); rows of no expert are zero.
     DORA (dense or 4-bit W; the values above): g_ptr the fp32 magnitude scale [N] (forward) or [K] (dx); with
     B_GROUPED (grouped DoRA, dense W) g [G, N] / [G, K], contiguous, each row scaled by its adapter's row (base-only
     rows by 1). STORE_Z also writes the pre-scale term Z to z_ptr (out's strides, rows by token), which DoRA's
@@ -345,7 +347,11 @@ def _lora_gemm_kernel(
                                  N, stride_om, stride_on, stride_bits, dropout_p, BLOCK_M, BLOCK_N, DORA, STORE_Z,
                                  B_GROUPED)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if W_GROUPED:  # experts: the tile's expert's bias row [G, N]; rows of no expert (-1) stay zero
+                acc += tl.load(bias_ptr + tl.maximum(g, 0).to(tl.int64) * N + offs_n, mask=mask_n & (g >= 0),
+                               other=0.0).to(tl.float32)[None, :]
+            else:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
         if USE_TMA:
             out_desc.store([row0, pid_n * BLOCK_N], acc.to(out_ptr.dtype.element_ty))
