@@ -11,6 +11,12 @@ QLoRA (a 4-bit base: NF4, double quant, blocksize 64, quantised once; fp32 adapt
 ``linear`` (nn.Linear on the dequantised W in the compute dtype, no LoRA: the floor), ``qlora-peft`` (PEFT's
 LoRA over a bitsandbytes Linear4bit), ``qlora-dequant`` (W dequantised every call, forward and again in
 backward, then addmm and the low-rank addmm_) and ``qlora-fastlora`` (fastlora.Linear4bit).
+
+FP8 (a block-scaled float8_e4m3fn base, 128 x 128 blocks, fp32 scales, quantised once; fp32 adapters as PEFT keeps
+them): ``linear`` (nn.Linear on the dequantised W in the compute dtype, no LoRA: the floor), ``fastlora-lora``
+(fastlora.lora_linear over the dequantised W, the same fp32 adapters: the bf16 LoRA the FP8 base is measured
+against), ``fp8-dequant`` (unfused: W dequantised on every call, forward and again in backward, then
+addmm and the low-rank addmm_) and ``fp8-fastlora`` (fastlora.lora_linear_fp8, W8A16).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from fastlora import quant, reference
 LAYER = ("linear", "merged", "peft", "reference", "cublas", "fastlora")
 GROUPED = ("linear", "fastlora-single", "peft-mixed", "loop", "fastlora-grouped")
 QLORA = ("linear", "qlora-peft", "qlora-dequant", "qlora-fastlora")
+FP8 = ("linear", "fastlora-lora", "fp8-dequant", "fp8-fastlora")
 # QLoRA's usual format (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
 # bnb_4bit_use_double_quant=True)); bitsandbytes' default blocksize.
 QUANT = dict(quant_type="nf4", blocksize=64, double_quant=True)
@@ -353,6 +360,65 @@ def qlora_impl(name: str, qp: QProblem, train: bool, magnitude: torch.Tensor | N
         params += [layer.lora_magnitude_vector["default"].weight] if dora else []
         return Impl(layer, set_params(layer, params, values, train))
     raise ValueError(f"unknown QLoRA competitor {name!r}")
+
+
+class FP8Problem:
+    """A ``Problem`` whose W is quantised once to block-scaled FP8 (``quant.quantize_fp8_blockwise``, DeepSeek-V3's
+    format: e4m3 codes, one fp32 scale per ``block`` of W); every competitor computes with what it decodes to.
+
+    ``W`` the dequantised weight in the compute dtype (``pb.dtype``), ``W32`` in float32 (the check's reference),
+    ``A`` and ``B`` the adapters in float32, ``w_bytes`` the stored weight (codes and scales).
+    """
+
+    def __init__(self, pb: Problem, block: tuple[int, int] = (128, 128)):
+        self.pb, self.block = pb, block
+        self.weight, self.scale = quant.quantize_fp8_blockwise(pb.W, block_size=block, scale_dtype=torch.float32)
+        self.W = quant.dequantize_fp8_blockwise(self.weight, self.scale, block_size=block, dtype=pb.dtype)
+        self.W32 = quant.dequantize_fp8_blockwise(self.weight, self.scale, block_size=block, dtype=torch.float32)
+        self.A, self.B = pb.A.float(), pb.B.float()
+        self.w_bytes = sum(t.numel() * t.element_size() for t in (self.weight, self.scale))
+
+    def dequantizer(self) -> tuple:
+        """(W(), how): the compute-dtype W decoded anew on each call, the fp32 product of codes and scales rounded once
+        as ``quant.dequantize_fp8_blockwise``; when the blocks tile W exactly, by one broadcast product over a
+        [N / bn, bn, K / bk, bk] view (no scale expanded to [N, K]), checked equal to it here."""
+        (N, K), (bn, bk), dtype = self.weight.shape, self.block, self.pb.dtype
+        if N % bn or K % bk:
+            return (lambda: quant.dequantize_fp8_blockwise(self.weight, self.scale, self.block, dtype),
+                    "fastlora.quant.dequantize_fp8_blockwise")
+        codes, scale = self.weight.view(N // bn, bn, K // bk, bk), self.scale.float()[:, None, :, None]
+
+        def dequant():
+            return (codes.float() * scale).to(dtype).view(N, K)
+        if not torch.equal(dequant(), self.W):
+            raise AssertionError("fp8-dequant's broadcast decode differs from quant.dequantize_fp8_blockwise")
+        return dequant, "torch: fp32 codes x scales broadcast over the blocks, rounded once to the compute dtype"
+
+
+def fp8_impl(name: str, fp: FP8Problem, train: bool) -> Impl:
+    """The FP8-base competitors (dropout 0); ``Impl.info['weight_bytes']``: the base weight each keeps resident."""
+    pb = fp.pb
+    b, s, dtype = pb.b, pb.scaling, pb.dtype
+    dense = dict(weight_bytes=fp.W.numel() * fp.W.element_size())
+    if name == "linear":
+        return Impl(lambda x: F.linear(x, fp.W, b), [], info=dense)
+    A = fp.A.clone().requires_grad_(train)
+    B = fp.B.clone().requires_grad_(train)
+    if name == "fastlora-lora":
+        return Impl(lambda x: fastlora.lora_linear(x, fp.W, b, A, B, s), [A, B], info=dense)
+    if name == "fp8-dequant":
+        dequant, how = fp.dequantizer()
+
+        def composed(x):
+            x2 = x.reshape(-1, pb.K)
+            y = _DequantMatmul.apply(x2, b, dequant)
+            y.addmm_(x2 @ A.to(dtype).t(), B.to(dtype).t(), alpha=s)  # adapters cast to x's dtype, as qlora-dequant
+            return y.reshape(*x.shape[:-1], pb.N)
+        return Impl(composed, [A, B], info=dict(weight_bytes=fp.w_bytes, dequantized_by=how))
+    if name == "fp8-fastlora":
+        return Impl(lambda x: fastlora.lora_linear_fp8(x, fp.weight, fp.scale, b, A, B, s, block_size=fp.block),
+                    [A, B], info=dict(weight_bytes=fp.w_bytes))
+    raise ValueError(f"unknown FP8 competitor {name!r}")
 
 
 class ReferenceLinear(nn.Module):

@@ -216,7 +216,7 @@ def summarize_log(path: str) -> dict:
 
 
 def quick_calls():
-    """The fastlora calls of the quick bench grid (layer, grouped, QLoRA, DoRA and end-to-end suites) as
+    """The fastlora calls of the quick bench grid (layer, grouped, QLoRA, DoRA, FP8 and end-to-end suites) as
     ``bench/sm90.py`` cases: same shapes, dtypes, flags and autograd, so the same kernels compile."""
     import harness
     from sm90 import Case
@@ -242,6 +242,11 @@ def quick_calls():
                     out += [Case(dtype, M, K, N, R, train=False, dora=True)]
                     out += [Case(dtype, M, K, N, R, p, dora=dora) for p in d["dropouts"] for dora in (False, True)]
                     out += [Case(dtype, M, K, N, R, train=t, quant="nf4", dora=True) for t in (False, True)]  # QDoRA
+        for K, N in g.fp8.get("shapes", g.shapes):  # bench_fp8: fp32 adapters over the FP8 base and the dequantised W
+            for M in g.fp8.get("tokens", g.tokens):
+                for R in g.fp8["ranks"]:
+                    out += [Case(dtype, M, K, N, R, train=t, quant=q, fp32_adapters=True) for t in (False, True)
+                            for q in ("fp8", "")]
         cfg = g.e2e["config"]  # bench_e2e: every linear of a Llama block but lm_head, no bias, training
         h, inter = cfg["hidden_size"], cfg["intermediate_size"]
         kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]

@@ -4,11 +4,13 @@
 
 Families: the dense layer through pointer tiles and through TMA tiles (forward + backward: the shrink, the main
 GEMM, the dx GEMM and the gradient kernel), dropout (the mask kernel, the dropout shrink, masked dx and
-gradients), grouped adapters, a 4-bit (nf4, double quant) base with fp32 adapters, and DoRA (the magnitude
-trained too); each in bf16, fp16, fp32 (ieee) and tf32. Where the autotuner would try many configs, ``forced``
-pins one: the first candidate its pruning keeps on the asked path (TMA or pointer), not timed. y, dx, dA, dB
-(and DoRA's dm) are compared with ``fastlora.reference`` in float64 on the same inputs by relative Frobenius
-error ||out - ref|| / ||ref||; outputs start NaN (FASTLORA_POISON=1), so an unwritten element fails. One JSON
+gradients), grouped adapters, a 4-bit (nf4, double quant) base with fp32 adapters, DoRA (the magnitude
+trained too), and a block-scaled FP8 base (e4m3, 128 x 128 blocks: ``fp8`` with fp32 scales and adapters in x's
+dtype; ``fp8-dora`` with bf16 scales, fp32 adapters and magnitude, and dropout); each in bf16, fp16, fp32 (ieee)
+and tf32. Where the autotuner would try many configs, ``forced`` pins one: the first candidate its pruning keeps on
+the asked path (TMA or pointer), not timed. y, dx, dA, dB (and DoRA's dm) are compared with ``fastlora.reference``
+in float64 on the same inputs (W decoded exactly for the quantised bases) by relative Frobenius error
+||out - ref|| / ||ref||; outputs start NaN (FASTLORA_POISON=1), so an unwritten element fails. One JSON
 line per check, written as it finishes; checks not started within ``--budget`` seconds are written as skipped;
 checks already in the file are not rerun; after a CUDA error that kills the context the process exits with
 ``LOST`` (the session starts it again for the rest).
@@ -34,11 +36,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
 # Relative Frobenius error bounds. fp32 (ieee dots) lands near 1e-7; tf32 near 3e-4 at K ~ 500 (the bound is
 # tests/tolerance.py's TF32_TOL); 16-bit inputs and outputs round at 2^-8 / 2^-11.
 BOUND = {"bf16": 1e-2, "fp16": 1e-2, "fp32": 1e-4, "tf32": 3e-3}
-FAMILIES = ("dense-ptr", "dense-tma", "dropout", "grouped", "nf4", "dora", "qdora", "gdora")
+FAMILIES = ("dense-ptr", "dense-tma", "dropout", "grouped", "nf4", "dora", "qdora", "gdora", "fp8", "fp8-dora")
 # with dropout (the packed mask, the shrink's Philox draw; DoRA's two-accumulator forms): these families
-DROPPED = ("dropout", "qdora", "gdora")
+DROPPED = ("dropout", "qdora", "gdora", "fp8-dora")
 # Odd sizes: no dimension a multiple of a tile, every stride 16-byte aligned (TMA), K a multiple of the 4-bit
-# blocksize (64).
+# blocksize (64); for the FP8 base's 128 x 128 blocks, N and K end in partial blocks (392 = 3 x 128 + 8,
+# 576 = 4 x 128 + 64).
 SHAPE = dict(M=257, K=576, N=392, R=12)
 SMALL = dict(M=17, K=64, N=40, R=8)
 ADAPTERS = 4
@@ -74,9 +77,13 @@ class Check:
     def four_bit(self) -> bool:
         return self.family in ("nf4", "qdora")
 
+    @property
+    def fp8(self) -> bool:
+        return self.family in ("fp8", "fp8-dora")
+
     def inputs(self, device) -> dict:
-        """Random inputs: x, W, bias, adapters (B nonzero), dy; ids for grouped; the packed W for nf4; the magnitude
-        for DoRA (grouped: adapter 1 plain, a NaN row)."""
+        """Random inputs: x, W, bias, adapters (B nonzero), dy; ids for grouped; the packed W for nf4; the e4m3 W and
+        its block scales for fp8; the magnitude for DoRA (grouped: adapter 1 plain, a NaN row)."""
         g = torch.Generator().manual_seed(zlib.crc32(self.name.encode()))
         dt, M, K, N, R = DTYPES[self.dtype], self.M, self.K, self.N, self.R
 
@@ -84,13 +91,14 @@ class Check:
             return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
 
         lead = (ADAPTERS,) if self.grouped else ()
-        adt = torch.float32 if self.four_bit else dt  # PEFT's QLoRA keeps its adapters in fp32
+        # PEFT's QLoRA keeps its adapters in fp32, as fastlora.LinearFP8 does by default
+        adt = torch.float32 if self.four_bit or self.family == "fp8-dora" else dt
         out = dict(x=rand(M, K).requires_grad_(), w=rand(N, K, scale=K ** -0.5), b=rand(N, scale=0.1),
                    a=rand(*lead, R, K, scale=K ** -0.5, dtype=adt).requires_grad_(),
                    bb=rand(*lead, N, R, scale=R ** -0.5, dtype=adt).requires_grad_(), dy=rand(M, N))
         if self.grouped:  # every adapter and some base-only tokens (-1)
             out["ids"] = (torch.randint(-1, ADAPTERS, (M,), generator=g)).to(device)
-        if self.family in ("dora", "qdora", "gdora"):  # near ||W + s B A|| per row, as PEFT initialises it
+        if self.family in ("dora", "qdora", "gdora", "fp8-dora"):  # near ||W + s B A|| per row, as PEFT initialises it
             m = 1.0 + 0.1 * torch.randn(*lead, N, generator=g)
             if self.grouped:
                 m[1] = float("nan")  # a plain LoRA adapter among DoRA ones
@@ -100,6 +108,11 @@ class Check:
 
             out["packed"], out["state"] = quant.quantize_4bit(out["w"], blocksize=64, quant_type="nf4",
                                                                double_quant=True)
+        if self.fp8:  # DeepSeek-V3's fp32 scales; Qwen's bf16 ones for the DoRA family
+            from fastlora import quant
+
+            sdt = torch.bfloat16 if self.family == "fp8-dora" else torch.float32
+            out["w8"], out["scale"] = quant.quantize_fp8_blockwise(out["w"], block_size=(128, 128), scale_dtype=sdt)
         return out
 
     def run(self, t: dict) -> tuple[dict, list[str]]:
@@ -114,14 +127,16 @@ class Check:
             elif self.four_bit:
                 y = fastlora.lora_linear_4bit(t["x"], t["packed"], t["state"], t["b"], t["a"], t["bb"], s,
                                               compute_dtype=DTYPES[self.dtype], **kw)
+            elif self.fp8:
+                y = fastlora.lora_linear_fp8(t["x"], t["w8"], t["scale"], t["b"], t["a"], t["bb"], s, **kw)
             else:
                 y = fastlora.lora_linear(t["x"], t["w"], t["b"], t["a"], t["bb"], s, **kw)
             grads = torch.autograd.grad(y, _leaves(t), t["dy"])
         return dict(zip(("y", "dx", "dA", "dB", "dm")[:1 + len(grads)], (y, *grads), strict=True)), picked
 
     def reference(self, t: dict) -> dict:
-        """The same outputs from ``fastlora.reference`` in float64 (W decoded exactly for nf4; dropout with the
-        mask the kernels draw)."""
+        """The same outputs from ``fastlora.reference`` in float64 (W decoded exactly for nf4 and fp8; dropout with
+        the mask the kernels draw)."""
         import fastlora
         from fastlora import quant, reference
 
@@ -130,7 +145,12 @@ class Check:
 
         x, a, bb, b = f64(t["x"]), f64(t["a"]), f64(t["bb"]), f64(t["b"])
         leaves = [x, a, bb] + ([f64(t["m"])] if "m" in t else [])
-        w = quant.dequantize_4bit(t["packed"], t["state"], dtype=torch.float64) if self.four_bit else f64(t["w"])
+        if self.four_bit:
+            w = quant.dequantize_4bit(t["packed"], t["state"], dtype=torch.float64)
+        elif self.fp8:
+            w = quant.dequantize_fp8_blockwise(t["w8"], t["scale"], block_size=(128, 128), dtype=torch.float64)
+        else:
+            w = f64(t["w"])
         s = 2.0
         mask = fastlora.dropout_mask(t["x"].shape, DROPOUT, 7, t["x"].device) if self.p else None
         kw = dict(dropout_p=self.p, training=True, dropout_mask=mask)

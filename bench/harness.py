@@ -52,6 +52,7 @@ class Grid:
     e2e: dict
     qlora_ranks: tuple[int, ...]  # the QLoRA layer suite (bench_qlora.py): the layer grid's shapes and tokens
     dora: dict  # the DoRA suite (bench_dora.py): ranks, training dropouts; shapes, tokens (default: the layer grid's)
+    fp8: dict  # the FP8-base suite (bench_fp8.py): ranks; shapes, tokens (default: the layer grid's)
 
 
 _LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -60,19 +61,20 @@ GRIDS = {
     "full": Grid("full", ("bf16", "fp16"), ((4096, 4096), (4096, 14336), (14336, 4096)), (8, 16, 64),
                  (1, 16, 128, 1024, 4096, 16384), (0.0, 0.1), (1, 4, 32, 128), (32, 1024, 8192), (4096, 4096), 16,
                  dict(config=_LLAMA_8B, layers=4, batch=4, seq=2048, ranks=(16, 64)), (8, 16, 64),
-                 dict(ranks=(16, 64), dropouts=(0.0, 0.1))),
+                 dict(ranks=(16, 64), dropouts=(0.0, 0.1)), dict(ranks=(16, 64), tokens=(4096, 16384))),
     "default": Grid("default", ("bf16",), ((4096, 4096), (4096, 14336), (14336, 4096)), (8, 16, 64),
                     (1, 16, 128, 1024, 4096, 16384), (0.0, 0.1), (1, 4, 32, 128), (32, 1024, 8192), (4096, 4096),
                     16, dict(config=_LLAMA_8B, layers=4, batch=4, seq=2048, ranks=(16,)), (16, 64),
-                    dict(ranks=(16, 64), dropouts=(0.0, 0.1))),
+                    dict(ranks=(16, 64), dropouts=(0.0, 0.1)), dict(ranks=(16, 64), tokens=(4096, 16384))),
     "quick": Grid("quick", ("bf16",), ((4096, 4096), (4096, 14336)), (16,), (1, 128, 4096), (0.0,), (4, 32),
                   (1024,), (4096, 4096), 16, dict(config=_LLAMA_8B, layers=2, batch=2, seq=1024, ranks=(16,)),
-                  (16,), dict(ranks=(16,), dropouts=(0.0, 0.1), shapes=((4096, 4096),), tokens=(128, 4096))),
+                  (16,), dict(ranks=(16,), dropouts=(0.0, 0.1), shapes=((4096, 4096),), tokens=(128, 4096)),
+                  dict(ranks=(16,), shapes=((4096, 4096),), tokens=(4096,))),
     # fp16: triton 3.6's interpreter gets bf16 tl.dot wrong (errors ~1e10 on a bare 16x16 dot, not fastlora's).
     "smoke": Grid("smoke", ("fp16",), ((64, 64), (64, 96)), (8,), (1, 16), (0.0, 0.1), (1, 4), (32,), (64, 64), 8,
                   dict(config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=128), layers=1, batch=2, seq=8, ranks=(8,)),
-                  (8,), dict(ranks=(8,), dropouts=(0.0, 0.1))),
+                  (8,), dict(ranks=(8,), dropouts=(0.0, 0.1)), dict(ranks=(8,), shapes=((64, 96),), tokens=(16,))),
 }
 
 

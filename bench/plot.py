@@ -20,6 +20,10 @@ run) are merged; a case present twice keeps the later file's entry. Figures:
     dora-vs-lora-<mode>-<dtype>.png    DoRA layer: time / fastlora LoRA's at the same rank (DoRA's extra cost)
     dora-memory-<dtype>.png            DoRA layer, training: peak memory above the inputs
     qdora-{speedup,vs-linear,vs-lora}-<mode>-<dtype>.png, qdora-memory-<dtype>.png: the same over a 4-bit base
+    fp8-speedup-<mode>-<dtype>.png     FP8-base layer (e4m3, 128 x 128 block scales): speedup over the unfused dequant
+    fp8-vs-linear-<mode>-<dtype>.png   FP8-base layer: time / nn.Linear time on the dequantised W
+    fp8-vs-lora-<mode>-<dtype>.png     FP8-base layer: time / fastlora LoRA's on the dequantised W, the issue's target
+    fp8-memory-<dtype>.png             FP8-base layer, training: peak memory above the inputs
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ STYLE = {
     "fastlora-dora-cached": ("tab:cyan", ">", "fastlora DoRA + DoraCaching"),
     "qdora-peft": ("tab:orange", "^", "PEFT QDoRA"),
     "qdora-fastlora": ("tab:green", "*", "fastlora.Linear4bit DoRA"),
+    "fp8-dequant": ("tab:purple", "D", "dequantise + addmm + addmm_"),
+    "fp8-fastlora": ("tab:blue", "*", "fastlora FP8 (W8A16)"),
 }
 MODE_TITLE = {"fwd": "forward (inference)", "train": "forward + backward, dropout 0",
               "train-drop0.1": "forward + backward, dropout 0.1"}
@@ -89,6 +95,9 @@ DORA = LayerSuite("dora", "DoRA linear", "peft-dora", "composed",
 QDORA = LayerSuite("qdora", "QDoRA linear (NF4 base, double quant, blocksize 64, fp32 adapters)", "qdora-peft",
                    "linear", {("vs-lora", "train"): 1.10, ("vs-lora", "fwd"): 1.03}, "target (issue 23)",
                    lora="qlora-fastlora")
+# issue 45's W8A16 target (H100, bf16): training <= 1.10x fastlora LoRA on the dequantised W.
+FP8 = LayerSuite("fp8", "LoRA over an FP8 base (e4m3, 128x128 fp32 block scales, fp32 adapters)", "fp8-dequant",
+                 "linear", {("vs-lora", "train"): 1.10}, "target (issue 45)")
 # metric -> (the baseline implementation, its y label): time / baseline time (speedup: baseline / time, the PEFT one)
 RELATIVE = {"vs-linear": ("linear", "time / nn.Linear time"), "vs-lora": (None, "time / fastlora LoRA time")}
 
@@ -331,6 +340,9 @@ def main(argv=None) -> int:
     for metric in ("speedup", "vs-linear", "vs-lora"):
         written += layer_panels(suite["qdora"], meta, args.out, metric, QDORA)
     written += layer_memory(suite["qdora"], meta, args.out, QDORA)
+    for metric in ("speedup", "vs-linear", "vs-lora"):
+        written += layer_panels(suite["fp8"], meta, args.out, metric, FP8)
+    written += layer_memory(suite["fp8"], meta, args.out, FP8)
     for path in written:
         print(f"plot: wrote {path}")
     return 0

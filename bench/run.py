@@ -6,6 +6,7 @@
     python bench/run.py --shard 2/3          # one of three slices of the grid (fits a 10-minute limit)
     python bench/run.py --suite layer --filter "fwd and K4096-N4096"
     python bench/run.py --suite qlora,e2e --filter qlora   # the QLoRA cases only (4-bit base, layer and e2e)
+    python bench/run.py --suite fp8          # LoRA over a block-scaled FP8 base (one layer)
 
 Wraps ``pytest bench/ --benchmark-json=bench/results/<device>-<date>.json`` (one progress line per case),
 then ``bench/plot.py``. Without CUDA it sets TRITON_INTERPRET=1, runs tiny shapes with few repetitions and
@@ -30,7 +31,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 PUBLISHED_IMG = ROOT / "docs" / "img" / "bench"
-SUITES = ("layer", "grouped", "e2e", "qlora", "dora")
+SUITES = ("layer", "grouped", "e2e", "qlora", "dora", "fp8")
 HEADLINE = "peft"  # the competitor every suite compares with (its impl names contain this)
 
 

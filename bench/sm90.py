@@ -309,6 +309,7 @@ class Case:
     # block-scaled FP8 base (fastlora.lora_linear_fp8, 128 x 128 blocks, fp32 scales; W8A16, adapters in x's dtype)
     dora: bool = False  # DoRA: lora_linear(magnitude=) or, with quant, lora_linear_4bit(magnitude=) (QDoRA)
     ranks: tuple = ()  # a ragged grouped stack (rank_offsets), G = len(ranks) adapters at these ranks; r unused
+    fp32_adapters: bool = False  # fp32 adapters (and magnitude) over any dtype, as bench_fp8's (nf4 has them always)
 
     def __str__(self):
         kind = f"grouped{self.G}" if self.G > 1 else f"{self.quant}-dense" if self.quant else "dense"
@@ -317,7 +318,7 @@ class Case:
             kind = f"{'dora-' if self.dora else ''}ragged{len(self.ranks)}-rmax{max(self.ranks)}"
         mode = f"train-p{self.p:g}" if self.train else "infer"
         return (f"{kind}-{mode} {self.dtype}{'-tf32' if self.tf32 else ''} M{self.M}-K{self.K}-N{self.N}-R{self.r}"
-                f"{'' if self.bias else '-nobias'}")
+                f"{'' if self.bias else '-nobias'}{'-fp32adapters' if self.fp32_adapters else ''}")
 
     def run(self):
         dt = harness.DTYPES[self.dtype]
@@ -325,7 +326,8 @@ class Case:
         w = torch.empty(self.N, self.K, dtype=dt)
         b = torch.empty(self.N, dtype=dt) if self.bias else None
         lead = (self.G,) if self.G > 1 else ()
-        adt = torch.float32 if self.quant == "nf4" else dt  # fastlora.Linear4bit's adapters are fp32, as PEFT's QLoRA
+        # fastlora.Linear4bit's adapters are fp32, as PEFT's QLoRA
+        adt = torch.float32 if self.quant == "nf4" or self.fp32_adapters else dt
         if self.ranks:
             lead, r = (), sum(self.ranks)
         else:
