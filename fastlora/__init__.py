@@ -10,12 +10,14 @@ from fastlora.linear4bit import Linear4bit
 from fastlora.linear_fp8 import LinearFP8
 from fastlora.model import inject, merge, unmerge
 from fastlora.modules import GroupedLinear, Linear, use_adapters
+from fastlora.moe import Experts
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterBatch",
     "DoraCaching",
+    "Experts",
     "GroupedLinear",
     "Linear",
     "Linear4bit",

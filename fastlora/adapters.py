@@ -22,7 +22,7 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
-from fastlora import _files
+from fastlora import _files, moe
 from fastlora.linear4bit import _is_bnb_4bit
 from fastlora.linear_fp8 import is_fp8_linear
 from fastlora.model import _QUANTIZED, _SINGLE, _swap_in, _transaction, base_shape, check_base, layer_class
@@ -35,7 +35,7 @@ MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude: base_model.model.<name>
 _KEY = re.compile(r"base_model\.model\.(?P<name>.+)\.(?:(?P<part>lora_A|lora_B)\.weight|" + MAGNITUDE + ")")
 # LoraConfig fields whose non-default value changes the layer's math; fastlora implements none of them.
 _UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
-                "trainable_token_indices": None, "target_parameters": None, "use_bdlora": None,
+                "trainable_token_indices": None, "use_bdlora": None,
                 "alora_invocation_tokens": None, "arrow_config": None, "kasa_config": None, "velora_config": None,
                 "monteclora_config": None, "use_qalora": False, "layer_replication": None}
 
@@ -52,6 +52,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     PEFT writes them; PEFT's config has one ``use_dora``, so a model mixing DoRA and plain layers raises
     ``ValueError`` (nothing written).
 
+    ``fastlora.Experts`` modules (LoRA on MoE expert weights) are written as PEFT's ``target_parameters``: the config
+    lists them (the shortest parameter-name suffixes that select exactly them), each projection's lora_A (E*r, in) and
+    lora_B (out, r*E) under the key PEFT gives its nested ``ParamWrapper`` (``<experts>.base_layer.lora_A.weight`` for
+    the inner one of two), rank and alpha patterns keyed by the parameter's full name; ``lora_dropout`` is then 0
+    (PEFT refuses any other value with ``target_parameters``) and DoRA layers cannot be saved with them.
+
     Safe to interrupt: the files are written inside ``path`` (created as ``os.makedirs`` would; an existing folder,
     mount point or symlink is written into, never replaced) under hidden names, fsynced and renamed into place, the
     config out first and in last. A failed write raises and leaves the old adapter; a crash leaves the old adapter,
@@ -61,30 +67,41 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     from safetensors.torch import save
 
     layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, _SINGLE)}
-    if not layers:
-        raise ValueError("save_adapter found no fastlora.Linear, fastlora.Linear4bit or fastlora.LinearFP8 in the "
-                         "model")
+    experts = {name: mod for name, mod in model.named_modules() if isinstance(mod, moe.Experts)}
+    if not layers and not experts:
+        raise ValueError("save_adapter found no fastlora.Linear, fastlora.Linear4bit, fastlora.LinearFP8 or "
+                         "fastlora.Experts in the model")
     dora = [name for name, mod in layers.items() if getattr(mod, "use_dora", False)]
     if dora and len(dora) < len(layers):
         plain = [name for name in layers if name not in dora]
         raise ValueError(f"save_adapter needs all layers DoRA or none (PEFT's config has one use_dora); DoRA: "
                          f"{_some(dora)}, plain LoRA: {_some(plain)}; nothing was written")
+    if dora and experts:
+        raise ValueError(f"save_adapter: PEFT's target_parameters (expert adapters: {_some(list(experts))}) do not "
+                         f"work with use_dora, which DoRA layers {_some(dora)} need; nothing was written")
+    # every adapter as (PEFT's pattern key, r, alpha): a layer's name, or an expert weight's full parameter name
+    specs = [(name, mod.r, mod.alpha) for name, mod in layers.items()]
+    specs += [(f"{name}.{p}", mod.r[p], mod.alpha[p]) for name, mod in experts.items() for p in mod.targeted]
     rslora = {mod.use_rslora for mod in layers.values()}
+    rslora.update(mod.use_rslora[p] for mod in experts.values() for p in mod.targeted)
     if len(rslora) > 1:
         raise ValueError("save_adapter needs one use_rslora for all layers (PEFT's config has one); got both")
-    r = Counter(mod.r for mod in layers.values()).most_common(1)[0][0]
-    alpha = Counter(mod.alpha for mod in layers.values()).most_common(1)[0][0]
+    r = Counter(spec[1] for spec in specs).most_common(1)[0][0]
+    alpha = Counter(spec[2] for spec in specs).most_common(1)[0][0]
+    # PEFT's ParamWrapper refuses lora_dropout != 0; dropout does not change the saved weights
+    dropout = 0.0 if experts else Counter(mod.dropout for mod in layers.values()).most_common(1)[0][0]
     config = {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "r": r,
         "lora_alpha": alpha,
-        "lora_dropout": Counter(mod.dropout for mod in layers.values()).most_common(1)[0][0],
+        "lora_dropout": dropout,
         "use_rslora": rslora.pop(),
         "target_modules": _target_modules(model, list(layers)),
-        "rank_pattern": {name: mod.r for name, mod in layers.items() if mod.r != r},
-        "alpha_pattern": {name: mod.alpha for name, mod in layers.items() if mod.alpha != alpha},
+        "target_parameters": _target_parameters(model, experts) if experts else None,
+        "rank_pattern": {key: kr for key, kr, _ in specs if kr != r},
+        "alpha_pattern": {key: ka for key, _, ka in specs if ka != alpha},
         "bias": "none",
         "fan_in_fan_out": False,
         "use_dora": bool(dora),
@@ -100,9 +117,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
         tensors[f"{PREFIX}{name}.lora_B.weight"] = mod.lora_B.detach().cpu().contiguous()
         if dora:
             tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = mod.lora_magnitude.detach().cpu().contiguous()
+    for name, mod in experts.items():
+        for p, key in moe.peft_keys(name, mod.targeted).items():
+            tensors[f"{PREFIX}{key}.lora_A.weight"] = mod.lora_A[p].detach().cpu().contiguous()
+            tensors[f"{PREFIX}{key}.lora_B.weight"] = mod.lora_B[p].detach().cpu().contiguous()
     files = {CONFIG_NAME: text.encode(), WEIGHTS_NAME: save(tensors, metadata={"format": "pt"})}
     _files.replace_files(path, files, commit=CONFIG_NAME)
-    return list(layers)
+    return [*layers, *experts]
 
 
 def _some(names: list[str]) -> str:
@@ -136,7 +157,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_dtype=Non
     (``"use_dora": true``) builds DoRA layers holding the file's magnitudes (over a 4-bit base:
     ``fastlora.Linear4bit(use_dora=True)``; over an FP8 one ``fastlora.LinearFP8(use_dora=True)``).
     ``lora_bias``, ``fan_in_fan_out`` and ``modules_to_save`` adapters raise
-    ``NotImplementedError``. A transaction: the files, every tensor's shape and dtype and every base are checked
+    ``NotImplementedError``. An adapter with ``target_parameters`` (PEFT's LoRA on MoE expert weights) makes each
+    experts module it names (a transformers experts module or a ``fastlora.Experts``) a ``fastlora.Experts`` sharing
+    its expert weights (``save_adapter`` describes the keys); a missing or misshapen expert tensor raises
+    ``ValueError`` naming its key. A transaction: the files, every tensor's shape and dtype and every base are checked
     and the new layers built before any is swapped in; a failure leaves the model as it was.
 
     The adapters are cast to ``adapter_dtype``; None (default) is PEFT's rule (``PeftModel.from_pretrained``'s
@@ -144,15 +168,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_dtype=Non
     dtype over an fp32 base.
     """
     _adapter_dtype(adapter_dtype, torch.float32)
-    config, weights, magnitudes = read_adapter_with_magnitudes(path)
+    config, weights, magnitudes = read_adapter_with_magnitudes(path, target_parameters=True)
+    experts, weights = _expert_adapters(model, config, weights, path)
     plan = []  # everything is checked and every new layer built before the model changes
     for name, (a, b) in weights.items():
         kw = dict(_layer_args(config, name, a.shape[0], path), use_dora=name in magnitudes, adapter_dtype=adapter_dtype)
         plan.append((name, _base_of(model, name, a, b, path), kw, a, b, magnitudes.get(name)))
     with _transaction(model):
         layers = {name: _loaded_layer(mod, kw, a, b, m) for name, mod, kw, a, b, m in plan}
+        for name, (mod, adapters) in experts.items():
+            layers[name] = _loaded_experts(mod, adapters, adapter_dtype)
     _swap_in(model, layers)
-    return list(weights)
+    return list(layers)
 
 
 def _loaded_layer(mod: nn.Module, kw: dict, a: torch.Tensor, b: torch.Tensor,
@@ -376,7 +403,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.T
     return config, weights
 
 
-def read_adapter_with_magnitudes(path: str | os.PathLike) -> tuple[
+def read_adapter_with_magnitudes(path: str | os.PathLike, *, target_parameters: bool = False) -> tuple[
         dict, dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
     """(config, {module name: (lora_A [r, in], lora_B [out, r])}, {module name: magnitude [out]}) from a PEFT-format
     LoRA or DoRA adapter directory: ``read_adapter`` plus DoRA's magnitudes.
@@ -385,6 +412,10 @@ def read_adapter_with_magnitudes(path: str | os.PathLike) -> tuple[
     layers of the weights, each a floating-point tensor of shape (out_features,) = (lora_B.shape[0],), in the file's
     dtype. Anything else (a missing magnitude, one in a non-DoRA file, a bad shape or dtype) raises ``ValueError``
     naming the file, the key and the shapes. Nothing here looks at a model.
+
+    An adapter with ``target_parameters`` (expert weights) raises ``NotImplementedError`` unless ``target_parameters``
+    is True (``load_adapter``'s call); then its expert tensors come back under PEFT's module names
+    (``<experts>.base_layer`` ...) for ``load_adapter`` to sort out.
     """
     from safetensors.torch import load_file
 
@@ -409,6 +440,13 @@ def read_adapter_with_magnitudes(path: str | os.PathLike) -> tuple[
     for key, default in _UNSUPPORTED.items():
         if config.get(key, default) not in (default, [], {}):
             raise NotImplementedError(f"{path}: adapter uses {key}={config[key]!r}, which fastlora does not support")
+    if config.get("target_parameters"):
+        if not target_parameters:
+            raise NotImplementedError(f"{path}: adapter uses target_parameters={config['target_parameters']!r} (LoRA "
+                                      "on MoE expert weights), which only fastlora.load_adapter supports")
+        if config.get("use_dora", False):
+            raise NotImplementedError(f"{path}: adapter uses target_parameters with use_dora, which PEFT cannot "
+                                      "build (its ParamWrapper refuses DoRA)")
     if config.get("init_lora_weights") == "mica":  # a LoRA variant in PEFT, selected through the init option
         raise NotImplementedError(f"{path}: adapter uses init_lora_weights='mica', which fastlora does not support")
     if config.get("bias", "none") != "none":
@@ -517,6 +555,81 @@ def _as_linear(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
     shell = nn.Linear(0, 0, bias=False, device="meta")
     shell.weight, shell.bias = weight, bias
     return shell
+
+
+def _target_parameters(model: nn.Module, experts: dict) -> list[str]:
+    """PEFT ``target_parameters`` for the adapted expert weights of ``experts`` ({name: fastlora.Experts}): the
+    shortest name suffixes (one component, then two, ...) that select exactly those parameters of the model."""
+    keys = sorted(f"{name}.{p}" for name, mod in experts.items() for p in mod.targeted)
+    every = [f"{n}.{p}" for n, _, p in moe.base_parameters(model) if n]
+    for k in range(1, max(key.count(".") for key in keys) + 1):
+        suffixes = sorted({".".join(key.split(".")[-k:]) for key in keys})
+        if sorted(key for key in every if moe.parameter_matches(key, suffixes)) == keys:
+            return suffixes
+    return keys
+
+
+def _expert_adapters(model: nn.Module, config: dict, weights: dict, source) -> tuple[dict, dict]:
+    """Split an adapter file's weights ({PEFT module name: (lora_A, lora_B)}) into expert adapters
+    ({experts module name: (module, {projection: (lora_A, lora_B, layer args)})}) and the others (unchanged), checking
+    every expert tensor's shape. PEFT names projection i of the n that ``target_parameters`` selects in a module
+    ``<module>`` + ``.base_layer`` * (n - 1 - i) (``moe.peft_keys``)."""
+    targets = config.get("target_parameters") or []
+    if not targets:
+        return {}, weights
+    found, rest = {}, {}
+    for key, pair in weights.items():
+        name, depth = key, 0
+        while name.endswith("." + moe.BASE_LAYER):
+            name, depth = name[:-len(moe.BASE_LAYER) - 1], depth + 1
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            mod = None
+        if mod is None or not moe.is_experts(mod):
+            rest[key] = pair
+            continue
+        found.setdefault(name, (mod, {}))[1][depth] = (key, pair)
+    out = {}
+    for name, (mod, by_depth) in found.items():
+        moe.check_experts(name, mod)
+        targeted = [p for p in moe.projections(mod) if moe.parameter_matches(f"{name}.{p}", targets)]
+        keys = moe.peft_keys(name, targeted)
+        for depth, (key, _) in by_depth.items():
+            if depth >= len(targeted):
+                raise ValueError(f"{source}: {PREFIX}{key}.lora_A.weight is not an expert adapter PEFT would make: "
+                                 f"target_parameters {targets} select {len(targeted)} of {name!r}'s projections "
+                                 f"{targeted}")
+        adapters = {}
+        for i, p in enumerate(targeted):
+            depth = len(targeted) - 1 - i
+            if depth not in by_depth:
+                raise ValueError(f"{source}: {PREFIX}{keys[p]}.lora_A.weight ({name}.{p}, selected by "
+                                 f"target_parameters {targets}) is missing")
+            a, b = by_depth[depth][1]
+            E, N, K = moe.expert_shape(mod, p)
+            key = f"{PREFIX}{keys[p]}"
+            if a.dim() != 2 or a.shape[1] != K or a.shape[0] % E or not a.shape[0]:
+                raise ValueError(f"{source}: {key}.lora_A.weight ({name}.{p}) must have shape (experts * r, "
+                                 f"in_features) = ({E} * r, {K}); got {tuple(a.shape)}")
+            r = a.shape[0] // E
+            if b.shape != (N, r * E):
+                raise ValueError(f"{source}: {key}.lora_B.weight ({name}.{p}) must have shape (out_features, r * "
+                                 f"experts) = ({N}, {r * E}); got {tuple(b.shape)}")
+            kw = _layer_args(config, f"{name}.{p}", r, source)
+            adapters[p] = (a, b, (kw["r"], kw["alpha"], kw["use_rslora"]))
+        out[name] = (mod, adapters)
+    return out, rest
+
+
+def _loaded_experts(mod: nn.Module, adapters: dict, adapter_dtype) -> moe.Experts:
+    """A new ``fastlora.Experts`` over ``mod``'s experts (shared) holding ``adapters``; ``mod`` is not changed."""
+    layer = moe.Experts(mod, {p: spec for p, (_, _, spec) in adapters.items()}, adapter_dtype=adapter_dtype)
+    with torch.no_grad():
+        for p, (a, b, _) in adapters.items():
+            layer.lora_A[p].copy_(a)
+            layer.lora_B[p].copy_(b)
+    return layer
 
 
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from fastlora import moe
 from fastlora.linear4bit import Linear4bit
 from fastlora.linear_fp8 import LinearFP8
 from fastlora.model import _set_submodule, check_base, layer_class
@@ -37,7 +38,13 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     state, bias and compute dtype. A DoRA layer (``use_dora=True``) becomes a DoRA layer sharing PEFT's magnitude
     parameter as ``lora_magnitude`` (over a 4-bit base: ``fastlora.Linear4bit(use_dora=True)``, QDoRA). A layer
     over a block-scaled FP8 linear (transformers' ``FP8Linear``) becomes a ``fastlora.LinearFP8`` sharing its weight
-    and scales. Everything
+    and scales.
+
+    PEFT's ``target_parameters`` on a transformers MoE experts module (``lora.ParamWrapper``s, nested one per targeted
+    parameter: ``LoraConfig(target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])``) become one
+    ``fastlora.Experts`` sharing the expert weights and each wrapper's ``lora_A``/``lora_B`` parameters as they are
+    (PEFT's (E*r, in) and (out, r*E) layout), with its scaling; a merged wrapper, one over a 2-D parameter or a
+    bias, and an experts module fastlora cannot run raise ``NotImplementedError`` naming it. Everything
     is checked before anything is replaced: the other LoRA variants, ``lora_bias``, ``fan_in_fan_out``/Conv1D
     bases, several active adapters, disabled adapters, adapters merged into a quantised base, non-Linear LoRA layers
     (Embedding, Conv, 8-bit and other quantized bases) and ``modules_to_save``/trainable-token wrappers raise
@@ -48,16 +55,21 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     """
     from peft.tuners.lora import bnb as peft_bnb  # its LoRA layers over bitsandbytes, defined if that is installed
     from peft.tuners.lora.layer import Linear as PeftLinear
+    from peft.tuners.lora.layer import ParamWrapper
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
 
     root = _unwrap(peft_model)
-    plan = []
+    plan, experts = [], []
     for name, mod in root.named_modules():
         if isinstance(mod, AuxiliaryTrainingWrapper):
             raise NotImplementedError(f"{name!r} is a PEFT {type(mod).__name__} (modules_to_save or trainable "
                                       "tokens); fastlora converts LoRA Linear layers only")
         if not isinstance(mod, BaseTunerLayer):
+            continue
+        if type(mod) is ParamWrapper:
+            if not any(w is mod for _, chain in experts for w in chain):  # an inner wrapper: part of its chain
+                experts.append((name, _check_param_chain(name, mod)))
             continue
         if type(mod) is not PeftLinear and type(mod) is not getattr(peft_bnb, "Linear4bit", None):
             if type(mod) is getattr(peft_bnb, "Linear8bitLt", None):
@@ -67,10 +79,12 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
                                       "peft.tuners.lora.layer.Linear over an nn.Linear and "
                                       "peft.tuners.lora.bnb.Linear4bit over a bitsandbytes Linear4bit")
         plan.append((name, mod, _check_layer(name, mod)))
-    if not plan:
-        raise ValueError("from_peft found no PEFT LoRA Linear layer in the model")
-    for name, mod, adapter in plan:
-        _set_submodule(root, name, _convert(mod, adapter))
+    if not plan and not experts:
+        raise ValueError("from_peft found no PEFT LoRA Linear layer or ParamWrapper in the model")
+    layers = [(name, _convert(mod, adapter)) for name, mod, adapter in plan]
+    layers += [(name, _convert_experts(chain)) for name, chain in experts]
+    for name, layer in layers:
+        _set_submodule(root, name, layer)
     return root
 
 
@@ -163,3 +177,62 @@ def _take_merged_dora(layer: Linear, mod, adapter: str) -> None:
     zeroed by the merge and cannot be recovered (PEFT's unmerge gives NaN there); they stay zero."""
     norm = getattr(mod, "_caches", {}).get(f"{adapter}-weight_norm")
     layer._keep_merge_scale(layer.lora_magnitude.detach().float() / norm.float())
+
+
+def _check_param_chain(name: str, outer) -> list:
+    """The nested PEFT ParamWrappers at ``name``, outermost first, after checking that ``fastlora.Experts`` runs them
+    as PEFT does: one active adapter (the same in all), unmerged, on expert projections of a supported experts
+    module."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    def fail(why):
+        raise NotImplementedError(f"PEFT ParamWrapper {name!r}: {why}; fastlora does not support it")
+
+    chain, mod = [], outer
+    while type(mod) is ParamWrapper:
+        chain.append(mod)
+        mod = mod.base_layer
+    base = mod
+    if not moe.is_experts(base) or isinstance(base, moe.Experts):
+        fail(f"it wraps a {type(base).__name__}, not a transformers experts module with 3-D expert weights")
+    try:
+        moe.check_experts(name, base)
+    except ValueError as e:
+        raise NotImplementedError(str(e)) from e
+    adapters = set()
+    for w in chain:
+        if w.disable_adapters:
+            fail("its adapters are disabled")
+        active = [a for a in w.active_adapters if a in w.lora_A]
+        if len(active) != 1:
+            fail(f"{w.parameter_name} has {len(active)} active adapters {active} (fastlora needs exactly one)")
+        adapters.add(active[0])
+        if w.merged:
+            fail(f"{w.parameter_name} is merged into the expert weights; call unmerge_adapter() first")
+        if w.parameter_name not in moe.projections(base):
+            fail(f"it targets {w.parameter_name!r}, not an expert projection {moe.projections(base)}")
+        if w.lora_bias.get(active[0], False) or w.lora_B[active[0]].bias is not None:
+            fail("lora_bias=True")
+        E, N, K = moe.expert_shape(base, w.parameter_name)
+        a, b = w.lora_A[active[0]].weight, w.lora_B[active[0]].weight
+        r = w.r[active[0]]
+        shape = (w.num_experts, w.in_features, w.out_features)
+        if shape != (E, K, N) or a.shape != (E * r, K) or b.shape != (N, r * E):
+            fail(f"{w.parameter_name}'s adapter lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)} does not fit "
+                 f"(experts, out, in) = {(E, N, K)} at r = {r}")
+    if len(adapters) != 1:
+        fail(f"its wrappers run different adapters {sorted(adapters)}")
+    if len({w.parameter_name for w in chain}) != len(chain):
+        fail("a parameter is wrapped twice")
+    return chain
+
+
+def _convert_experts(chain) -> moe.Experts:
+    base = chain[-1].base_layer
+    adapter = next(a for a in chain[0].active_adapters if a in chain[0].lora_A)
+    spec = {w.parameter_name: (w.r[adapter], w.lora_alpha[adapter], w.use_rslora.get(adapter, False)) for w in chain}
+    layer = moe.Experts(base, spec)
+    for w in chain:
+        layer.set_adapter(w.parameter_name, w.lora_A[adapter].weight, w.lora_B[adapter].weight, w.scaling[adapter])
+    layer.train(chain[0].training)
+    return layer

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from fastlora import quant
+from fastlora import moe, quant
 from fastlora.linear4bit import Linear4bit, _is_bnb_4bit
 from fastlora.linear_fp8 import LinearFP8, fp8_block_size, is_fp8_linear
 from fastlora.modules import GroupedLinear, Linear, _adapter_args, _adapter_dtype, _check_use_dora
@@ -26,7 +26,7 @@ _FASTLORA = (*_SINGLE, GroupedLinear)
 
 
 def inject(model: nn.Module, target_modules, *, r: int, alpha: float, dropout: float = 0.0,
-           use_rslora: bool = False, use_dora: bool = False, adapter_dtype=None) -> list[str]:
+           use_rslora: bool = False, use_dora: bool = False, adapter_dtype=None, target_parameters=None) -> list[str]:
     """Replace the ``nn.Linear`` layers named by ``target_modules`` with fastlora layers; return their names.
 
     An ``nn.Linear`` becomes a ``fastlora.Linear``; a bitsandbytes ``Linear4bit`` (what ``from_pretrained`` with
@@ -55,18 +55,35 @@ def inject(model: nn.Module, target_modules, *, r: int, alpha: float, dropout: f
     ``autocast_adapter_dtype=True``): in 16 bits an Adam step below the value's spacing is lost, and GradScaler
     refuses fp16 gradients. Over an fp32 base they are fp32. ``adapter_dtype`` (torch.float16, bfloat16 or float32)
     overrides this for every new layer.
+
+    ``target_parameters`` (PEFT's ``LoraConfig.target_parameters``, e.g. ``["mlp.experts.gate_up_proj",
+    "mlp.experts.down_proj"]``): LoRA on the 3-D expert weights of transformers' MoE experts modules. A name selects
+    the parameters whose full name equals it or ends with ``"." + name``; each experts module holding selected
+    projections becomes a ``fastlora.Experts`` (docs/moe.md) sharing its parameters, with one rank-r adapter per
+    expert and projection initialised as PEFT's ``ParamWrapper`` (lora_A (E*r, in) Kaiming-uniform, lora_B zero).
+    ``target_modules`` may then be None or ``[]`` (no linear layer). As PEFT, expert adapters refuse ``dropout`` > 0
+    and ``use_dora``. Returns the linear layers' names, then the experts modules'.
     """
-    names = match_modules(model, target_modules)
     _adapter_args(r, alpha, dropout, use_rslora)
     _check_use_dora(use_dora)
     _adapter_dtype(adapter_dtype, torch.float32)
+    experts = {}
+    if target_parameters is not None:
+        if dropout or use_dora:
+            raise ValueError(f"target_parameters with {'use_dora=True' if use_dora else f'dropout={dropout}'}: expert "
+                             "adapters (PEFT's ParamWrapper) support neither dropout nor DoRA")
+        experts = moe.match_parameters(model, target_parameters)
+    names = [] if experts and target_modules in (None, []) else match_modules(model, target_modules)
     kw = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora, adapter_dtype=adapter_dtype)
     for name in names:  # every base checked before any layer is built
         check_base(name, model.get_submodule(name))
     with _transaction(model):
-        layers = [_wrap(model.get_submodule(name), kw) for name in names]
-    _swap_in(model, dict(zip(names, layers, strict=True)))
-    return names
+        layers = {name: _wrap(model.get_submodule(name), kw) for name in names}
+        for name, targeted in experts.items():
+            layers[name] = moe.Experts(model.get_submodule(name), {p: (r, alpha, use_rslora) for p in targeted},
+                                       adapter_dtype=adapter_dtype)
+    _swap_in(model, layers)
+    return list(layers)
 
 
 def _wrap(linear: nn.Module, kw: dict) -> Linear | Linear4bit | LinearFP8:
@@ -191,12 +208,14 @@ def match_modules(model: nn.Module, target_modules) -> list[str]:
 
 def freeze_base(model: nn.Module) -> None:
     """requires_grad=False on every parameter except the adapters of fastlora layers (``lora_A``, ``lora_B`` and
-    the DoRA ``lora_magnitude``)."""
+    the DoRA ``lora_magnitude``) and of ``fastlora.Experts`` modules."""
     adapters = set()
     for mod in model.modules():
         if isinstance(mod, _FASTLORA):
             adapters.update(id(p) for p in (mod.lora_A, mod.lora_B, getattr(mod, "lora_magnitude", None))
                             if p is not None)
+        elif isinstance(mod, moe.Experts):
+            adapters.update(id(p) for p in (*mod.lora_A.values(), *mod.lora_B.values()))
     for p in model.parameters():
         p.requires_grad_(id(p) in adapters)
 

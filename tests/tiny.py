@@ -73,3 +73,41 @@ def trainer_losses(model, steps=4):
         trainer = Trainer(model=model, args=args, train_dataset=data)
         trainer.train()
     return torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h])
+
+
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
+
+
+def tiny_moe(family: str, seed=0, experts=4, top_k=2, layers=2):
+    """A tiny random MoE causal LM of ``family`` (hidden 32, expert intermediate 24, vocab 128, fp32, eval).
+
+    gpt-oss's clamp limit is 0.05 (7.0 in the real model) so that its clamped SwiGLU clips these small activations."""
+    from transformers import (
+        GptOssConfig,
+        GptOssForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  vocab_size=VOCAB, max_position_embeddings=64)
+    if family == "qwen3_moe":
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(intermediate_size=40, moe_intermediate_size=24, num_experts=experts,
+                                                   num_experts_per_tok=top_k, **common))
+    elif family == "mixtral":
+        model = MixtralForCausalLM(MixtralConfig(intermediate_size=24, num_local_experts=experts,
+                                                 num_experts_per_tok=top_k, **common))
+    elif family == "gpt_oss":
+        common["max_position_embeddings"] = 131072  # YaRN's factor 32 over its 4096 original positions
+        model = GptOssForCausalLM(GptOssConfig(intermediate_size=24, num_local_experts=experts,
+                                               num_experts_per_tok=top_k, swiglu_limit=0.05, **common))
+        with torch.no_grad():  # transformers initialises the expert biases to zero: make them count
+            for name, p in model.named_parameters():
+                if name.endswith("_proj_bias"):
+                    p.normal_(0, 0.02)
+    else:
+        raise ValueError(f"unknown MoE family {family!r}")
+    return model.eval()
