@@ -276,9 +276,13 @@ _STATE_KEY = "quant_state.bitsandbytes__"
 _DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def state_dict_entries(state: QuantState4bit) -> dict[str, torch.Tensor]:
+def state_dict_entries(state: QuantState4bit, *, fixed_width: bool = False) -> dict[str, torch.Tensor]:
     """``state`` as bitsandbytes' ``Linear4bit`` writes it into a state dict after ``weight.`` (``QuantState.as_dict(
-    packed=True)``: tensors, plus the other fields as JSON bytes): what transformers reloads a 4-bit model from."""
+    packed=True)``: tensors, plus the other fields as JSON bytes): what transformers reloads a 4-bit model from.
+
+    ``fixed_width``: the double-quant offset written as ``%.16e`` (17 significant digits: the same float, parsed by
+    bitsandbytes as it is) instead of Python's shortest repr, so the JSON's length depends on the format alone, not
+    on the offset: what a distributed checkpoint needs to load it into a model of another offset."""
     meta = {"quant_type": state.quant_type, "blocksize": state.blocksize,
             "dtype": str(state.dtype).removeprefix("torch."), "shape": list(state.shape)}
     entries = {"absmax": state.absmax, "quant_map": state.code}
@@ -286,7 +290,10 @@ def state_dict_entries(state: QuantState4bit) -> dict[str, torch.Tensor]:
         entries.update(nested_absmax=state.absmax2, nested_quant_map=state.code2.clone())
         offset = 0.0 if state.offset.is_meta else state.offset.item()
         meta.update(nested_blocksize=state.blocksize2, nested_dtype="float32", nested_offset=offset)
-    entries[_STATE_KEY + state.quant_type] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    text = json.dumps(meta)
+    if fixed_width and state.double_quant:
+        text = text.replace(json.dumps({"nested_offset": offset})[1:-1], f'"nested_offset": {offset:.16e}')
+    entries[_STATE_KEY + state.quant_type] = torch.tensor(list(text.encode()), dtype=torch.uint8)
     return entries
 
 
