@@ -17,12 +17,20 @@ them): ``linear`` (nn.Linear on the dequantised W in the compute dtype, no LoRA:
 (fastlora.lora_linear over the dequantised W, the same fp32 adapters: the bf16 LoRA the FP8 base is measured
 against), ``fp8-dequant`` (unfused: W dequantised on every call, forward and again in backward, then
 addmm and the low-rank addmm_) and ``fp8-fastlora`` (fastlora.lora_linear_fp8, W8A16).
+
+MoE experts (an experts block of transformers 5: hidden_states, top_k_index, top_k_weights -> out; one adapter per
+expert on gate_up_proj and down_proj, PEFT's ``target_parameters`` layout): ``experts`` (transformers' experts module
+alone, no LoRA, its ``grouped_mm`` implementation where F.grouped_mm runs), ``peft`` (PEFT ``target_parameters`` over
+it), ``peft-baddbmm`` (a PEFT option to fold with baddbmm: none in the installed PEFT, see ``peft_baddbmm_skip``),
+``split`` (sort once, then per projection the base grouped GEMM and two grouped LoRA GEMMs with torch ops) and
+``fastlora`` (``fastlora.Experts`` over the same module: the rank-r term inside each expert's grouped GEMM).
 """
 
 from __future__ import annotations
 
 import collections
 import copy
+import functools
 import itertools
 
 import harness
@@ -524,3 +532,223 @@ def adapter_pairs(model: nn.Module):
             yield key, A["default"].weight, m.lora_B["default"].weight
         else:
             yield key, A, m.lora_B
+
+
+# ------------------------------------------------------------------------------------------------ MoE experts
+
+MOE = ("experts", "peft", "peft-baddbmm", "split", "fastlora")
+PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+class MoeProblem:
+    """An experts block of ``shape`` (``harness.MoeShape``) in ``dtype``: random frozen expert weights (and gpt-oss's
+    biases) stored as transformers stores them, and one rank-R adapter per expert for ``gate_up_proj`` and
+    ``down_proj`` in PEFT's ``target_parameters`` layout (``lora_A`` (E*R, in): expert e's A_e = rows e*R:(e+1)*R;
+    ``lora_B`` (out, R*E): B_e = columns j*E + e), B nonzero so the low-rank term shows; scaling alpha / R = 2.
+
+    ``module(implementation)`` builds a transformers experts module (Qwen3MoeExperts / GptOssExperts) over these weights
+    (new Parameters sharing their storage, frozen) with that ``config._experts_implementation``."""
+
+    def __init__(self, shape, R: int, dtype: torch.dtype, device, seed: int = 0):
+        from transformers import GptOssConfig, Qwen3MoeConfig
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+        g = torch.Generator(device=device).manual_seed(seed)  # on the device: the Qwen block's stack is 1.2 GB in bf16
+        self.shape, self.R, self.dtype, self.device = shape, R, dtype, device
+        E, H, inter = shape.E, shape.H, shape.inter
+        self.gpt_oss = shape.layout == "gpt-oss"
+        if self.gpt_oss:
+            self.cls, self.config = GptOssExperts, GptOssConfig(
+                hidden_size=H, intermediate_size=inter, num_local_experts=E, num_experts_per_tok=shape.k)
+        else:
+            self.cls, self.config = Qwen3MoeExperts, Qwen3MoeConfig(
+                hidden_size=H, moe_intermediate_size=inter, num_experts=E, num_experts_per_tok=shape.k,
+                hidden_act="silu")
+        self.alpha, self.scaling = 2 * R, 2.0
+        # (experts, out, in) of each projection
+        self.dims = {"gate_up_proj": (E, 2 * inter, H), "down_proj": (E, H, inter)}
+
+        def rand(*size, scale):
+            return (torch.randn(*size, generator=g, device=device) * scale).to(dtype)
+
+        self.weights, self.adapters = {}, {}
+        for p, (_, N, K) in self.dims.items():
+            self.weights[p] = rand(E, K, N, scale=K ** -0.5) if self.gpt_oss else rand(E, N, K, scale=K ** -0.5)
+            if self.gpt_oss:
+                self.weights[f"{p}_bias"] = rand(E, N, scale=0.1)
+            self.adapters[p] = (rand(E * R, K, scale=K ** -0.5), rand(N, R * E, scale=R ** -0.5))
+        self.gate = self.module(None)._apply_gate  # the family's activation (gpt-oss: clamped SwiGLU, interleaved)
+
+    def module(self, implementation: str | None) -> nn.Module:
+        config = copy.copy(self.config)
+        config._experts_implementation = implementation
+        with torch.device("meta"):
+            mod = self.cls(config)
+        for name, t in self.weights.items():
+            setattr(mod, name, nn.Parameter(t, requires_grad=False))
+        return mod
+
+    def expert_weight(self, p: str, dtype=None) -> torch.Tensor:
+        """[E, out, in] of projection ``p`` (gpt-oss's (E, in, out) storage as a transposed view), in ``dtype``."""
+        w = self.weights[p] if dtype is None else self.weights[p].to(dtype)
+        return w.transpose(1, 2) if self.gpt_oss else w
+
+    def bias(self, p: str, dtype=None):
+        """[E, out] bias of projection ``p`` (gpt-oss) in ``dtype``, or None."""
+        b = self.weights.get(f"{p}_bias")
+        return None if b is None else b.to(dtype or b.dtype)
+
+    def expert_adapter(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [E, R, in], B [E, out, R]) views of PEFT's (E*R, in) and (out, R*E) adapter tensors."""
+        E, R = self.shape.E, self.R
+        return A.view(E, R, A.shape[1]), B.view(B.shape[0], R, E).permute(2, 0, 1)
+
+    def routing(self, T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """top_k_index [T, k] (k distinct experts per token, uniformly random) and top_k_weights [T, k] (a softmax over
+        the token's k choices, in ``dtype``), as a router with norm_topk_prob gives them."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        E, k = self.shape.E, self.shape.k
+        index = torch.rand(T, E, generator=g).topk(k, dim=1).indices
+        weights = torch.randn(T, k, generator=g).softmax(dim=1)
+        return index.to(self.device), weights.to(dtype=self.dtype, device=self.device)
+
+    def reference(self, x, top_k_index, top_k_weights, adapters: list | None) -> torch.Tensor:
+        """The block in float32 from ``fastlora.reference`` (a loop over experts per projection): x's k copies, gate_up,
+        the family's activation, down, the top-k weights, the k rows of each token summed. ``adapters``: [A, B] per
+        projection in PEFT's layout (float32), or None for the base experts alone."""
+        T, k = top_k_index.shape
+        ids = top_k_index.reshape(-1)
+        h = x.float().repeat_interleave(k, dim=0)
+        for i, p in enumerate(PROJECTIONS):
+            if adapters is None:
+                E, N, K = self.dims[p]
+                A, B, s = h.new_zeros(E, 1, K), h.new_zeros(E, N, 1), 0.0
+            else:
+                (A, B), s = self.expert_adapter(*adapters[2 * i:2 * i + 2]), self.scaling
+            h = reference.grouped_lora_linear(h, self.expert_weight(p, torch.float32), self.bias(p, torch.float32),
+                                              A, B, s, ids)
+            if p == "gate_up_proj":
+                h = self.gate(h)
+        h = h * top_k_weights.float().reshape(-1, 1)
+        return h.view(T, k, -1).sum(dim=1)
+
+
+@functools.cache
+def grouped_mm_unavailable(device: str, dtype: torch.dtype) -> str | None:
+    """None when ``torch.nn.functional.grouped_mm`` runs forward and backward on ``device`` in ``dtype`` (an empty
+    group, a transposed weight view, dims that are multiples of 16); else why not."""
+    if not hasattr(F, "grouped_mm"):
+        return f"torch {torch.__version__} has no torch.nn.functional.grouped_mm"
+    try:
+        x = torch.randn(48, 32, device=device, dtype=dtype, requires_grad=True)
+        w = torch.randn(3, 16, 32, device=device, dtype=dtype).transpose(1, 2)
+        y = F.grouped_mm(x, w, offs=torch.tensor([16, 16, 48], dtype=torch.int32, device=device))
+        y.backward(torch.randn_like(y))
+        harness.sync()
+    except Exception as e:  # an unsupported dtype or device: the reason says which
+        return f"torch.nn.functional.grouped_mm cannot run on {device} in {dtype}: {type(e).__name__}: {e}"[:300]
+    return None
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, fused: bool) -> torch.Tensor:
+    """x [S, K] sorted by expert, w [E, K, N], offs int32 [E] (cumulative row ends): ``F.grouped_mm`` when ``fused``,
+    else one mm per expert over its rows (the fallback where grouped_mm cannot run)."""
+    if fused:
+        return F.grouped_mm(x, w, offs=offs)
+    ends = offs.tolist()
+    return torch.cat([x[a:b] @ w[e] for e, (a, b) in enumerate(zip([0, *ends[:-1]], ends, strict=True))])
+
+
+@functools.cache
+def base_implementation(device: str, dtype: torch.dtype) -> str:
+    """transformers' experts implementation for the base experts: 'grouped_mm' where F.grouped_mm runs, else 'eager'
+    (the loop over experts)."""
+    return "grouped_mm" if grouped_mm_unavailable(device, dtype) is None else "eager"
+
+
+def peft_baddbmm_skip() -> str:
+    """Why ``peft-baddbmm`` has no cell of its own with the installed PEFT (``harness.NOT_APPLICABLE`` + the reason)."""
+    import peft
+    from peft.tuners.lora.layer import ParamWrapper
+
+    if hasattr(ParamWrapper, "get_delta_factors"):
+        return (f"{harness.NOT_APPLICABLE}peft {peft.__version__} has no baddbmm option: its target_parameters path "
+                "already folds W + s B A into one baddbmm per expert stack (ParamWrapper.get_delta_factors, "
+                "_LoraFactorsProxy; PEFT #3577), which the 'peft' cells time")
+    return f"{harness.NOT_APPLICABLE}peft {peft.__version__} has no baddbmm fold for target_parameters (PEFT #3577)"
+
+
+class _ExpertsModel(nn.Module):
+    """The experts module as a model's submodule ``experts``, so PEFT's ``target_parameters`` can name its weights."""
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        self.experts = experts
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return self.experts(hidden_states, top_k_index, top_k_weights)
+
+
+def moe_impl(name: str, mp: MoeProblem, train: bool) -> Impl:
+    """The experts-block competitors: ``forward(hidden_states, top_k_index, top_k_weights)``; ``params`` the adapters
+    [gate_up A, gate_up B, down A, down B] in PEFT's layout (none for ``experts``); ``info`` how each was built."""
+    dev, dtype = str(mp.device), mp.dtype
+    impl = base_implementation(dev, dtype)
+    values = [t for p in PROJECTIONS for t in mp.adapters[p]]
+    if name == "experts":
+        return Impl(mp.module(impl), [], info=dict(experts_implementation=impl))
+    if name == "fastlora":
+        mod = fastlora.Experts(mp.module(impl), {p: (mp.R, mp.alpha, False) for p in PROJECTIONS}, adapter_dtype=dtype)
+        params = set_params(mod, [t for p in PROJECTIONS for t in (mod.lora_A[p], mod.lora_B[p])], values, train)
+        return Impl(mod, params, info=dict(built_by="fastlora.Experts(transformers experts module)"))
+    if name == "peft":
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora.layer import ParamWrapper
+
+        cfg = LoraConfig(r=mp.R, lora_alpha=mp.alpha, lora_dropout=0.0,
+                         target_parameters=[f"experts.{p}" for p in PROJECTIONS])
+        model = get_peft_model(_ExpertsModel(mp.module(impl)), cfg, autocast_adapter_dtype=False)
+        wrappers = {m.parameter_name: m for m in model.modules() if isinstance(m, ParamWrapper)}
+        params = [t for p in PROJECTIONS for t in (wrappers[p].lora_A["default"].weight,
+                                                    wrappers[p].lora_B["default"].weight)]
+        fold = "baddbmm" if hasattr(ParamWrapper, "get_delta_factors") else "delta"
+        return Impl(model.base_model.model.experts, set_params(model, params, values, train),
+                    info=dict(experts_implementation=impl, peft_fold=fold))
+    if name == "split":
+        return _split_impl(mp, train, values)
+    raise ValueError(f"unknown MoE competitor {name!r}")
+
+
+def _split_impl(mp: MoeProblem, train: bool, values: list) -> Impl:
+    """Split LoRA (Unsloth's composition) with torch ops: rows sorted by expert once per block, then per projection the
+    base grouped GEMM (+ bias) and two grouped LoRA GEMMs, (x A_e^T) B_e^T, with ``F.grouped_mm`` (a loop of mm where
+    it cannot run); B_e^T made contiguous per call (an E x R x out copy: PEFT's layout has no unit stride there)."""
+    E, k, R = mp.shape.E, mp.shape.k, mp.R
+    fused = grouped_mm_unavailable(str(mp.device), mp.dtype) is None
+    params = [t.clone().requires_grad_(train) for t in values]
+    weights = {p: mp.expert_weight(p).transpose(1, 2) for p in PROJECTIONS}  # [E, in, out] views
+    biases = {p: mp.weights.get(f"{p}_bias") for p in PROJECTIONS}
+
+    def forward(x, top_k_index, top_k_weights):
+        T, H = x.shape
+        ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
+        offs = torch.bincount(ids, minlength=E).cumsum(0).to(torch.int32)
+        rows = perm // k
+        h = x[rows]
+        for i, p in enumerate(PROJECTIONS):
+            A, B = params[2 * i], params[2 * i + 1]
+            N, K = weights[p].shape[2], weights[p].shape[1]
+            y = _grouped_mm(h, weights[p], offs, fused)
+            if biases[p] is not None:
+                y = y + biases[p][ids]
+            t = _grouped_mm(h, A.view(E, R, K).transpose(1, 2), offs, fused)  # [S, R]
+            y = y + mp.scaling * _grouped_mm(t, B.view(N, R, E).permute(2, 1, 0).contiguous(), offs, fused)
+            h = mp.gate(y) if p == "gate_up_proj" else y
+        h = h * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel(), device=perm.device)
+        return h[inv].view(T, k, H).sum(dim=1).to(x.dtype)
+
+    how = "F.grouped_mm" if fused else f"mm per expert ({grouped_mm_unavailable(str(mp.device), mp.dtype)})"
+    return Impl(forward, params, info=dict(grouped_mm=how))

@@ -56,7 +56,8 @@ def pytest_sessionfinish(session):
     if os.environ.get("FASTLORA_BENCH_SKIPS"):
         with open(os.environ["FASTLORA_BENCH_SKIPS"], "w") as f:
             json.dump([{"impl": impl, "reason": reason, "cells": n, "budget_spent": reason == DEADLINE_REASON,
-                        "not_installed": reason.startswith(harness.NOT_INSTALLED)}
+                        "not_installed": reason.startswith(harness.NOT_INSTALLED),
+                        "not_applicable": reason.startswith(harness.NOT_APPLICABLE)}
                        for (impl, reason), n in sorted(_skips.items())], f, indent=1)
 
 

@@ -216,7 +216,7 @@ def summarize_log(path: str) -> dict:
 
 
 def quick_calls():
-    """The fastlora calls of the quick bench grid (layer, grouped, QLoRA, DoRA, FP8 and end-to-end suites) as
+    """The fastlora calls of the quick bench grid (layer, grouped, QLoRA, DoRA, FP8, MoE and end-to-end suites) as
     ``bench/sm90.py`` cases: same shapes, dtypes, flags and autograd, so the same kernels compile."""
     import harness
     from sm90 import Case
@@ -247,6 +247,13 @@ def quick_calls():
                 for R in g.fp8["ranks"]:
                     out += [Case(dtype, M, K, N, R, train=t, quant=q, fp32_adapters=True) for t in (False, True)
                             for q in ("fp8", "")]
+        m = g.moe  # bench_moe's fastlora cells: fastlora.Experts, gate_up then down over the T * k routed rows
+        if "fastlora" in m.get("impls", ("fastlora",)):
+            for s in (harness.MOE_SHAPES[name] for name in m["shapes"]):
+                gpt = s.layout == "gpt-oss"
+                out += [Case(dtype, T * s.k, K, N, R, bias=gpt, train=mode == "train", experts=s.E, transposed=gpt)
+                        for T in m["tokens"] for R in m["ranks"] for mode in m.get("modes", ("fwd", "train"))
+                        for K, N in ((s.H, 2 * s.inter), (s.inter, s.H))]
         cfg = g.e2e["config"]  # bench_e2e: every linear of a Llama block but lm_head, no bias, training
         h, inter = cfg["hidden_size"], cfg["intermediate_size"]
         kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]

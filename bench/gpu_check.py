@@ -3,17 +3,18 @@
     python bench/gpu_check.py --jsonl checks.jsonl [--budget 120] [--small]
 
 Families: the dense layer through pointer tiles and through TMA tiles (forward + backward: the shrink, the main
-GEMM, the dx GEMM and the gradient kernel), dropout (the mask kernel, the dropout shrink, masked dx and
-gradients), grouped adapters, a 4-bit (nf4, double quant) base with fp32 adapters, DoRA (the magnitude
-trained too), and a block-scaled FP8 base (e4m3, 128 x 128 blocks: ``fp8`` with fp32 scales and adapters in x's
-dtype; ``fp8-dora`` with bf16 scales, fp32 adapters and magnitude, and dropout); each in bf16, fp16, fp32 (ieee)
-and tf32. Where the autotuner would try many configs, ``forced`` pins one: the first candidate its pruning keeps on
-the asked path (TMA or pointer), not timed. y, dx, dA, dB (and DoRA's dm) are compared with ``fastlora.reference``
-in float64 on the same inputs (W decoded exactly for the quantised bases) by relative Frobenius error
-||out - ref|| / ||ref||; outputs start NaN (FASTLORA_POISON=1), so an unwritten element fails. One JSON
-line per check, written as it finishes; checks not started within ``--budget`` seconds are written as skipped;
-checks already in the file are not rerun; after a CUDA error that kills the context the process exits with
-``LOST`` (the session starts it again for the rest).
+GEMM, the dx GEMM and the gradient kernel), dropout (the mask kernel, the dropout shrink, masked dx and gradients),
+grouped adapters, a 4-bit (nf4, double quant) base with fp32 adapters, DoRA (the magnitude trained too), and a
+block-scaled FP8 base (e4m3, 128 x 128 blocks: ``fp8`` with fp32 scales and adapters in x's dtype; ``fp8-dora`` with
+bf16 scales, fp32 adapters and magnitude, and dropout), and mixture-of-experts ``experts`` (a 3-D weight stored (E,
+in, out) as gpt-oss's and read through strides, a bias and a scale per expert, experts without tokens, -1 rows that
+must come out zero); each in bf16, fp16, fp32 (ieee) and tf32. Where the autotuner would try many configs,
+``forced`` pins one: the first candidate its pruning keeps on the asked path (TMA or pointer), not timed. y, dx, dA,
+dB (and DoRA's dm) are compared with ``fastlora.reference`` in float64 on the same inputs (W decoded exactly for the
+quantised bases) by relative Frobenius error ||out - ref|| / ||ref||; outputs start NaN (FASTLORA_POISON=1), so an
+unwritten element fails. One JSON line per check, written as it finishes; checks not started within ``--budget``
+seconds are written as skipped; checks already in the file are not rerun; after a CUDA error that kills the context
+the process exits with ``LOST`` (the session starts it again for the rest).
 Without CUDA: the interpreter and ``--small`` shapes, bf16 skipped (on CPU it takes the PyTorch reference, not
 the kernels).
 """
@@ -36,7 +37,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
 # Relative Frobenius error bounds. fp32 (ieee dots) lands near 1e-7; tf32 near 3e-4 at K ~ 500 (the bound is
 # tests/tolerance.py's TF32_TOL); 16-bit inputs and outputs round at 2^-8 / 2^-11.
 BOUND = {"bf16": 1e-2, "fp16": 1e-2, "fp32": 1e-4, "tf32": 3e-3}
-FAMILIES = ("dense-ptr", "dense-tma", "dropout", "grouped", "nf4", "dora", "qdora", "gdora", "fp8", "fp8-dora")
+FAMILIES = ("dense-ptr", "dense-tma", "dropout", "grouped", "nf4", "dora", "qdora", "gdora", "fp8", "fp8-dora",
+            "experts")
 # with dropout (the packed mask, the shrink's Philox draw; DoRA's two-accumulator forms): these families
 DROPPED = ("dropout", "qdora", "gdora", "fp8-dora")
 # Odd sizes: no dimension a multiple of a tile, every stride 16-byte aligned (TMA), K a multiple of the 4-bit
@@ -46,6 +48,11 @@ SHAPE = dict(M=257, K=576, N=392, R=12)
 SMALL = dict(M=17, K=64, N=40, R=8)
 ADAPTERS = 4
 DROPOUT = 0.1
+# The experts family: EXPERTS expert weights stored (E, in, out) as gpt-oss does (read through the transposed view's
+# strides), a bias and a scaling per expert; ids drawn from ROUTED, so experts 2 and 5 get no token and -1 rows (a
+# token routed to no expert held here) must come out all zero.
+EXPERTS = 6
+ROUTED = (-1, 0, 1, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,10 @@ class Check:
     def fp8(self) -> bool:
         return self.family in ("fp8", "fp8-dora")
 
+    @property
+    def experts(self) -> bool:
+        return self.family == "experts"
+
     def inputs(self, device) -> dict:
         """Random inputs: x, W, bias, adapters (B nonzero), dy; ids for grouped; the packed W for nf4; the e4m3 W and
         its block scales for fp8; the magnitude for DoRA (grouped: adapter 1 plain, a NaN row)."""
@@ -90,7 +101,7 @@ class Check:
         def rand(*shape, scale=1.0, dtype=dt):
             return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
 
-        lead = (ADAPTERS,) if self.grouped else ()
+        lead = (ADAPTERS,) if self.grouped else (EXPERTS,) if self.experts else ()
         # PEFT's QLoRA keeps its adapters in fp32, as fastlora.LinearFP8 does by default
         adt = torch.float32 if self.four_bit or self.family == "fp8-dora" else dt
         out = dict(x=rand(M, K).requires_grad_(), w=rand(N, K, scale=K ** -0.5), b=rand(N, scale=0.1),
@@ -98,6 +109,11 @@ class Check:
                    bb=rand(*lead, N, R, scale=R ** -0.5, dtype=adt).requires_grad_(), dy=rand(M, N))
         if self.grouped:  # every adapter and some base-only tokens (-1)
             out["ids"] = (torch.randint(-1, ADAPTERS, (M,), generator=g)).to(device)
+        if self.experts:  # W [E, N, K] a view of an (E, K, N) storage; a bias and a scaling per expert
+            out["w"] = rand(EXPERTS, K, N, scale=K ** -0.5).transpose(1, 2)
+            out["b"] = rand(EXPERTS, N, scale=0.1)
+            out["s"] = (0.5 + torch.rand(EXPERTS, generator=g)).to(device)
+            out["ids"] = torch.tensor(ROUTED)[torch.randint(0, len(ROUTED), (M,), generator=g)].to(device)
         if self.family in ("dora", "qdora", "gdora", "fp8-dora"):  # near ||W + s B A|| per row, as PEFT initialises it
             m = 1.0 + 0.1 * torch.randn(*lead, N, generator=g)
             if self.grouped:
@@ -122,8 +138,9 @@ class Check:
         s = 2.0
         kw = dict(dropout_p=self.p, training=True, seed=7, magnitude=t.get("m"))
         with harness.allow_tf32(self.dtype == "tf32"), forced(self.tma) as picked:
-            if self.grouped:
-                y = fastlora.grouped_lora_linear(t["x"], t["w"], t["b"], t["a"], t["bb"], s, t["ids"], **kw)
+            if self.grouped or self.experts:
+                y = fastlora.grouped_lora_linear(t["x"], t["w"], t["b"], t["a"], t["bb"], t.get("s", s), t["ids"],
+                                                 **kw)
             elif self.four_bit:
                 y = fastlora.lora_linear_4bit(t["x"], t["packed"], t["state"], t["b"], t["a"], t["bb"], s,
                                               compute_dtype=DTYPES[self.dtype], **kw)
@@ -158,6 +175,8 @@ class Check:
             y = reference.grouped_dora_linear(x, w, b, a, bb, s, t["ids"], leaves[-1], **kw)
         elif self.grouped:
             y = reference.grouped_lora_linear(x, w, b, a, bb, s, t["ids"], **kw)
+        elif self.experts:
+            y = reference.grouped_lora_linear(x, w, b, a, bb, t["s"].double(), t["ids"], **kw)
         elif "m" in t:
             y = reference.dora_linear(x, w, b, a, bb, s, leaves[-1], **kw)
         else:

@@ -42,7 +42,7 @@ sys.path.insert(0, str(BENCH))
 
 import gpu_cache  # noqa: E402
 
-SUITES = ("layer", "grouped", "qlora", "e2e", "dora", "fp8")
+SUITES = ("layer", "grouped", "qlora", "e2e", "dora", "fp8", "moe")
 # Seconds per stage (the arithmetic behind them: docs/gpu-session.md). The total is the session's ceiling.
 BUDGET = {"env": 30, "install": 90, "cache": 30, "check": 90, "bench": 240, "plots": 40}
 TOTAL = 480

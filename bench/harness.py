@@ -53,28 +53,54 @@ class Grid:
     qlora_ranks: tuple[int, ...]  # the QLoRA layer suite (bench_qlora.py): the layer grid's shapes and tokens
     dora: dict  # the DoRA suite (bench_dora.py): ranks, training dropouts; shapes, tokens (default: the layer grid's)
     fp8: dict  # the FP8-base suite (bench_fp8.py): ranks; shapes, tokens (default: the layer grid's)
+    moe: dict  # the MoE experts suite (bench_moe.py): shapes (MOE_SHAPES names), tokens, ranks; modes, impls (all)
 
 
+@dataclass(frozen=True)
+class MoeShape:
+    """One experts block: E experts, hidden H, intermediate ``inter`` (gate_up (E, 2 inter, H), down (E, H, inter) as
+    (experts, out, in)), top-k experts per token. ``layout``: 'qwen3' (Qwen3-MoE: stored (E, out, in), no bias, SiLU
+    gate) or 'gpt-oss' (stored (E, in, out), biases, gpt-oss's clamped SwiGLU on interleaved gate/up columns)."""
+
+    name: str
+    E: int
+    H: int
+    inter: int
+    k: int
+    layout: str
+
+
+MOE_SHAPES = {s.name: s for s in (
+    MoeShape("qwen3-30b-a3b", 128, 2048, 768, 8, "qwen3"),  # PEFT #3577's shape (Qwen3-30B-A3B's experts)
+    MoeShape("gpt-oss-20b", 32, 2880, 2880, 4, "gpt-oss"),
+    MoeShape("tiny-qwen3", 8, 64, 48, 2, "qwen3"),  # the CPU smoke grid's
+    MoeShape("tiny-gpt-oss", 4, 40, 24, 2, "gpt-oss"),
+)}
+_MOE = dict(shapes=("qwen3-30b-a3b", "gpt-oss-20b"), tokens=(4096,), ranks=(16,))
 _LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  vocab_size=32000)
 GRIDS = {
     "full": Grid("full", ("bf16", "fp16"), ((4096, 4096), (4096, 14336), (14336, 4096)), (8, 16, 64),
                  (1, 16, 128, 1024, 4096, 16384), (0.0, 0.1), (1, 4, 32, 128), (32, 1024, 8192), (4096, 4096), 16,
                  dict(config=_LLAMA_8B, layers=4, batch=4, seq=2048, ranks=(16, 64)), (8, 16, 64),
-                 dict(ranks=(16, 64), dropouts=(0.0, 0.1)), dict(ranks=(16, 64), tokens=(4096, 16384))),
+                 dict(ranks=(16, 64), dropouts=(0.0, 0.1)), dict(ranks=(16, 64), tokens=(4096, 16384)), _MOE),
     "default": Grid("default", ("bf16",), ((4096, 4096), (4096, 14336), (14336, 4096)), (8, 16, 64),
                     (1, 16, 128, 1024, 4096, 16384), (0.0, 0.1), (1, 4, 32, 128), (32, 1024, 8192), (4096, 4096),
                     16, dict(config=_LLAMA_8B, layers=4, batch=4, seq=2048, ranks=(16,)), (16, 64),
-                    dict(ranks=(16, 64), dropouts=(0.0, 0.1)), dict(ranks=(16, 64), tokens=(4096, 16384))),
+                    dict(ranks=(16, 64), dropouts=(0.0, 0.1)), dict(ranks=(16, 64), tokens=(4096, 16384)), _MOE),
     "quick": Grid("quick", ("bf16",), ((4096, 4096), (4096, 14336)), (16,), (1, 128, 4096), (0.0,), (4, 32),
                   (1024,), (4096, 4096), 16, dict(config=_LLAMA_8B, layers=2, batch=2, seq=1024, ranks=(16,)),
                   (16,), dict(ranks=(16,), dropouts=(0.0, 0.1), shapes=((4096, 4096),), tokens=(128, 4096)),
-                  dict(ranks=(16,), shapes=((4096, 4096),), tokens=(4096,))),
+                  dict(ranks=(16,), shapes=((4096, 4096),), tokens=(4096,)),
+                  # the session's bench stage is time-limited: fastlora against the base experts alone, training
+                  dict(shapes=("qwen3-30b-a3b",), tokens=(4096,), ranks=(16,), modes=("train",),
+                       impls=("experts", "fastlora"))),
     # fp16: triton 3.6's interpreter gets bf16 tl.dot wrong (errors ~1e10 on a bare 16x16 dot, not fastlora's).
     "smoke": Grid("smoke", ("fp16",), ((64, 64), (64, 96)), (8,), (1, 16), (0.0, 0.1), (1, 4), (32,), (64, 64), 8,
                   dict(config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=128), layers=1, batch=2, seq=8, ranks=(8,)),
-                  (8,), dict(ranks=(8,), dropouts=(0.0, 0.1)), dict(ranks=(8,), shapes=((64, 96),), tokens=(16,))),
+                  (8,), dict(ranks=(8,), dropouts=(0.0, 0.1)), dict(ranks=(8,), shapes=((64, 96),), tokens=(16,)),
+                  dict(shapes=("tiny-qwen3", "tiny-gpt-oss"), tokens=(13,), ranks=(4,))),
 }
 
 
@@ -281,6 +307,64 @@ def peak_memory(fn) -> tuple[int | None, int | None]:
     return peak, peak - before
 
 
+class _LiveTensorBytes:
+    """A TorchDispatchMode (``mode``) that counts the bytes of the storages the ops run under it create while they are
+    alive: an op's output storage that none of its inputs holds (views and in-place results do not count) is added
+    when the op returns it and taken off by a weakref finaliser when it is freed; ``peak`` is the high-water mark."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+                held = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in held:
+                        counter._track(t)
+                return out
+
+        self.mode = Mode()
+        self.live, self.peak, self._seen = 0, 0, {}
+
+    def _track(self, t: torch.Tensor):
+        import weakref
+
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if not key or key in self._seen:
+            return
+        nbytes = storage.nbytes()
+        self._seen[key] = nbytes
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+        def freed(key=key, nbytes=nbytes):
+            if self._seen.pop(key, None) is not None:
+                self.live -= nbytes
+        weakref.finalize(storage, freed)
+
+
+CPU_MEMORY = ("bytes of the tensors torch ops allocate during the step, counted while alive (a TorchDispatchMode; "
+              "what kernels or custom ops allocate inside themselves without returning it is not seen)")
+
+
+def step_memory(fn) -> tuple[int | None, int | None, str]:
+    """(peak bytes, peak above what was allocated before, how) of one call of ``fn``: CUDA's allocator statistics on a
+    GPU (``peak_memory``); on the CPU the peak of the bytes alive among the tensors torch ops create during the call
+    (``CPU_MEMORY``): no absolute peak there, only the step's own."""
+    if CUDA:
+        peak, extra = peak_memory(fn)
+        return peak, extra, "torch.cuda.max_memory_allocated minus memory_allocated before the step"
+    counter = _LiveTensorBytes()
+    with counter.mode:
+        fn()
+    return None, counter.peak, CPU_MEMORY
+
+
 # ------------------------------------------------------------------------------------------------ models
 
 
@@ -387,6 +471,8 @@ def git_sha() -> str:
 
 
 NOT_INSTALLED = "not installed: "  # how require's skips begin (run.py fails a main job whose PEFT is missing)
+# how the skips of a competitor that has no cell of its own with the installed versions begin (no banner in run.py)
+NOT_APPLICABLE = "not applicable: "
 
 
 def require(module: str, extra: str) -> None:

@@ -24,6 +24,8 @@ run) are merged; a case present twice keeps the later file's entry. Figures:
     fp8-vs-linear-<mode>-<dtype>.png   FP8-base layer: time / nn.Linear time on the dequantised W
     fp8-vs-lora-<mode>-<dtype>.png     FP8-base layer: time / fastlora LoRA's on the dequantised W, the issue's target
     fp8-memory-<dtype>.png             FP8-base layer, training: peak memory above the inputs
+    moe-<dtype>.png                    MoE experts block: time / the base experts' time (the issue's 1.15x fwd+bwd
+                                       target dotted) and peak memory of one step, a panel per shape x mode
 """
 
 from __future__ import annotations
@@ -65,7 +67,13 @@ STYLE = {
     "qdora-fastlora": ("tab:green", "*", "fastlora.Linear4bit DoRA"),
     "fp8-dequant": ("tab:purple", "D", "dequantise + addmm + addmm_"),
     "fp8-fastlora": ("tab:blue", "*", "fastlora FP8 (W8A16)"),
+    "experts": ("black", "o", "transformers experts (no LoRA)"),
+    "split": ("tab:purple", "D", "split LoRA (grouped_mm x 3)"),
+    "peft-baddbmm": ("tab:red", "<", "PEFT target_parameters + baddbmm"),
 }
+# issue 43's target (H100, bf16): the experts block with LoRA, forward + backward, <= 1.15x the base experts alone.
+MOE_TARGET = {"train": 1.15}
+MOE_IMPLS = ("experts", "fastlora", "split", "peft", "peft-baddbmm")
 MODE_TITLE = {"fwd": "forward (inference)", "train": "forward + backward, dropout 0",
               "train-drop0.1": "forward + backward, dropout 0.1"}
 
@@ -307,6 +315,44 @@ def e2e(rows: list[dict], meta: dict, out: Path, variant: str = "") -> list[Path
     return written
 
 
+def moe(rows: list[dict], meta: dict, out: Path) -> list[Path]:
+    """One figure per dtype: a column per (shape, mode, r, tokens); top, time / the base experts' time per competitor
+    (bar labels: the time itself; the 1.15x target dotted in training); bottom, peak memory of one step."""
+    written = []
+    for dtype in sorted({r["dtype"] for r in rows}):
+        rs = [r for r in rows if r["dtype"] == dtype]
+        cols = sorted({(r["shape"], r["mode"], r["R"], r["T"]) for r in rs}, key=lambda c: (c[0], c[1] != "fwd", c))
+        fig, axes = plt.subplots(2, len(cols), figsize=(max(6.0, 3.6 * len(cols)), 7.0), squeeze=False)
+        for j, (shape, mode, R, T) in enumerate(cols):
+            cell = {r["impl"]: r for r in rs if (r["shape"], r["mode"], r["R"], r["T"]) == (shape, mode, R, T)}
+            impls = [i for i in MOE_IMPLS if i in cell]
+            for ax, key in zip(axes[:, j], ("ratio_to_experts", "extra_mem_bytes"), strict=True):
+                pts = [(k, i, cell[i].get(key)) for k, i in enumerate(impls) if cell[i].get(key) is not None]
+                for k, impl, v in pts:
+                    v = v / 2**20 if key == "extra_mem_bytes" else v
+                    bar = ax.bar(k, v, color=STYLE[impl][0], label=STYLE[impl][2])
+                    if key == "ratio_to_experts":
+                        ax.bar_label(bar, labels=[f"{cell[impl]['median_ms']:.3g} ms"], fontsize=7)
+                ax.set_xticks(range(len(impls)), impls, rotation=30, fontsize=8)
+                ax.grid(True, axis="y", alpha=0.3)
+            axes[0][j].axhline(1.0, color="black", linestyle="--", linewidth=1)
+            if MOE_TARGET.get(mode):
+                axes[0][j].axhline(MOE_TARGET[mode], color="tab:red", linestyle=":", linewidth=1.2,
+                                   label="target (issue 43)")
+            r0 = next(iter(cell.values()))
+            axes[0][j].set_title(f"{shape} ({r0['E']} experts, H {r0['H']}, I {r0['I']}, top-{r0['top_k']})\n"
+                                 f"{MODE_TITLE.get(mode, mode)}, r={R}, {T} tokens", fontsize=9)
+        axes[0][0].set_ylabel("time / base experts time")
+        axes[1][0].set_ylabel("peak MiB of one step above before")
+        handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
+        axes[0][0].legend(handles.values(), handles.keys(), fontsize=7)
+        methods = {r.get("memory_method") for r in rs} - {None}
+        title = (f"LoRA on MoE experts (gate_up_proj and down_proj, one adapter per expert), {dtype}\n"
+                 f"memory: {'; '.join(sorted(methods))[:160]}")
+        written.append(finish(fig, meta, title, out / f"moe-{dtype}.png"))
+    return written
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Draw the fastlora benchmark plots from pytest-benchmark JSON.")
     ap.add_argument("json", nargs="+", type=Path)
@@ -343,6 +389,7 @@ def main(argv=None) -> int:
     for metric in ("speedup", "vs-linear", "vs-lora"):
         written += layer_panels(suite["fp8"], meta, args.out, metric, FP8)
     written += layer_memory(suite["fp8"], meta, args.out, FP8)
+    written += moe(suite["moe"], meta, args.out)
     for path in written:
         print(f"plot: wrote {path}")
     return 0

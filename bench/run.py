@@ -7,6 +7,7 @@
     python bench/run.py --suite layer --filter "fwd and K4096-N4096"
     python bench/run.py --suite qlora,e2e --filter qlora   # the QLoRA cases only (4-bit base, layer and e2e)
     python bench/run.py --suite fp8          # LoRA over a block-scaled FP8 base (one layer)
+    python bench/run.py --suite moe          # LoRA on MoE experts (a transformers experts block)
 
 Wraps ``pytest bench/ --benchmark-json=bench/results/<device>-<date>.json`` (one progress line per case),
 then ``bench/plot.py``. Without CUDA it sets TRITON_INTERPRET=1, runs tiny shapes with few repetitions and
@@ -31,7 +32,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 PUBLISHED_IMG = ROOT / "docs" / "img" / "bench"
-SUITES = ("layer", "grouped", "e2e", "qlora", "dora", "fp8")
+SUITES = ("layer", "grouped", "e2e", "qlora", "dora", "fp8", "moe")
 HEADLINE = "peft"  # the competitor every suite compares with (its impl names contain this)
 
 
@@ -139,13 +140,14 @@ def main(argv=None) -> int:
 
 def report_skips(path: Path) -> int:
     """Print the skipped cells by competitor, last, with a banner when some were the headline competitor's (PEFT),
-    a spent session budget aside; 3 when PEFT was not installed (leave it out on purpose with --filter "not peft")."""
+    a spent session budget and a form the installed PEFT does not have (``harness.NOT_APPLICABLE``) aside; 3 when
+    PEFT was not installed (leave it out on purpose with --filter "not peft")."""
     try:
         skips = json.loads(path.read_text() or "[]")
     finally:
         path.unlink(missing_ok=True)
     lines = "\n".join(f"  {s['impl']}: {s['cells']} cells: {s['reason']}" for s in skips)
-    headline = [s for s in skips if HEADLINE in s["impl"] and not s["budget_spent"]]
+    headline = [s for s in skips if HEADLINE in s["impl"] and not s["budget_spent"] and not s.get("not_applicable")]
     absent = any(s["not_installed"] for s in headline)
     if headline:
         banner(f"{sum(s['cells'] for s in headline)} CELLS OF THE HEADLINE COMPETITOR (PEFT) WERE SKIPPED: "

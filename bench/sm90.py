@@ -15,7 +15,8 @@ loads) and cp.async.bulk.tensor (TMA).
     python bench/sm90.py --capability 80 --json sm80.json
 
 Checks (``check``): no compile error, no spill, shared memory within the target's per-block limit; on sm_90
-also wgmma in every GEMM-family variant with BLOCK_M >= 64 and pipelined loads (cp.async or TMA) in every
+also wgmma in every GEMM-family variant with BLOCK_M >= 64 (e4m3 wgmma in the W8A8 forward's) and pipelined loads
+(cp.async or TMA) in every
 variant. fp32 runs both ways the launchers choose: 'tf32' (``torch.backends.cuda.matmul.allow_tf32`` set, tensor
 cores, checked like bf16) and 'ieee' (the default, FMA units: no wgmma expected there). Each record with a stack
 also counts the LDL/STL instructions inside its K loops (``loop_spills``, from the SASS), which tells a few
@@ -36,16 +37,18 @@ ci (~3 minutes on 2 cores, empty cache): M = 4096 and M = 16 (small-M configs), 
 the forward and backward kernels (dense/grouped x dropout 0/0.1 x bias on/off, inference and training) for bf16 at r =
 16, dense and grouped; then training with bias and dropout 0.1 for bf16 at r = 256, fp16 at r = 64 and fp32 at r = 256
 (ieee and tf32); fp16 grouped inference at r = 16 (its own tile issues); an nf4 base at r = 16, bf16 (every flag) and
-fp32 (ieee and tf32: training with dropout 0.1); an FP8 base (``fp8_calls``: bf16 W8A16 at r = 16 and 64, inference and
-training with dropout 0 and 0.1; alone, with M = 1 too, as ``--tier fp8``); DoRA (``dora_calls``: every flag at bf16 r =
-16, training with dropout at fp16 r = 64, training at fp32 r = 256, ieee and tf32), also alone as ``--tier dora`` (with
-M = 1 too, as in the full tier, and the same calls over an nf4 double-quant base: QDoRA, which the ci tier leaves out);
-ragged stacks (``ragged_calls``: every flag at bf16 over the mix 28 x r 8, 3 x r 64, 1 x r 256, whose offsets are
-multiples of 8, and training with dropout over the unaligned mix r 2, 8, 16, 4); ``--tier ragged`` runs the ragged calls
-alone, with fp16 and fp32 (ieee, tf32) and M = 1 too. ``--tier gdora`` (``gdora_calls``, M = 4096, 16, 1): grouped DoRA,
-32 adapters with every other one plain (NaN magnitude rows), padded r = 16 and the ragged bench mix at bf16 every flag,
-training with dropout at fp16 (padded r = 64) and fp32 ieee and tf32 (padded r = 16 with and without dropout, ragged
-mix).
+fp32 (ieee and tf32: training with dropout 0.1); an FP8 base (``fp8_calls``: bf16 W8A16 and W8A8 at r = 16 and 64,
+inference and training with dropout 0 and 0.1; alone, with M = 1 too, as ``--tier fp8``); DoRA (``dora_calls``: every
+flag at bf16 r = 16, training with dropout at fp16 r = 64, training at fp32 r = 256, ieee and tf32), also alone as
+``--tier dora`` (with M = 1 too, as in the full tier, and the same calls over an nf4 double-quant base: QDoRA, which the
+ci tier leaves out); ragged stacks (``ragged_calls``: every flag at bf16 over the mix 28 x r 8, 3 x r 64, 1 x r 256,
+whose offsets are multiples of 8, and training with dropout over the unaligned mix r 2, 8, 16, 4); ``--tier ragged``
+runs the ragged calls alone, with fp16 and fp32 (ieee, tf32) and M = 1 too. ``--tier gdora`` (``gdora_calls``, M = 4096,
+16, 1): grouped DoRA, 32 adapters with every other one plain (NaN magnitude rows), padded r = 16 and the ragged bench
+mix at bf16 every flag, training with dropout at fp16 (padded r = 64) and fp32 ieee and tf32 (padded r = 16 with and
+without dropout, ragged mix). ``--tier moe`` (``moe_calls``): mixture-of-experts calls (a 3-D weight) at bf16, r = 16,
+on bench_moe's two shapes (gate_up and down; gpt-oss's (E, in, out) storage and biases), inference and training, at
+M = 4096 tokens x top-k and M = 16; the ci tier takes them too (the large M with its M = 4096 calls), as does full.
 The flags left out there repeat combinations already compiled; every flag at every dtype x rank takes ~7 minutes.
 M = 1, its own specialisation of every kernel (about 40% of the full tier's variants), is left to the full tier.
 Every autotune config the pruning keeps compiles, so the largest and smallest tiles are always in. Cases run in
@@ -95,6 +98,7 @@ _PTX_COUNTS = {
     "mma_sync": r"mma\.sync",
     "cp_async": r"cp\.async\.(?:ca|cg)",
     "tma": r"cp\.async\.bulk\.tensor",
+    "wgmma_e4m3": r"wgmma\.mma_async\S*\.e4m3\.e4m3",  # fp8 (W8A8) wgmma, also in "wgmma"
 }
 
 
@@ -118,6 +122,7 @@ class Variant:
     mma_sync: int | None = None
     cp_async: int | None = None
     tma: int | None = None
+    wgmma_e4m3: int | None = None
     error: str | None = None
     hash: str = field(default="", repr=False)  # Triton's hash of the compiled kernel; not in the JSON record
 
@@ -266,7 +271,7 @@ def stats(compiled) -> dict:
 
 
 _SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
-_MULTIPLY_ADDS = re.compile(r"\b(?:HGMMA|HMMA|IMMA|FFMA)\b")
+_MULTIPLY_ADDS = re.compile(r"\b(?:HGMMA|QGMMA|HMMA|IMMA|FFMA)\b")  # QGMMA: fp8 wgmma
 _LOCAL_MEMORY = re.compile(r"\b(?:LDL|STL)\b")
 _BACK_EDGE = re.compile(r"\bBRA\s+0x([0-9a-f]+)")
 
@@ -306,13 +311,18 @@ class Case:
     G: int = 1
     tf32: bool = False
     quant: str = ""  # "nf4": a 4-bit base (fastlora.lora_linear_4bit, double quant, blocksize 64); "fp8": a
-    # block-scaled FP8 base (fastlora.lora_linear_fp8, 128 x 128 blocks, fp32 scales; W8A16, adapters in x's dtype)
+    # block-scaled FP8 base (fastlora.lora_linear_fp8, 128 x 128 blocks, fp32 scales; W8A16, adapters in x's dtype);
+    # "w8a8": the same with fp8_activations=True (W8A8 forward, W8A16 backward; skipped before sm_89)
     dora: bool = False  # DoRA: lora_linear(magnitude=) or, with quant, lora_linear_4bit(magnitude=) (QDoRA)
     ranks: tuple = ()  # a ragged grouped stack (rank_offsets), G = len(ranks) adapters at these ranks; r unused
     fp32_adapters: bool = False  # fp32 adapters (and magnitude) over any dtype, as bench_fp8's (nf4 has them always)
+    experts: int = 0  # E > 0: a mixture of experts (grouped_lora_linear with a 3-D weight [E, N, K], bias [E, N])
+    transposed: bool = False  # experts stored (E, K, N) and passed as w.transpose(1, 2), gpt-oss's layout
 
     def __str__(self):
         kind = f"grouped{self.G}" if self.G > 1 else f"{self.quant}-dense" if self.quant else "dense"
+        if self.experts:
+            kind = f"experts{self.experts}{'-EinOut' if self.transposed else ''}"
         kind = f"dora-{kind}" if self.dora else kind
         if self.ranks:
             kind = f"{'dora-' if self.dora else ''}ragged{len(self.ranks)}-rmax{max(self.ranks)}"
@@ -340,18 +350,29 @@ class Case:
             0, torch.arange(1, len(self.ranks) or self.G, 2), float("nan")).requires_grad_(self.train)) \
             if self.dora and (self.ranks or self.G > 1) else {}
         with torch.set_grad_enabled(self.train), harness.allow_tf32(self.tf32):
-            if self.ranks:
+            if self.experts:  # as fastlora.Experts calls it: one projection of every token's top-k rows
+                E = self.experts
+                w = torch.empty(E, self.K, self.N, dtype=dt).transpose(1, 2) if self.transposed else \
+                    torch.empty(E, self.N, self.K, dtype=dt)
+                b = torch.empty(E, self.N, dtype=dt) if self.bias else None
+                a = torch.empty(E, r, self.K, dtype=adt, requires_grad=self.train)
+                bb = torch.empty(E, self.N, r, dtype=adt, requires_grad=self.train)
+                y = fastlora.grouped_lora_linear(x, w, b, a, bb, 2.0, torch.arange(self.M) % E, **kw)
+            elif self.ranks:
                 ids = torch.arange(self.M) % len(self.ranks)
                 offsets = torch.tensor([0, *torch.tensor(self.ranks).cumsum(0).tolist()], dtype=torch.int32)
                 y = fastlora.grouped_lora_linear(x, w, b, a, bb, 2.0, ids, rank_offsets=offsets, **mag, **kw)
             elif self.G > 1:
                 ids = torch.arange(self.M) % self.G
                 y = fastlora.grouped_lora_linear(x, w, b, a, bb, 2.0, ids, **mag, **kw)
-            elif self.quant == "fp8":
+            elif self.quant in ("fp8", "w8a8"):
+                if self.quant == "w8a8" and _configs.target_capability(x.device) < (8, 9):
+                    return  # no fp8 MMA before sm_89: fastlora refuses fp8_activations there
                 w8 = torch.empty(self.N, self.K, dtype=torch.float8_e4m3fn)
                 scale = torch.empty(-(-self.N // 128), -(-self.K // 128))
                 m = torch.empty(self.N, dtype=adt, requires_grad=self.train) if self.dora else None
-                y = fastlora.lora_linear_fp8(x, w8, scale, b, a, bb, 2.0, magnitude=m, **kw)
+                y = fastlora.lora_linear_fp8(x, w8, scale, b, a, bb, 2.0, magnitude=m,
+                                             fp8_activations=self.quant == "w8a8", **kw)
             elif self.quant:
                 packed, state = quant.empty_4bit((self.N, self.K), dtype=dt, quant_type=self.quant)
                 m = torch.empty(self.N, dtype=adt, requires_grad=self.train) if self.dora else None
@@ -366,9 +387,10 @@ class Case:
 
 
 def _calls(dtype: str, M: int, K: int, N: int, r: int, G: int = 1, ps=(0.0, 0.1), biases=(True, False),
-           infer: bool = True, tf32: bool = False, quant: str = "", dora: bool = False, ranks=()) -> list[Case]:
+           infer: bool = True, tf32: bool = False, quant: str = "", dora: bool = False, ranks=(), experts: int = 0,
+           transposed: bool = False) -> list[Case]:
     """Training at each dropout in ``ps`` and (``infer``) inference, with and without bias as ``biases`` says."""
-    kw = dict(G=G, tf32=tf32, quant=quant, dora=dora, ranks=ranks)
+    kw = dict(G=G, tf32=tf32, quant=quant, dora=dora, ranks=ranks, experts=experts, transposed=transposed)
     return [c for bias in biases
             for c in ((Case(dtype, M, K, N, r, bias=bias, train=False, **kw),) if infer else ())
             + tuple(Case(dtype, M, K, N, r, p, bias, **kw) for p in ps)]
@@ -390,10 +412,26 @@ def dora_calls(M: int, qdora: bool = True) -> list[Case]:
 
 
 def fp8_calls(M: int) -> list[Case]:
-    """A block-scaled FP8 base (W8A16, 128 x 128 blocks, K = N = 4096) under bf16 activations and adapters: inference
-    and training with dropout 0 and 0.1, with bias, at r = 16 and 64 (the forward's dequantising main GEMM, dx's over
-    the same bytes transposed). The ci tier's and ``--tier fp8``'s (which adds M = 1)."""
-    return [c for r in (16, 64) for c in _calls("bf16", M, 4096, 4096, r, biases=(True,), quant="fp8")]
+    """A block-scaled FP8 base (128 x 128 blocks, K = N = 4096) under bf16 activations and adapters: inference and
+    training with dropout 0 and 0.1, with bias, at r = 16 and 64, as W8A16 (the forward's dequantising main GEMM, dx's
+    over the same bytes transposed) and W8A8 (``fp8_activations=True``: the forward's e4m3 main GEMM; its backward is
+    W8A16's). The ci tier's and ``--tier fp8``'s (which adds M = 1)."""
+    return [c for q in ("fp8", "w8a8") for r in (16, 64) for c in _calls("bf16", M, 4096, 4096, r, biases=(True,),
+                                                                            quant=q)]
+
+
+def moe_calls(small: bool) -> list[Case]:
+    """The experts of bench_moe's two shapes (``harness.MOE_SHAPES``: Qwen3-30B-A3B's, stored (E, out, in), no bias;
+    gpt-oss-20b's, stored (E, in, out) and read through strides, biases) at bf16, r = 16: gate_up and down, inference
+    and training (dropout 0), as ``fastlora.Experts`` calls them, M = tokens x top-k rows of the bench (4096 tokens),
+    or M = 16 (``small``). ``--tier moe`` takes both; the ci tier too, with its M = 4096 and M = 16 calls."""
+    out = []
+    for s in (harness.MOE_SHAPES[name] for name in harness.GRIDS["default"].moe["shapes"]):
+        M = 16 if small else harness.GRIDS["default"].moe["tokens"][0] * s.k
+        gpt = s.layout == "gpt-oss"
+        for K, N in ((s.H, 2 * s.inter), (s.inter, s.H)):
+            out += _calls("bf16", M, K, N, 16, ps=(0.0,), biases=(gpt,), experts=s.E, transposed=gpt)
+    return out
 
 
 def gdora_calls(M: int) -> list[Case]:
@@ -446,6 +484,7 @@ def cases(tier: str) -> list[Case]:
             *dora_calls(M, qdora=False),
             *_calls("bf16", M, 4096, 4096, 0, G=32, ranks=RAGGED_MIXES[0]),
             *_calls("bf16", M, 4096, 4096, 0, G=4, ranks=RAGGED_MIXES[1], ps=(0.1,), biases=(True,), infer=False),
+            *moe_calls(small=M == 16),
         )]
     if tier == "dora":
         return [c for M in (4096, 16, 1) for c in dora_calls(M)]
@@ -455,6 +494,8 @@ def cases(tier: str) -> list[Case]:
         return [c for M in (4096, 16, 1) for c in gdora_calls(M)]
     if tier == "ragged":
         return [c for M in (4096, 16, 1) for c in ragged_calls(M)]
+    if tier == "moe":
+        return [*moe_calls(small=False), *moe_calls(small=True)]
     g = harness.GRIDS["default"]
     out = []
     for dtype, tf32 in (("bf16", False), ("fp16", False), ("fp32", False), ("fp32", True)):
@@ -467,7 +508,7 @@ def cases(tier: str) -> list[Case]:
         out += [c for M in g.grouped_tokens for c in _calls(dtype, M, K, N, g.grouped_rank, G=32, tf32=tf32)]
         out += [c for K, N in g.shapes for M in g.tokens
                 for c in _calls(dtype, M, K, N, 16, biases=(True,), tf32=tf32, quant="nf4")]
-    return out + [c for M in (4096, 16, 1) for c in (*dora_calls(M), *fp8_calls(M))]
+    return out + [c for M in (4096, 16, 1) for c in (*dora_calls(M), *fp8_calls(M))] + cases("moe")
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -486,7 +527,8 @@ def report(case_list: list[Case], capability: int, jobs: int) -> list[Variant]:
     """``compile_cases`` spread over ``jobs`` fresh processes, one task per (dtype, tf32, dense/grouped, r)."""
     groups: dict[tuple, list[Case]] = {}
     for case in case_list:  # tasks that share few kernels; a repeat in another process reads Triton's disk cache
-        groups.setdefault((case.dtype, case.tf32, case.G, case.r, case.quant, case.dora, case.ranks), []).append(case)
+        groups.setdefault((case.dtype, case.tf32, case.G, case.r, case.quant, case.dora, case.ranks, case.experts),
+                          []).append(case)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         parts = list(pool.map(compile_cases, groups.values(), [capability] * len(groups)))
@@ -508,7 +550,8 @@ def is_fma(rec: dict) -> bool:
 
 def check(records: list[dict], capability: int) -> list[str]:
     """One failure string per problem: compile errors, spills, shared memory over the target's per-block
-    limit; on sm_90 also a GEMM-family variant with BLOCK_M >= 64 without wgmma, or loads without cp.async/TMA.
+    limit; on sm_90 also a GEMM-family variant with BLOCK_M >= 64 without wgmma (W8A8, X_FORMAT 1: without e4m3
+    wgmma), or loads without cp.async/TMA.
     """
     if not records:
         return [f"no kernel compiled for sm_{capability}"]
@@ -530,6 +573,9 @@ def check(records: list[dict], capability: int) -> list[str]:
                 failures.append(f"NO-WGMMA ({rec['mma_sync']} mma.sync): {what}")
             if not (rec["cp_async"] or rec["tma"]):
                 failures.append(f"NO-PIPELINE (no cp.async, no TMA): {what}")
+            if (rec["constexprs"].get("X_FORMAT") == 1 and rec["constexprs"].get("BLOCK_M", 0) >= 64
+                    and not rec.get("wgmma_e4m3")):
+                failures.append(f"NO-E4M3 (W8A8 without fp8 wgmma: {rec['wgmma']} wgmma): {what}")
     return failures
 
 
@@ -558,6 +604,7 @@ def table(records: list[dict], capability: int) -> list[str]:
         if not rec["error"]:
             line += (f" | regs {rec['regs']} spill {rec['spill_bytes']} ({rec['loop_spills']} LDL/STL in K loops)"
                      f" smem {rec['shared']} wgmma {rec['wgmma']}"
+                     + (f" (e4m3 {rec['wgmma_e4m3']})" if rec.get("wgmma_e4m3") else "") +
                      f" mma.sync {rec['mma_sync']} cp.async {rec['cp_async']} tma {rec['tma']}")
         if flags:
             bad.append(f"{'/'.join(flags):<9} {line} | {rec['error'] or rec['case']}")
@@ -574,7 +621,7 @@ def table(records: list[dict], capability: int) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--capability", type=int, choices=sorted(DEVICES), default=90, help="compile target (sm_XX)")
-    ap.add_argument("--tier", choices=("full", "ci", "dora", "ragged", "gdora", "fp8"), default="full",
+    ap.add_argument("--tier", choices=("full", "ci", "dora", "ragged", "gdora", "fp8", "moe"), default="full",
                     help="which grid of public calls")
     ap.add_argument("--json", metavar="PATH", help="write the records here")
     ap.add_argument("--check", action="store_true", help="exit 1 if a check fails")

@@ -13,9 +13,10 @@ import os
 import torch
 import triton
 
-from fastlora.kernels.gemm import DX, DX_DROP, FWD_DROP, _lora_gemm_kernel, gemm_configs
+from fastlora.kernels.gemm import DX, DX_DROP, FWD_DROP, W8A8_TILES, _lora_gemm_kernel, gemm_configs
 from fastlora.kernels.grad import _lora_grad_kernel, grad_configs
 from fastlora.kernels.weight4 import FP8
+from fastlora.kernels.weight8 import X_FP8
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # DoRA modes that keep a second accumulator (the dropout forms, kernels/gemm.py), and those that scale dx's dy tiles
@@ -128,6 +129,8 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
     generation): the accumulator, plus what each variant keeps live beside it (dropout masks, the per-adapter loop,
     the Philox draw of the dropout shrink, a dequantised 4-bit W tile). ``elt``: the bytes of the dot's operands;
     ``x_elt``: of X as loaded, when wider (fp32 activations over a 4-bit base)."""
+    if flags.get("X_FORMAT") == X_FP8.value:
+        return True  # W8A8: only its own tiles (W8A8_TILES, chosen by ``_prune_gemm``), clean on sm_90
     threads = 32 * num_warps
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     dual = flags.get("DORA") in DUAL_DORA  # DoRA with dropout: two accumulators, counted as one of twice the size
@@ -201,6 +204,11 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
         return False  # the segmented shrink (grouped or ragged, tiles cut at adapter offsets): ragged 16x64x256 / 4
         # warps 8 B of stack at 255 registers (16x16x256 unaligned: 32 B); grouped 16x16x256 (r = 16, the forward's
         # K-major A stack) 8 B at 80 registers with triton 3.7.1 (clean on 3.6.0; the dense shrink clean on both)
+    if (flags["W_GROUPED"] and flags["HAS_LORA"] and not flags["W_KMAJOR"] and bm == 32 and block_n >= 128
+            and bk >= 128):
+        return False  # experts' main GEMM over a stack not K-major (dx, or gpt-oss's (E, in, out) storage): 32x128x128
+        # / 4 warps, dx of the Qwen3-MoE gate_up in training: 8 B of stack at 168 registers, outside the K loop (sm_90;
+        # its forward twin clean at 184 registers)
     if flags.get("RAGGED") and not shrink and ((bm >= 128 and num_warps == 4) or (flags["RAGGED"] == 1 and bk >= 128)):
         return False  # ragged_dot's loops beside the K loop: 128x64x64 / 4 warps 16 B (88 B unaligned); unaligned
         # (scalar B loads) 32x64x128 / 4 warps 16-24 B at 128 registers, 16x64x128 8 B
@@ -246,13 +254,14 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
 
 
 def gemm_smem(cfg: dict, num_stages: int, *, elt: int, out_elt: int, block_n: int, block_r: int, lora: bool,
-              g_tile: bool = False) -> int:
+              g_tile: bool = False, w_elt: int | None = None) -> int:
     """Shared memory of one GEMM-core config: the pipelined main loop or the (earlier, reused) low-rank chunk
     buffers, plus the TMA store's staging tile and barriers; ``g_tile``: grouped DoRA's dx, whose fp32 g gather
-    [BLOCK_M, BLOCK_K] is pipelined with the operands. Checked against every compiled variant by bench/sm90.py (an
-    upper bound, within a few KB for the large tiles; the g stages within 8-17 KB)."""
+    [BLOCK_M, BLOCK_K] is pipelined with the operands; ``w_elt``: W's bytes per element when not ``elt`` (the W8A8
+    forward's e4m3 tiles: 1). Checked against every compiled variant by bench/sm90.py (an upper bound, within a few KB
+    for the large tiles; the g stages within 8-17 KB)."""
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
-    smem = num_stages * ((bm * bk + bk * block_n) * elt + (bm * bk * 4 if g_tile else 0))
+    smem = num_stages * (bm * bk * elt + bk * block_n * (w_elt or elt) + (bm * bk * 4 if g_tile else 0))
     if lora:
         smem = max(smem, 2 * (bm * block_r + block_r * block_n) * elt)
     if cfg.get("USE_TMA"):
@@ -264,11 +273,15 @@ def _prune_gemm(configs, named_args, **kwargs):
     x, out = named_args["x_ptr"], named_args["out_ptr"]
     limit = _smem_limit(x.device)
     capability = target_capability(x.device)
+    w8a8 = kwargs.get("X_FORMAT") == X_FP8.value
     kept = []
     for c in configs:
         bn = c.kwargs.get("BLOCK_N", kwargs.get("BLOCK_N"))
         if c.kwargs["USE_TMA"] and not kwargs["TMA_OK"]:
             continue
+        tile = (c.kwargs["BLOCK_M"], bn, c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+        if "BLOCK_N" not in kwargs and (tile in W8A8_TILES) != w8a8:
+            continue  # main GEMMs: the W8A8 forward takes its own tiles, and only it
         if x.shape[0] == 1 and c.kwargs["BLOCK_M"] * bn >= MAX_ACC_PER_THREAD * 32 * c.num_warps:
             continue  # a full accumulator for one row; 8 B of stack at 128x256 in the M = 1 specialisation
         elt = kwargs["W_COMPUTE"].primitive_bitwidth // 8  # the dot's operands (X's dtype, or the 4-bit compute)
@@ -277,7 +290,7 @@ def _prune_gemm(configs, named_args, **kwargs):
             continue
         smem = gemm_smem(c.kwargs, c.num_stages, elt=x.element_size(), out_elt=out.element_size(), block_n=bn,
                          block_r=kwargs["BLOCK_R"], lora=kwargs["HAS_LORA"],
-                         g_tile=bool(kwargs.get("DORA") in DX_DORA and kwargs["B_GROUPED"]))
+                         g_tile=bool(kwargs.get("DORA") in DX_DORA and kwargs["B_GROUPED"]), w_elt=1 if w8a8 else None)
         if smem <= limit:
             kept.append(c)
     if not kept:
@@ -345,9 +358,10 @@ def _with_tma_hook(configs):
 
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LORA", "W_GROUPED", "B_GROUPED", "RAGGED", "X_DROPOUT",
-             "OUT_DROPOUT", "TMA_OK", "W_KMAJOR", "W_FORMAT", "W_TRANS", "W_COMPUTE", "INPUT_PRECISION", "DORA",
-             "STORE_Z"]
-_gemm_tuned = triton.autotune(_with_tma_hook(gemm_configs(shrink=False)), key=_GEMM_KEY,
+             "OUT_DROPOUT", "TMA_OK", "W_KMAJOR", "W_FORMAT", "W_TRANS", "W_COMPUTE", "X_FORMAT", "INPUT_PRECISION",
+             "DORA", "STORE_Z"]
+_gemm_tuned = triton.autotune(_with_tma_hook(gemm_configs(shrink=False) + gemm_configs(shrink=False, w8a8=True)),
+                              key=_GEMM_KEY,
                               prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_kernel)
 _shrink_tuned = triton.autotune(gemm_configs(shrink=True), key=_GEMM_KEY,
                                 prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_kernel)

@@ -21,6 +21,7 @@ from fastlora.kernels.dropout import _dropout_mask_kernel
 from fastlora.kernels.gemm import DX, DX_DROP, FWD, FWD_DROP, NO_DORA, _lora_gemm_kernel
 from fastlora.kernels.grad import _lora_grad_kernel
 from fastlora.kernels.weight4 import ABSMAX, DENSE, DOUBLE, FP8
+from fastlora.kernels.weight8 import X_FP8, X_PLAIN
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 # Tests set this so every buffer a kernel should fully write starts as NaN.
@@ -28,6 +29,7 @@ POISON = os.environ.get("FASTLORA_POISON") == "1"
 
 MAX_RANK = 256
 INTERPRET_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "USE_TMA": False}
+INTERPRET_W8A8 = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 2, "USE_TMA": False}  # K steps of 128
 INTERPRET_SHRINK = {"BLOCK_M": 16, "BLOCK_K": 32, "GROUP_M": 1, "USE_TMA": False}
 INTERPRET_GRAD = {"BLOCK_M": 16, "BLOCK_P": 32}
 
@@ -106,6 +108,8 @@ class _StoredWeight:
     """A quantised weight's logical matrix: the stored [N, K] (``stored``, row-major) or, ``transposed``, its
     transpose (dx), with the shape and strides a dense tensor would have."""
 
+    x_format = X_PLAIN.value  # how X meets it (X_FORMAT): as loaded, cast to ``compute``
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.stored[::-1] if self.transposed else self.stored
@@ -165,7 +169,10 @@ class BlockFP8(_StoredWeight):
 
     data: the e4m3 bytes viewed as uint8 [N, K], contiguous; scale: fp32 [cdiv(N, block[0]), cdiv(K, block[1])],
     contiguous (``weight_scale_inv``: W[n, k] = e4m3(data[n, k]) * scale[n // block[0], k // block[1]]); compute: the
-    dtype the dequantised tiles (and the X tiles beside them) are multiplied in.
+    dtype the dequantised tiles (and the X tiles beside them) are multiplied in. ``fp8_activations`` (W8A8, the
+    forward only: not transposed, block[1] a multiple of 128): X is quantised per token per 128 channels to e4m3 in
+    the K loop and multiplied by the e4m3 bytes as they are (fp8 MMA), never dequantised; ``compute`` then is only
+    the low-rank term's dtype (X's).
     """
 
     data: torch.Tensor
@@ -174,8 +181,13 @@ class BlockFP8(_StoredWeight):
     stored: tuple[int, int]
     compute: torch.dtype
     transposed: bool = False
+    fp8_activations: bool = False
 
     w_format = FP8.value
+
+    @property
+    def x_format(self) -> int:
+        return X_FP8.value if self.fp8_activations else X_PLAIN.value
 
     @property
     def qblock(self) -> tuple[int, int]:
@@ -290,7 +302,7 @@ def gemm(
         HAS_SCALE_VEC=scale_vec is not None,
         X_DROPOUT=x_dropout, OUT_DROPOUT=out_dropout, TMA_OK=x_desc is not None, W_KMAJOR=w_kmajor,
         W_FORMAT=DENSE.value if quant is None else quant.w_format, W_TRANS=bool(quant and quant.transposed),
-        W_COMPUTE=_TL_DTYPES[compute],
+        W_COMPUTE=_TL_DTYPES[compute], X_FORMAT=quant.x_format if quant else X_PLAIN.value,
         QBLOCK=quant.qblock[0] if quant else 1,
         QBLOCK2=quant.qblock[1] if quant else 1, INPUT_PRECISION=precision,
         DORA=dora.mode if dora is not None else NO_DORA.value, STORE_Z=dora is not None and dora.z is not None,
@@ -311,7 +323,8 @@ def gemm(
     if config is None and not INTERPRET:
         (_configs._shrink_tuned if shrink else _configs._gemm_tuned)[grid](*args, **flags)
         return out
-    cfg = dict(config or (INTERPRET_SHRINK if shrink else INTERPRET_GEMM))
+    default = INTERPRET_SHRINK if shrink else INTERPRET_W8A8 if flags["X_FORMAT"] == X_FP8.value else INTERPRET_GEMM
+    cfg = dict(config or default)
     cfg["USE_TMA"] = bool(cfg.get("USE_TMA")) and x_desc is not None
     launch = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
     if shrink:

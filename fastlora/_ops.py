@@ -11,7 +11,9 @@ the compute dtype in ``COMPUTE_DTYPES``); N then comes from lora_B. A mixture of
 [E, N, K] (with bias [E, N] and a padded stack of E adapters): the main GEMMs then cut their row tiles at the
 expert segments, as the grouped shrink does, and each tile runs its expert's W. A block-scaled FP8 base passes its
 float8_e4m3fn [N, K] ``weight`` (the dtype names the format) with ``quant`` = [weight_scale_inv] (fp32, contiguous)
-and ``qblocks`` = [block rows, block columns, compute]. A dense weight passes ``quant`` = [] and ``qblocks`` = [].
+and ``qblocks`` = [block rows, block columns, compute] or, for the W8A8 forward (x quantised to e4m3 in the kernel,
+fp8 MMA), [block rows, block columns, compute, 1]; the backward reads W dequantised either way (W8A16 dx). A dense
+weight passes ``quant`` = [] and ``qblocks`` = [].
 
 A ragged stack (``rank_offsets`` [G + 1] int32, adapter g at its own rank) passes lora_A [sum r, K] and lora_B
 [N, sum r]; T and U are then [M, ``t_width``], each row filled up to its adapter's rank only (the rest unwritten);
@@ -89,7 +91,7 @@ def _weight(weight: Tensor, quant: list[Tensor], qblocks: list[int], N: int, K: 
         return weight
     if weight.dtype == torch.float8_e4m3fn:
         return _launch.BlockFP8(weight.view(torch.uint8), quant[0], (qblocks[0], qblocks[1]), (N, K),
-                                COMPUTE_DTYPES[qblocks[2]])
+                                COMPUTE_DTYPES[qblocks[2]], fp8_activations=bool(qblocks[3:4] and qblocks[3]))
     absmax, code, *double = quant
     absmax2, code2, offset = double if double else (None, None, None)
     return _launch.Packed4bit(weight, absmax, code, absmax2, code2, offset, qblocks[0], qblocks[1], (N, K),
@@ -117,7 +119,8 @@ def lora_backward(
         u = _launch.gemm(dy, lora_B.transpose(-1, -2), out_dtype=torch.float32, shrink=True, perm=perm, ids=ids,
                          seg=seg, ragged=ragged)
     if need_dx:
-        w = _weight(weight, quant, qblocks, dy.shape[1], x.shape[1])
+        # qblocks[:3]: W8A8 is the forward's; dx = dy W reads W dequantised (W8A16), straight through x's quantisation
+        w = _weight(weight, quant, qblocks[:3], dy.shape[1], x.shape[1])
         wt = w.transpose(-1, -2) if isinstance(w, Tensor) else w.t()  # experts [E, N, K]: each one transposed
         dx = _launch.gemm(dy, wt, out_dtype=x.dtype, t=u, b=lora_A.transpose(-1, -2), scaling=scaling,
                           scale_vec=scale_vec, perm=perm, ids=ids, seg=seg, out_dropout=p > 0, dropout_p=p,

@@ -12,7 +12,7 @@ import numbers
 
 import torch
 
-from fastlora import _launch, _ops, dispatch, dora, quant, reference
+from fastlora import _configs, _launch, _ops, dispatch, dora, quant, reference
 from fastlora._autograd import DoRAFunction, GroupedDoRAFunction, LoRAFunction
 from fastlora._compose import ComposedLoRAFunction
 from fastlora.grouping import AdapterBatch
@@ -169,7 +169,7 @@ def _quantized_apply(x, w, bias, lora_A, lora_B, s, p, seed, tensors, qblocks, m
 
 
 def lora_linear_fp8(x, weight, weight_scale_inv, bias, lora_A, lora_B, scaling, *, block_size=(128, 128),
-                    dropout_p=0.0, training=False, seed=None, magnitude=None):
+                    dropout_p=0.0, training=False, seed=None, magnitude=None, fp8_activations=False):
     """``lora_linear`` over a block-scaled FP8 base (DeepSeek-V3 / transformers' ``fp8`` checkpoints):
     y = x W^T + b + scaling * (dropout(x) A^T) B^T with W[i, j] = float(weight[i, j]) * weight_scale_inv[i // bn,
     j // bk], (bn, bk) = ``block_size``.
@@ -181,13 +181,37 @@ def lora_linear_fp8(x, weight, weight_scale_inv, bias, lora_A, lora_B, scaling, 
     low-rank branch runs in x's dtype with the adapters as they are. weight and its scales are frozen: no gradient
     flows to them. Under torch.autocast x is first cast to the autocast dtype. ``magnitude`` [N]: DoRA over the FP8
     base, PEFT's semantics as ``lora_linear(magnitude=)``, the norm ||deq(W) + s B A|| computed in fp32.
+
+    ``fp8_activations=True`` (W8A8, opt-in): the forward's base product quantises x inside the GEMM, per token and
+    per 128 channels, to e4m3 (sx = amax / 448, as DeepSeek-V3's act_quant) and multiplies the e4m3 codes of x and W
+    on fp8 tensor cores, each K step scaled by sx and the W block scale in fp32 (``reference.fake_quant_fp8_act``
+    gives the same x; expect ~1-3% relative error against the exact product, the low-rank branch exact as in W8A16).
+    The backward is W8A16's: dx = dy W with W dequantised, the adapter gradients from the saved 16-bit x, straight
+    through x's quantisation. Needs bf16 or fp16 x (fp32 is refused: cast it or use autocast), ``block_size[1]`` a
+    multiple of 128, no ``magnitude``, and on CUDA a GPU with fp8 tensor cores (compute capability 8.9 or newer).
     """
     return _lora_linear_fp8(x, weight, weight_scale_inv, bias, lora_A, lora_B, scaling, block_size=block_size,
-                            dropout_p=dropout_p, training=training, seed=seed, magnitude=magnitude)
+                            dropout_p=dropout_p, training=training, seed=seed, magnitude=magnitude,
+                            fp8_activations=fp8_activations)
+
+
+def _check_fp8_activations(fp8_activations, block_size, dora: bool) -> None:
+    """Whether the W8A8 forward can run over an FP8 base of ``block_size`` (and DoRA when ``dora``); raises if not."""
+    if not isinstance(fp8_activations, bool):
+        raise TypeError(f"fp8_activations must be True or False; got {fp8_activations!r}")
+    if not fp8_activations:
+        return
+    if block_size[1] % 128:
+        raise ValueError(f"fp8_activations=True needs block_size[1] (the weight block's extent along in_features) to "
+                         f"be a multiple of 128: x is quantised per 128 channels in K steps of 128, each inside one "
+                         f"weight block; got block_size={tuple(block_size)}")
+    if dora:
+        raise NotImplementedError("fp8_activations=True with DoRA (magnitude / use_dora) is not supported: DoRA over "
+                                  "an FP8 base runs W8A16")
 
 
 def _lora_linear_fp8(x, weight, weight_scale_inv, bias, lora_A, lora_B, scaling, *, block_size, dropout_p, training,
-                     seed, magnitude, norm_fn=None):
+                     seed, magnitude, norm_fn=None, fp8_activations=False):
     """``lora_linear_fp8``; ``norm_fn`` (DoRA): the layer's norm (``LinearFP8._norm``, cached in eval under
     ``DoraCaching``), else computed here."""
     quant.check_fp8_blockwise(weight, weight_scale_inv, block_size)
@@ -200,16 +224,32 @@ def _lora_linear_fp8(x, weight, weight_scale_inv, bias, lora_A, lora_B, scaling,
                          f"shape {tuple(x.shape)}")
     _check_dtype("x", x.dtype)
     _check_device("weight", weight, x)
+    _check_fp8_activations(fp8_activations, block, magnitude is not None)
     x, s, p = _check_quantized_call(x, bias, lora_A, lora_B, N, K, scaling, dropout_p, training, magnitude)
+    if fp8_activations:
+        _check_w8a8_call(x)
     w8, scale = weight.detach().contiguous(), weight_scale_inv.detach()  # frozen; the kernels read W row-major
     if not _use_kernels(x, lora_A, lora_B, *(() if magnitude is None else (magnitude,))):
         return reference.lora_linear_fp8(x, w8, scale, bias, lora_A, lora_B, s, block_size=block, dropout_p=p,
-                                         training=training, magnitude=magnitude)
+                                         training=training, magnitude=magnitude, fp8_activations=fp8_activations)
     tensors, qblocks = [scale.float().contiguous()], [*block, _ops.COMPUTE_DTYPES.index(x.dtype)]
+    if fp8_activations:
+        qblocks.append(1)
     # ||W||^2 cached (DoraCaching) on the caller's weight tensor
     return _quantized_apply(x, w8, bias, lora_A, lora_B, s, p, seed, tensors, qblocks, magnitude,
                             norm_fn or (lambda: dora.weight_norm_fp8(weight, weight_scale_inv, block, lora_A, lora_B,
                                                                      s)))
+
+
+def _check_w8a8_call(x) -> None:
+    """x (after autocast) and its device as the W8A8 forward needs them."""
+    if x.dtype == torch.float32:
+        raise ValueError("fp8_activations=True needs bfloat16 or float16 x (the W8A8 forward quantises 16-bit "
+                         "activations); got float32 x: cast it, run under torch.autocast, or use fp8_activations=False")
+    cap = _configs.target_capability(x.device)
+    if cap is not None and cap < (8, 9):
+        raise ValueError(f"fp8_activations=True needs fp8 tensor cores (compute capability 8.9 or newer); "
+                         f"{x.device} has {cap[0]}.{cap[1]}: use fp8_activations=False (W8A16)")
 
 
 def grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *, dropout_p=0.0, training=False,

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from fastlora import dora, quant
-from fastlora.functional import _check_dtype, _lora_linear_fp8
+from fastlora.functional import _check_dtype, _check_fp8_activations, _lora_linear_fp8
 from fastlora.modules import Linear, _adapter_args, _adapter_dtype, _check_use_dora, _init_adapter
 
 _BASE = ("weight", "weight_scale_inv")  # the FP8 payload and its scales: frozen, never cast by a dtype move
@@ -34,14 +34,20 @@ class LinearFP8(nn.Module):
     ``fastlora.DoraCaching``). Merging is refused (it would re-quantise the base); ``dequantize()`` gives a
     ``fastlora.Linear`` sharing the adapter, which merges exactly. Dtype casts of the module (``.half()``,
     ``.to(torch.bfloat16)``) leave ``weight`` and ``weight_scale_inv`` as they are; ``.to(device)`` moves them.
+
+    ``fp8_activations=True`` (opt-in, W8A8): the forward quantises x per token and per 128 channels to e4m3 inside the
+    GEMM and runs the base product on fp8 tensor cores; the backward stays W8A16 (``fastlora.lora_linear_fp8``).
+    Needs bf16 or fp16 inputs, ``block_size[1]`` a multiple of 128 and no DoRA.
     """
 
     def __init__(self, in_features, out_features, bias=True, *, r=8, alpha=8, dropout=0.0, use_rslora=False,
                  use_dora=False, block_size=(128, 128), scale_dtype=torch.float32, device=None, dtype=None,
-                 adapter_dtype=None):
+                 adapter_dtype=None, fp8_activations=False):
         super().__init__()
         block = quant._check_block_size(block_size)
         _check_use_dora(use_dora)
+        _check_fp8_activations(fp8_activations, block, use_dora)
+        self.fp8_activations = fp8_activations
         _adapter_dtype(adapter_dtype, torch.float32)
         if scale_dtype not in quant.FP8_SCALE_DTYPES:
             raise TypeError(f"scale_dtype must be torch.float32 or torch.bfloat16; got {scale_dtype}")
@@ -57,18 +63,22 @@ class LinearFP8(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, *, r=8, alpha=8, dropout=0.0, use_rslora=False, use_dora=False,
-                    block_size=(128, 128), adapter_dtype=None) -> LinearFP8:
+                    block_size=(128, 128), adapter_dtype=None, fp8_activations=False) -> LinearFP8:
         """Wrap ``linear``: a module holding an FP8 ``weight`` and its ``weight_scale_inv`` (transformers'
         ``FP8Linear``: its own ``block_size`` wins) is shared as it is, no copy; an ``nn.Linear`` is quantised with
-        ``block_size`` and fp32 scales (its weight is not kept). The bias is shared and frozen."""
+        ``block_size`` and fp32 scales (its weight is not kept). The bias is shared and frozen. ``fp8_activations``:
+        the W8A8 forward (see the class)."""
         _adapter_args(r, alpha, dropout, use_rslora)  # before anything below touches ``linear``
         _check_use_dora(use_dora)
         _adapter_dtype(adapter_dtype, torch.float32)
         block = quant._check_block_size(block_size)
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
         if is_fp8_linear(linear):
             block = fp8_block_size(linear)
+        _check_fp8_activations(fp8_activations, block, use_dora)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.fp8_activations = fp8_activations
+        if is_fp8_linear(linear):
             self.block_size = block
             self.weight = linear.weight
             self.weight_scale_inv = linear.weight_scale_inv  # a Parameter stays one: the checkpoint's key either way
@@ -91,9 +101,12 @@ class LinearFP8(nn.Module):
         """A new layer over this one's FP8 weight, scales and bias (shared, not copied), with a fresh adapter (and,
         ``use_dora``, a fresh magnitude ||W_n||); this layer is left as it is."""
         _check_use_dora(use_dora)
+        fp8_activations = self.fp8_activations
+        _check_fp8_activations(fp8_activations, self.block_size, use_dora)
         new = type(self).__new__(type(self))
         nn.Module.__init__(new)
         new.block_size, new.out_features, new.in_features = self.block_size, self.out_features, self.in_features
+        new.fp8_activations = fp8_activations
         for name in _BASE:
             setattr(new, name, getattr(self, name))
         new._setup(self.bias, r, alpha, dropout, use_rslora, use_dora, adapter_dtype)
@@ -176,7 +189,8 @@ class LinearFP8(nn.Module):
                                 self.scaling, block_size=self.block_size, dropout_p=self.dropout,
                                 training=self.training, seed=None,
                                 magnitude=self.lora_magnitude if self.use_dora else None,
-                                norm_fn=self._norm if self.use_dora else None)
+                                norm_fn=self._norm if self.use_dora else None,
+                                fp8_activations=self.fp8_activations)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """W [out, in] = float(weight) * its block scale, rounded once to ``dtype``."""
@@ -210,7 +224,8 @@ class LinearFP8(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, use_dora={self.use_dora}, "
-                f"block_size={self.block_size}, scale_dtype={self.weight_scale_inv.dtype}")
+                f"block_size={self.block_size}, scale_dtype={self.weight_scale_inv.dtype}"
+                f"{', fp8_activations=True' if self.fp8_activations else ''}")
 
 
 def _quantize_rows(rows, shape, block, scale_dtype, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -143,16 +143,40 @@ def grouped_dora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, m
 
 
 def lora_linear_fp8(x, weight, weight_scale_inv, bias, lora_A, lora_B, scaling, *, block_size=(128, 128),
-                    dropout_p=0.0, training=False, dropout_mask=None, magnitude=None):
+                    dropout_p=0.0, training=False, dropout_mask=None, magnitude=None, fp8_activations=False):
     """``lora_linear`` (``dora_linear`` when ``magnitude`` is given) over a block-scaled FP8 base: weight
     float8_e4m3fn [N, K], weight_scale_inv [ceil(N / bn), ceil(K / bk)], W = float(weight) * scale per block, in
     x's dtype (the fp32 product rounded once; exact for float64). As ``fastlora.quant.dequantize_fp8_blockwise``.
+
+    ``fp8_activations`` (W8A8, no DoRA): the base product takes x through ``fake_quant_fp8_act`` (the kernel's per
+    token, per 128 channel e4m3 quantisation, straight-through in backward) and W unrounded, computed in fp32 (float64
+    for float64 x) and rounded once to x's dtype; the low-rank branch takes x as it is.
     """
     bn, bk = block_size
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     scale = weight_scale_inv.to(cd).repeat_interleave(bn, dim=0)[:weight.shape[0]]
-    w = (weight.to(cd) * scale.repeat_interleave(bk, dim=1)[:, :weight.shape[1]]).to(x.dtype)
+    w = weight.to(cd) * scale.repeat_interleave(bk, dim=1)[:, :weight.shape[1]]
     kw = dict(dropout_p=dropout_p, training=training, dropout_mask=dropout_mask)
+    if fp8_activations:
+        base = F.linear(fake_quant_fp8_act(x.to(cd)), w, None if bias is None else bias.to(cd)).to(x.dtype)
+        xd = _dropped(x, dropout_p, training, dropout_mask).to(lora_A.dtype)
+        return base + (scaling * F.linear(F.linear(xd, lora_A), lora_B)).to(base.dtype)
     if magnitude is None:
-        return lora_linear(x, w, bias, lora_A, lora_B, scaling, **kw)
-    return dora_linear(x, w, bias, lora_A, lora_B, scaling, magnitude, **kw)
+        return lora_linear(x, w.to(x.dtype), bias, lora_A, lora_B, scaling, **kw)
+    return dora_linear(x, w.to(x.dtype), bias, lora_A, lora_B, scaling, magnitude, **kw)
+
+
+def fake_quant_fp8_act(x, group=128):
+    """x [..., K] as the W8A8 kernel multiplies it: per token and per ``group`` channels (the last group partial)
+    sx = amax(|x|) * fp32(1 / 448) (1 for an all-zero group), codes e4m3(x * (1 / sx)) rounded to nearest even
+    (saturated at 448), times sx again; the scale arithmetic in fp32, as the kernel's (the same codes and scales).
+    Straight-through: the gradient is x's."""
+    xf = x.detach().float()
+    K = xf.shape[-1]
+    pad = -K % group
+    g = F.pad(xf, (0, pad)).unflatten(-1, (-1, group))  # [..., K / group, group]
+    amax = g.abs().amax(-1, keepdim=True)
+    sx = torch.where(amax > 0, amax * torch.tensor(1 / 448, dtype=torch.float32), torch.ones_like(amax))
+    codes = (g * (1.0 / sx)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    q = (codes.to(x.dtype) * sx.to(x.dtype)).flatten(-2)[..., :K]
+    return x + (q - x).detach()

@@ -14,7 +14,9 @@ accumulator over the same W tiles carries PEFT's (g - 1) * W d(x) term (docs/dor
 
 Transposes are stride swaps, never copies. W_FORMAT says what the W operand is: dense, a bitsandbytes 4-bit weight
 (packed codes + block scales, ``weight4.py``) or a block-scaled FP8 weight (e4m3 bytes + 2-D block scales,
-``weight8.py``), the last two dequantised per K tile in registers. With HAS_PERM, row m of the tile
+``weight8.py``), the last two dequantised per K tile in registers. X_FORMAT says what the X operand becomes: as
+loaded (cast to the product's dtype) or, over an FP8 W in the forward (W8A8, ``weight8.dot_w8a8``), quantised per
+token per 128 channels to e4m3 for an fp8 dot per K step. With HAS_PERM, row m of the tile
 space is token perm[m] (tokens sorted by adapter), so X is gathered and out scattered in place. With W_GROUPED
 (grouped shrink) W is a stack [G, N, K]; the sorted rows are cut into tiles at the adapter segment offsets, so
 each tile runs the ordinary (pipelined) K loop on one adapter's W, and base-only rows come out zero. With
@@ -31,7 +33,7 @@ import triton.language as tl
 
 from .tiles import grouped_dot, load_dropped, ragged_dot, segment_tile, tile_mn, unpack_keep
 from .weight4 import ABSMAX, DENSE, DOUBLE, FP8, load_4bit
-from .weight8 import load_fp8
+from .weight8 import X_FP8, dot_w8a8, load_fp8
 
 # DORA values: how the GEMM core applies a DoRA magnitude scale g [N] (per output column of the forward).
 NO_DORA = tl.constexpr(0)
@@ -105,13 +107,34 @@ def _lowrank(
 
 
 @triton.jit
+def _w_tile(w_ptr, w_ptrs, quant, codebook, k0, offs_k, mask_k, n0, offs_n, mask_n, mask_wn, stride_wn, stride_wk,
+            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, W_FORMAT: tl.constexpr, W_TRANS: tl.constexpr,
+            QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, dt: tl.constexpr):
+    """The W operand tile [BLOCK_K, BLOCK_N] of one K step in ``dt``: dense (at ``w_ptrs``), FP8 (the bytes through W's
+    strides, dx transposed, scaled per block) or 4-bit (forward: rows offs_n, columns k0.., transposed; dx: rows k0..,
+    columns n0..), dequantised in registers."""
+    if W_FORMAT == DENSE:
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_wn[None, :], other=0.0)
+    elif W_FORMAT == FP8:
+        w = load_fp8(w_ptrs, mask_k[:, None] & mask_wn[None, :], quant[0], k0, offs_k, offs_n, mask_n,
+                     stride_wk if W_TRANS else stride_wn, BLOCK_K, W_TRANS, QBLOCK, QBLOCK2)
+    elif W_TRANS:
+        w = load_4bit(w_ptr, quant, codebook, (k0 + offs_k).to(tl.int64), mask_k, n0, stride_wk, BLOCK_N, W_FORMAT,
+                      QBLOCK, QBLOCK2)
+    else:
+        w = load_4bit(w_ptr, quant, codebook, offs_n.to(tl.int64), mask_n, k0, stride_wn, BLOCK_K, W_FORMAT, QBLOCK,
+                      QBLOCK2).T
+    return w.to(dt)
+
+
+@triton.jit
 def _mainloop_ptr(
     acc, acc2, x_ptr, w_ptr, bits_ptr, g_ptr, quant, rows, ids, n0, offs_n, mask_m, mask_n, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bits, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_DROPOUT: tl.constexpr,
     W_KMAJOR: tl.constexpr, W_FORMAT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr,
-    QBLOCK2: tl.constexpr, W_COMPUTE: tl.constexpr, INPUT_PRECISION: tl.constexpr, FMA: tl.constexpr,
-    DORA: tl.constexpr, DORA_ROWS: tl.constexpr,
+    QBLOCK2: tl.constexpr, W_COMPUTE: tl.constexpr, X_FORMAT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    FMA: tl.constexpr, DORA: tl.constexpr, DORA_ROWS: tl.constexpr,
 ):
     """acc += drop?(X[rows]) W^T with pointer loads (any strides, gathered rows). With X_DROPOUT the keep-mask
     is drawn here (Philox) and also written, packed, to bits (the shrink has one column tile, so once). With a
@@ -119,9 +142,9 @@ def _mainloop_ptr(
     (``quant[0]``: the block scales) and dequantised, from the stored [N, K] weight (forward) or, W_TRANS, its
     transpose (dx); the stored row length is the unit stride's partner (stride_wn, or stride_wk when W_TRANS). The
     product runs in W_COMPUTE (bitsandbytes' compute dtype; FP8: X's), X tiles cast to it in registers, whatever X's
-    own dtype. DoRA (dense, 4-bit or FP8 W, the same dots either way): DX scales the X tiles by g (each row by its
-    adapter's g when DORA_ROWS, grouped); FWD_DROP and DX_DROP also add the second product of the same W tile into
-    acc2 (returned)."""
+    own dtype; X_FORMAT == X_FP8 (FP8 W, forward): X quantised per row per K step, an e4m3 dot (W8A8). DoRA (dense,
+    4-bit or FP8 W, the same dots either way): DX scales the X tiles by g (each row by its adapter's g when DORA_ROWS,
+    grouped); FWD_DROP and DX_DROP also add the second product of the same W tile into acc2 (returned)."""
     offs_k = tl.arange(0, BLOCK_K)
     # FMA dots (fp32 without tf32): rows past the tile's end and, for a K-contiguous W, columns past N read row /
     # column 0 (never stored) instead of being masked, so no row or column predicates stay live across the K loop
@@ -139,8 +162,7 @@ def _mainloop_ptr(
     x_ptrs = x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + cols_w.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
     dt: tl.constexpr = x_ptr.dtype.element_ty if W_FORMAT == DENSE else W_COMPUTE  # the dot's operand dtype
-    if W_FORMAT == ABSMAX or W_FORMAT == DOUBLE:
-        codebook = tl.load(quant[2] + tl.arange(0, 16))
+    codebook = tl.load(quant[2] + tl.arange(0, 16)) if W_FORMAT == ABSMAX or W_FORMAT == DOUBLE else None
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
         if X_DROPOUT:
@@ -151,30 +173,23 @@ def _mainloop_ptr(
                      mask=mask_m[:, None] & (offs_w < tl.cdiv(K, 32))[None, :])
         else:
             x = tl.load(x_ptrs, mask=mask_xm[:, None] & mask_k[None, :], other=0.0)
-        if W_FORMAT == DENSE:
-            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_wn[None, :], other=0.0).to(dt)
-        elif W_FORMAT == FP8:  # the bytes through W's strides (dx: transposed), scaled per block
-            w = load_fp8(w_ptrs, mask_k[:, None] & mask_wn[None, :], quant[0], k0, offs_k, offs_n, mask_n,
-                         stride_wk if W_TRANS else stride_wn, BLOCK_K, W_TRANS, QBLOCK, QBLOCK2).to(dt)
+        if X_FORMAT == X_FP8:  # W8A8: no dequantised W tile; both scales applied to the step's fp8 product
+            acc = dot_w8a8(acc, x, w_ptrs, mask_k[:, None] & mask_wn[None, :], quant[0], k0, n0, offs_n, mask_n,
+                           stride_wn, BLOCK_N, QBLOCK, QBLOCK2)
         else:
-            if W_TRANS:  # dx: rows k0.. of the stored weight, columns n0..
-                w = load_4bit(w_ptr, quant, codebook, (k0 + offs_k).to(tl.int64), mask_k, n0, stride_wk,
-                              BLOCK_N, W_FORMAT, QBLOCK, QBLOCK2)
-            else:  # forward: rows offs_n, columns k0.., transposed to [BLOCK_K, BLOCK_N]
-                w = load_4bit(w_ptr, quant, codebook, offs_n.to(tl.int64), mask_n, k0, stride_wn,
-                              BLOCK_K, W_FORMAT, QBLOCK, QBLOCK2).T
-            w = w.to(dt)
-        if DORA == DX:
-            acc = tl.dot(dora_scale(x, g_ptr, ids, k0, offs_k, mask_k, K, False, DORA_ROWS, dt), w, acc,
-                         input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(x.to(dt), w, acc, input_precision=INPUT_PRECISION)
-        if DORA == FWD_DROP:  # the dropped x of the same tile, from the mask the shrink wrote
-            keep = unpack_keep(bits_ptr, rows, mask_m, k0, tl.cdiv(K, 32), stride_bits, BLOCK_M, BLOCK_K)
-            acc2 = tl.dot(tl.where(keep, x, tl.zeros_like(x)).to(dt), w, acc2, input_precision=INPUT_PRECISION)
-        if DORA == DX_DROP:
-            acc2 = tl.dot(dora_scale(x, g_ptr, ids, k0, offs_k, mask_k, K, True, DORA_ROWS, dt), w, acc2,
-                          input_precision=INPUT_PRECISION)
+            w = _w_tile(w_ptr, w_ptrs, quant, codebook, k0, offs_k, mask_k, n0, offs_n, mask_n, mask_wn, stride_wn,
+                        stride_wk, BLOCK_K, BLOCK_N, W_FORMAT, W_TRANS, QBLOCK, QBLOCK2, dt)
+            if DORA == DX:
+                acc = tl.dot(dora_scale(x, g_ptr, ids, k0, offs_k, mask_k, K, False, DORA_ROWS, dt), w, acc,
+                             input_precision=INPUT_PRECISION)
+            else:
+                acc = tl.dot(x.to(dt), w, acc, input_precision=INPUT_PRECISION)
+            if DORA == FWD_DROP:  # the dropped x of the same tile, from the mask the shrink wrote
+                keep = unpack_keep(bits_ptr, rows, mask_m, k0, tl.cdiv(K, 32), stride_bits, BLOCK_M, BLOCK_K)
+                acc2 = tl.dot(tl.where(keep, x, tl.zeros_like(x)).to(dt), w, acc2, input_precision=INPUT_PRECISION)
+            if DORA == DX_DROP:
+                acc2 = tl.dot(dora_scale(x, g_ptr, ids, k0, offs_k, mask_k, K, True, DORA_ROWS, dt), w, acc2,
+                              input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if X_DROPOUT:
@@ -242,7 +257,8 @@ def _lora_gemm_kernel(
     X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
     USE_TMA: tl.constexpr, TMA_OK: tl.constexpr, W_KMAJOR: tl.constexpr,
     W_FORMAT: tl.constexpr, W_TRANS: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
-    W_COMPUTE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DORA: tl.constexpr, STORE_Z: tl.constexpr,
+    W_COMPUTE: tl.constexpr, X_FORMAT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DORA: tl.constexpr,
+    STORE_Z: tl.constexpr,
 ):
     """out [M, N] (rows in caller order) from X [M, K], W [(G,) N, K], T [M, R] fp32, B [(G,) N, R].
 
@@ -269,6 +285,9 @@ def _lora_gemm_kernel(
     B_GROUPED (grouped DoRA, dense W) g [G, N] / [G, K], contiguous, each row scaled by its adapter's row (base-only
     rows by 1). STORE_Z also writes the pre-scale term Z to z_ptr (out's strides, rows by token), which DoRA's
     magnitude gradient reads.
+    X_FORMAT == X_FP8 (W8A8, an FP8 W in the forward, BLOCK_K = 128 and W's blocks along K a multiple of it): each X
+    tile is quantised per row to e4m3 and multiplied by the e4m3 bytes in one fp8 dot per K step, scaled by both
+    scales into the fp32 accumulator (``weight8.dot_w8a8``); the low-rank term is as for any W.
     """
     tl.static_assert(not (X_DROPOUT and HAS_LORA), "X_DROPOUT is the shrink's; the main GEMM takes OUT_DROPOUT")
     tl.static_assert(not USE_TMA or (TMA_OK and not HAS_PERM and not W_GROUPED and not X_DROPOUT))
@@ -276,14 +295,17 @@ def _lora_gemm_kernel(
     tl.static_assert(DORA == NO_DORA or (not W_GROUPED and (B_GROUPED or not HAS_PERM)))
     tl.static_assert(DORA == NO_DORA or W_FORMAT == DENSE or not B_GROUPED, "grouped DoRA: dense W")
     tl.static_assert(not USE_TMA or DORA == NO_DORA or DORA == FWD or DORA == DX, "two accumulators: pointers")
+    tl.static_assert(X_FORMAT != X_FP8 or (W_FORMAT == FP8 and not W_TRANS and DORA == NO_DORA and not X_DROPOUT
+                                          and QBLOCK2 % BLOCK_K == 0 and BLOCK_K == 128), "W8A8: FP8 W, forward")
     quant = (qabs_ptr, qabs2_ptr, qcode_ptr, qcode2_ptr, qoff_ptr)
     num_n = tl.cdiv(N, BLOCK_N)
     num_tiles = (tl.cdiv(M, BLOCK_M) + (G if W_GROUPED else 0)) * num_n
     # Programs own one tile each unless persistent (TMA). On the FMA path (fp32 'ieee') the tile loop is written
     # with one trip, which the compiler removes: ptxas kept per-program values live across it, on the stack.
-    # Tensor-core tiles keep the plain loop (with one trip, 10 small mma.sync tiles on sm_90 kept 8 B of stack).
+    # Tensor-core tiles keep the plain loop (with one trip, 10 small mma.sync tiles on sm_90 kept 8 B of stack), but
+    # for W8A8, whose 128x128 / 8 warps tiles held 250-255 registers with it (sm_90) and 229-234 without.
     fma: tl.constexpr = INPUT_PRECISION == "ieee" and W_COMPUTE == tl.float32  # as the launcher's _is_fma
-    one_tile = not USE_TMA and fma
+    one_tile = not USE_TMA and (fma or X_FORMAT == X_FP8)
     last = tl.program_id(0) + 1 if one_tile else num_tiles
     for tile in tl.range(tl.program_id(0), last, 1 if one_tile else tl.num_programs(0), flatten=USE_TMA):
         w_base = w_ptr
@@ -340,8 +362,8 @@ def _lora_gemm_kernel(
             acc, acc2 = _mainloop_ptr(acc, acc2, x_ptr, w_base, bits_ptr, g_ptr, quant, rows, ids, pid_n * BLOCK_N,
                                       offs_n, mask_m, mask_n, k_len, stride_xm, stride_xk, stride_wn, stride_wk,
                                       stride_bits, dropout_p, seed, BLOCK_M, BLOCK_N, BLOCK_K, X_DROPOUT, W_KMAJOR,
-                                      W_FORMAT, W_TRANS, QBLOCK, QBLOCK2, W_COMPUTE, INPUT_PRECISION, fma, DORA,
-                                      B_GROUPED)
+                                      W_FORMAT, W_TRANS, QBLOCK, QBLOCK2, W_COMPUTE, X_FORMAT, INPUT_PRECISION, fma,
+                                      DORA, B_GROUPED)
         if DORA == FWD or DORA == FWD_DROP or DORA == DX_DROP:
             acc = _dora_epilogue(acc, acc2, g_ptr, z_ptr, bits_ptr, rows, ids, pid_n * BLOCK_N, offs_n, mask_m, mask_n,
                                  N, stride_om, stride_on, stride_bits, dropout_p, BLOCK_M, BLOCK_N, DORA, STORE_Z,
@@ -360,13 +382,23 @@ def _lora_gemm_kernel(
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def gemm_configs(shrink: bool):
+# The W8A8 forward's tiles (X_FORMAT == X_FP8: one K step per 128-channel activation block), which only that path
+# takes and it only these (``fastlora._configs``): 0 spills on sm_90 with the low-rank term from the shrink's T; a
+# shrink fused into the K loop spilled 32-96 B at r = 64, and 128x64x128 / 4 warps 24 B even without it.
+W8A8_TILES = ((128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (64, 128, 128, 4, 3), (64, 64, 128, 4, 4))
+
+
+def gemm_configs(shrink: bool, w8a8: bool = False):
     """Autotune candidates for the GEMM core; the launcher prunes by what fits the target (shared memory,
     accumulator registers, TMA availability).
 
     ``shrink`` kernels have N = R (one column tile of next_pow2(R)), so only BLOCK_M / BLOCK_K vary. Main-GEMM
-    candidates are the pointer (cp.async) tiles for every GPU plus persistent TMA tiles for Hopper.
+    candidates are the pointer (cp.async) tiles for every GPU plus persistent TMA tiles for Hopper; ``w8a8``: the W8A8
+    forward's own tiles instead (``W8A8_TILES``; the main GEMM's autotuner holds both lists, pruned by X_FORMAT).
     """
+    if w8a8:
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": False},
+                              num_warps=w, num_stages=s) for bm, bn, bk, w, s in W8A8_TILES]
     if shrink:
         return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "GROUP_M": 1, "USE_TMA": False},
                               num_warps=w, num_stages=s)

@@ -28,8 +28,9 @@ def test_require_skips_only_what_is_not_installed(tmp_path, monkeypatch):
     harness.require("json", "peft")
 
 
-def _skip(impl, reason, cells, budget_spent=False, not_installed=False):
-    return dict(impl=impl, reason=reason, cells=cells, budget_spent=budget_spent, not_installed=not_installed)
+def _skip(impl, reason, cells, budget_spent=False, not_installed=False, not_applicable=False):
+    return dict(impl=impl, reason=reason, cells=cells, budget_spent=budget_spent, not_installed=not_installed,
+                not_applicable=not_applicable)
 
 
 @pytest.mark.parametrize("skips, rc, banner", [
@@ -37,8 +38,10 @@ def _skip(impl, reason, cells, budget_spent=False, not_installed=False):
     ([_skip("qdora-peft", "CUDA only", 2)], 0, 2),
     ([_skip("qlora-peft", "session budget spent", 2, budget_spent=True)], 0, None),
     ([_skip("fastlora", "needs CUDA", 1)], 0, None),
+    ([_skip("peft-baddbmm", "not applicable: peft 0.21.2 has no baddbmm option", 4, not_applicable=True)], 0, None),
     ([], 0, None),
-], ids=["peft-not-installed", "peft-cannot-run-here", "budget-spent", "other-competitor", "none"])
+], ids=["peft-not-installed", "peft-cannot-run-here", "budget-spent", "other-competitor", "peft-form-not-applicable",
+        "none"])
 def test_report_skips_names_the_headline_competitor_last(tmp_path, capsys, skips, rc, banner):
     path = tmp_path / "skips.json"
     path.write_text(json.dumps(skips))

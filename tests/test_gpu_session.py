@@ -21,10 +21,11 @@ import gpu_check  # noqa: E402
 
 # One cell per suite; the end-to-end suite (a model and its reference per cell: ~30 s here) is left to the manual
 # full dry run (docs/gpu-session.md), its plumbing being the other suites'.
-SUITES = ("layer", "grouped", "qlora", "dora", "fp8")
+SUITES = ("layer", "grouped", "qlora", "dora", "fp8", "moe")
 ONE_CELL_PER_SUITE = ("fwd-fp16-K64-N64-r8-M1-fastlora and not dora or qlora-fwd-fp16-K64-N64-r8-M1-qlora-fastlora or "
                       "G4-M32-fastlora-grouped or dora-train-drop0.1-fp16-K64-N64-r8-M16-fastlora-dora or "
-                      "fp8-train-fp16-K64-N96-r8-M16-fp8-fastlora")
+                      "fp8-train-fp16-K64-N96-r8-M16-fp8-fastlora or "
+                      "moe-train-fp16-tiny-gpt-oss-E4-H40-I24-k2-r4-T13-fastlora")
 MIB = 1 << 20
 
 
@@ -144,7 +145,8 @@ def test_quick_calls_cover_every_suite_of_the_quick_grid():
     calls = gpu_cache.quick_calls()
     assert {c.G for c in calls} == {1, *g.adapters}
     assert {(c.K, c.N) for c in calls if c.quant == "nf4" and c.M in g.tokens} >= set(g.shapes)
-    assert {c.M for c in calls} == {*g.tokens, *g.grouped_tokens, g.e2e["batch"] * g.e2e["seq"]}
+    moe = {T * harness.MOE_SHAPES[s].k for s in g.moe["shapes"] for T in g.moe["tokens"]}  # bench_moe: T * k rows
+    assert {c.M for c in calls} == {*g.tokens, *g.grouped_tokens, g.e2e["batch"] * g.e2e["seq"], *moe}
     assert any(not c.bias and c.train and c.N == 1024 for c in calls)  # the Llama k/v projections
     fp8 = {(c.K, c.N, c.M, c.r, c.train) for c in calls if c.quant == "fp8" and c.fp32_adapters}  # bench_fp8
     assert fp8 == {(K, N, M, r, t) for K, N in g.fp8["shapes"] for M in g.fp8["tokens"] for r in g.fp8["ranks"]

@@ -89,9 +89,11 @@ def _record(**changes):
     (90, {"constexprs": {"BLOCK_M": 128, "INPUT_PRECISION": "ieee"}, "wgmma": 0, "mma_sync": 16}, "NO-WGMMA"),
     (90, {"case": "dense-train-p0 fp32-tf32 M4096-K4096-N4096-R16", "spill_bytes": 16,
           "constexprs": {"BLOCK_M": 128, "INPUT_PRECISION": "tf32"}}, "SPILL"),
+    (90, {"constexprs": {"BLOCK_M": 128, "X_FORMAT": 1}, "wgmma": 5, "wgmma_e4m3": 4}, None),
+    (90, {"constexprs": {"BLOCK_M": 128, "X_FORMAT": 1}, "wgmma": 5, "wgmma_e4m3": 0}, "NO-E4M3"),
 ], ids=["clean", "clean-sm80", "small-tile-mma-sync", "spill", "spill-sm80", "smem", "smem-sm80", "no-wgmma",
         "no-pipeline", "error", "fma-clean", "fma-stack", "fma-spill-in-k-loop", "bf16-ieee-no-wgmma",
-        "tf32-spill"])
+        "tf32-spill", "w8a8-e4m3", "w8a8-without-e4m3"])
 def test_check_fails_on_bad_records(sm90, capability, changes, expected):
     failures = sm90.check([_record(**changes)], capability)
     if expected is None:
@@ -123,3 +125,6 @@ def test_loop_spills_counts_only_the_k_loops(sm90):
     assert sm90.loop_spills(sass) == 1
     assert sm90.loop_spills(_sass("STL [R1], R0", "FFMA R2, R3, R4, R2", "@!P0 BRA 0x10", "LDL R0, [R1]")) == 0
     assert sm90.loop_spills(_sass("STL [R1], R0", "IADD3 R2, R2, 0x1, RZ", "LDL R0, [R1]", "@!P0 BRA 0x10")) == 0
+    # an fp8 wgmma (W8A8) makes its loop a K loop too
+    qgmma = "QGMMA.64x128x32.F32.E4M3.E4M3 R24, R152, gdesc[UR28], R24"
+    assert sm90.loop_spills(_sass("STL [R1], R0", qgmma, "LDL R0, [R1]", "@!P0 BRA 0x10")) == 1
