@@ -65,9 +65,21 @@ def _check(c: Case, fp: competitors.FP8Problem, impl: competitors.Impl, x: torch
     b32 = fp.pb.b.float()
     if c.impl == "linear":
         ref = F.linear(xr, fp.W32, b32)
+    elif c.impl == "fp8-w8a8":  # the kernel's per-token, per-128-channel e4m3 quantisation of x, emulated in fp32
+        ref = reference.lora_linear_fp8(xr, fp.weight, fp.scale, b32, Ar, Br, fp.pb.scaling, block_size=fp.block,
+                                        fp8_activations=True)
     else:
         ref = reference.lora_linear(xr, fp.W32, b32, Ar, Br, fp.pb.scaling)
     return harness.check_layer(c.id, y, ref, fp.pb.dtype, c.train, [x, *impl.params], [xr, Ar, Br], dy)
+
+
+def w8a8_unavailable(dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the W8A8 cell cannot run here (fp32 activations; a GPU without fp8 MMAs), or None."""
+    if dtype == torch.float32:
+        return "W8A8 (fp8_activations) takes 16-bit activations"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        return "W8A8 needs fp8 MMAs (compute capability 8.9 or later)"
+    return None
 
 
 def _ms(c: Case, impl_name: str) -> float:
@@ -81,6 +93,10 @@ def _ms(c: Case, impl_name: str) -> float:
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_fp8(benchmark, request, case: Case):
+    if case.impl == "fp8-w8a8":
+        why = w8a8_unavailable(harness.DTYPES[case.dtype], harness.device())
+        if why:
+            pytest.skip(f"not applicable: {why}")
     fp = _problem(case)
     impl = competitors.fp8_impl(case.impl, fp, case.train)
     dtype = fp.pb.dtype

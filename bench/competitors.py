@@ -16,7 +16,9 @@ FP8 (a block-scaled float8_e4m3fn base, 128 x 128 blocks, fp32 scales, quantised
 them): ``linear`` (nn.Linear on the dequantised W in the compute dtype, no LoRA: the floor), ``fastlora-lora``
 (fastlora.lora_linear over the dequantised W, the same fp32 adapters: the bf16 LoRA the FP8 base is measured
 against), ``fp8-dequant`` (unfused: W dequantised on every call, forward and again in backward, then
-addmm and the low-rank addmm_) and ``fp8-fastlora`` (fastlora.lora_linear_fp8, W8A16).
+addmm and the low-rank addmm_), ``fp8-fastlora`` (fastlora.lora_linear_fp8, W8A16) and ``fp8-w8a8`` (the same with
+fp8_activations=True: x quantised per token and 128 channels inside the forward GEMM, fp8 MMAs; its backward is
+W8A16's; 16-bit activations on sm_89 or later, else the cell is skipped).
 
 MoE experts (an experts block of transformers 5: hidden_states, top_k_index, top_k_weights -> out; one adapter per
 expert on gate_up_proj and down_proj, PEFT's ``target_parameters`` layout): ``experts`` (transformers' experts module
@@ -44,7 +46,7 @@ from fastlora import quant, reference
 LAYER = ("linear", "merged", "peft", "reference", "cublas", "fastlora")
 GROUPED = ("linear", "fastlora-single", "peft-mixed", "loop", "fastlora-grouped")
 QLORA = ("linear", "qlora-peft", "qlora-dequant", "qlora-fastlora")
-FP8 = ("linear", "fastlora-lora", "fp8-dequant", "fp8-fastlora")
+FP8 = ("linear", "fastlora-lora", "fp8-dequant", "fp8-fastlora", "fp8-w8a8")
 # QLoRA's usual format (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
 # bnb_4bit_use_double_quant=True)); bitsandbytes' default blocksize.
 QUANT = dict(quant_type="nf4", blocksize=64, double_quant=True)
@@ -423,8 +425,10 @@ def fp8_impl(name: str, fp: FP8Problem, train: bool) -> Impl:
             y.addmm_(x2 @ A.to(dtype).t(), B.to(dtype).t(), alpha=s)  # adapters cast to x's dtype, as qlora-dequant
             return y.reshape(*x.shape[:-1], pb.N)
         return Impl(composed, [A, B], info=dict(weight_bytes=fp.w_bytes, dequantized_by=how))
-    if name == "fp8-fastlora":
-        return Impl(lambda x: fastlora.lora_linear_fp8(x, fp.weight, fp.scale, b, A, B, s, block_size=fp.block),
+    if name in ("fp8-fastlora", "fp8-w8a8"):
+        w8a8 = name == "fp8-w8a8"
+        return Impl(lambda x: fastlora.lora_linear_fp8(x, fp.weight, fp.scale, b, A, B, s, block_size=fp.block,
+                                                       fp8_activations=w8a8),
                     [A, B], info=dict(weight_bytes=fp.w_bytes))
     raise ValueError(f"unknown FP8 competitor {name!r}")
 

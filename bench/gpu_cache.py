@@ -246,7 +246,7 @@ def quick_calls():
             for M in g.fp8.get("tokens", g.tokens):
                 for R in g.fp8["ranks"]:
                     out += [Case(dtype, M, K, N, R, train=t, quant=q, fp32_adapters=True) for t in (False, True)
-                            for q in ("fp8", "")]
+                            for q in ("fp8", "w8a8", "")]
         m = g.moe  # bench_moe's fastlora cells: fastlora.Experts, gate_up then down over the T * k routed rows
         if "fastlora" in m.get("impls", ("fastlora",)):
             for s in (harness.MOE_SHAPES[name] for name in m["shapes"]):

@@ -6,7 +6,9 @@ Families: the dense layer through pointer tiles and through TMA tiles (forward +
 GEMM, the dx GEMM and the gradient kernel), dropout (the mask kernel, the dropout shrink, masked dx and gradients),
 grouped adapters, a 4-bit (nf4, double quant) base with fp32 adapters, DoRA (the magnitude trained too), and a
 block-scaled FP8 base (e4m3, 128 x 128 blocks: ``fp8`` with fp32 scales and adapters in x's dtype; ``fp8-dora`` with
-bf16 scales, fp32 adapters and magnitude, and dropout), and mixture-of-experts ``experts`` (a 3-D weight stored (E,
+bf16 scales, fp32 adapters and magnitude, and dropout; ``fp8-w8a8`` the W8A8 forward, x quantised per token and
+128 channels in the kernel, compared with ``reference.lora_linear_fp8(fp8_activations=True)``, the float64 emulation of
+that quantisation; bf16 and fp16 only), and mixture-of-experts ``experts`` (a 3-D weight stored (E,
 in, out) as gpt-oss's and read through strides, a bias and a scale per expert, experts without tokens, -1 rows that
 must come out zero); each in bf16, fp16, fp32 (ieee) and tf32. Where the autotuner would try many configs,
 ``forced`` pins one: the first candidate its pruning keeps on the asked path (TMA or pointer), not timed. y, dx, dA,
@@ -38,7 +40,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
 # tests/tolerance.py's TF32_TOL); 16-bit inputs and outputs round at 2^-8 / 2^-11.
 BOUND = {"bf16": 1e-2, "fp16": 1e-2, "fp32": 1e-4, "tf32": 3e-3}
 FAMILIES = ("dense-ptr", "dense-tma", "dropout", "grouped", "nf4", "dora", "qdora", "gdora", "fp8", "fp8-dora",
-            "experts")
+            "fp8-w8a8", "experts")
+# W8A8 (fp8_activations) takes 16-bit activations only: its fp32 / tf32 checks are not made
+ONLY_16BIT = ("fp8-w8a8",)
 # with dropout (the packed mask, the shrink's Philox draw; DoRA's two-accumulator forms): these families
 DROPPED = ("dropout", "qdora", "gdora", "fp8-dora")
 # Odd sizes: no dimension a multiple of a tile, every stride 16-byte aligned (TMA), K a multiple of the 4-bit
@@ -86,7 +90,7 @@ class Check:
 
     @property
     def fp8(self) -> bool:
-        return self.family in ("fp8", "fp8-dora")
+        return self.family in ("fp8", "fp8-dora", "fp8-w8a8")
 
     @property
     def experts(self) -> bool:
@@ -145,7 +149,8 @@ class Check:
                 y = fastlora.lora_linear_4bit(t["x"], t["packed"], t["state"], t["b"], t["a"], t["bb"], s,
                                               compute_dtype=DTYPES[self.dtype], **kw)
             elif self.fp8:
-                y = fastlora.lora_linear_fp8(t["x"], t["w8"], t["scale"], t["b"], t["a"], t["bb"], s, **kw)
+                y = fastlora.lora_linear_fp8(t["x"], t["w8"], t["scale"], t["b"], t["a"], t["bb"], s,
+                                             fp8_activations=self.family == "fp8-w8a8", **kw)
             else:
                 y = fastlora.lora_linear(t["x"], t["w"], t["b"], t["a"], t["bb"], s, **kw)
             grads = torch.autograd.grad(y, _leaves(t), t["dy"])
@@ -177,6 +182,8 @@ class Check:
             y = reference.grouped_lora_linear(x, w, b, a, bb, s, t["ids"], **kw)
         elif self.experts:
             y = reference.grouped_lora_linear(x, w, b, a, bb, t["s"].double(), t["ids"], **kw)
+        elif self.family == "fp8-w8a8":  # the kernel's activation quantisation, emulated in float64
+            y = reference.lora_linear_fp8(x, t["w8"], t["scale"], b, a, bb, s, fp8_activations=True, **kw)
         elif "m" in t:
             y = reference.dora_linear(x, w, b, a, bb, s, leaves[-1], **kw)
         else:
@@ -192,7 +199,8 @@ def _leaves(t: dict) -> list[torch.Tensor]:
 
 def checks(small: bool) -> list[Check]:
     shape = SMALL if small else SHAPE
-    return [Check(family, dtype, **shape) for dtype in DTYPES for family in FAMILIES]
+    return [Check(family, dtype, **shape) for dtype in DTYPES for family in FAMILIES
+            if not (family in ONLY_16BIT and dtype in ("fp32", "tf32"))]
 
 
 @contextlib.contextmanager

@@ -67,6 +67,7 @@ STYLE = {
     "qdora-fastlora": ("tab:green", "*", "fastlora.Linear4bit DoRA"),
     "fp8-dequant": ("tab:purple", "D", "dequantise + addmm + addmm_"),
     "fp8-fastlora": ("tab:blue", "*", "fastlora FP8 (W8A16)"),
+    "fp8-w8a8": ("tab:cyan", "P", "fastlora FP8 (W8A8 forward)"),
     "experts": ("black", "o", "transformers experts (no LoRA)"),
     "split": ("tab:purple", "D", "split LoRA (grouped_mm x 3)"),
     "peft-baddbmm": ("tab:red", "<", "PEFT target_parameters + baddbmm"),

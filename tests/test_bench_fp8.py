@@ -38,6 +38,11 @@ def _built(mode, dtype, shape, impl):
 @pytest.mark.parametrize("impl", competitors.FP8)
 @pytest.mark.parametrize("mode", bench_fp8.MODES)
 def test_competitor_matches_reference(mode, impl, dtype, shape):
+    if impl == "fp8-w8a8" and dtype == "fp32":
+        with pytest.raises(ValueError, match="fp8_activations"):  # refused by fastlora, skipped by the suite
+            _built(mode, dtype, shape, impl)[2].forward(torch.randn(9, SHAPES[shape][0]))
+        assert bench_fp8.w8a8_unavailable(torch.float32, torch.device("cpu"))
+        return
     case, fp, built, x, dy = _built(mode, dtype, shape, impl)
     errs = bench_fp8._check(case, fp, built, x, dy)
     want = {"y"} | ({"dx"} if case.train else set()) | ({"dA", "dB"} if case.train and impl != "linear" else set())
@@ -84,7 +89,7 @@ def test_default_grid_holds_issue_45s_cells(monkeypatch):
     cells = _grid_cells(monkeypatch, "default")
     want = {(mode, "bf16", K, N, R, M, impl) for mode in ("fwd", "train")
             for K, N in ((4096, 4096), (4096, 14336), (14336, 4096)) for R in (16, 64) for M in (4096, 16384)
-            for impl in ("linear", "fastlora-lora", "fp8-dequant", "fp8-fastlora")}
+            for impl in ("linear", "fastlora-lora", "fp8-dequant", "fp8-fastlora", "fp8-w8a8")}
     assert {dataclasses.astuple(c) for c in cells} == want and len(cells) == len(want)
     assert all(c.id.startswith("fp8-") for c in cells) and len({c.id for c in cells}) == len(cells)
     quick = _grid_cells(monkeypatch, "quick")
@@ -106,7 +111,8 @@ def test_quick_grid_kernels_are_in_the_session_calls(monkeypatch):
 
 def test_gpu_check_has_the_fp8_families():
     small = [c for c in gpu_check.checks(small=True) if c.fp8]
-    assert {(c.family, c.dtype) for c in small} == {(f, d) for f in ("fp8", "fp8-dora") for d in gpu_check.DTYPES}
+    assert {(c.family, c.dtype) for c in small} == {(f, d) for f in ("fp8", "fp8-dora") for d in gpu_check.DTYPES} | {
+        ("fp8-w8a8", "bf16"), ("fp8-w8a8", "fp16")}
     assert all(c.p == (gpu_check.DROPOUT if c.family == "fp8-dora" else 0.0) for c in small)
     big = gpu_check.SHAPE
     assert big["K"] % 128 and big["N"] % 128 and big["K"] > 128 and big["N"] > 128  # partial edge blocks, several
@@ -125,6 +131,19 @@ def test_gpu_check_fp8_family_passes_and_can_fail(family, dtype):
     t["scale"] = t["scale"] * 1.25  # the reference decodes another W: the check must see it
     want = c.reference(t)
     assert gpu_check.rel_fro(got["y"], want["y"]) > rec["bound"]
+
+
+def test_gpu_check_w8a8_family_passes_and_can_fail():
+    """The W8A8 check against the float64 emulation of the kernel's activation quantisation (fp16 on CPU); the exact
+    (unquantised-x) reference is further off than the bound, so the check compares with the right oracle."""
+    c = gpu_check.Check("fp8-w8a8", "fp16", **gpu_check.SMALL)
+    rec = gpu_check.run_check(c, harness.device())
+    assert rec["status"] == "pass", rec
+    assert set(rec["errors"]) == {"y", "dx", "dA", "dB"} and all(0 < e <= rec["bound"] for e in rec["errors"].values())
+    t = c.inputs(harness.device())
+    got, _ = c.run(t)
+    t["scale"] = t["scale"] * 1.25
+    assert gpu_check.rel_fro(got["y"], c.reference(t)["y"]) > rec["bound"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke grid is the no-CUDA path")
