@@ -204,11 +204,11 @@ def gemm_fits_registers(cfg: dict, num_warps: int, *, block_n: int, flags: dict,
         return False  # the segmented shrink (grouped or ragged, tiles cut at adapter offsets): ragged 16x64x256 / 4
         # warps 8 B of stack at 255 registers (16x16x256 unaligned: 32 B); grouped 16x16x256 (r = 16, the forward's
         # K-major A stack) 8 B at 80 registers with triton 3.7.1 (clean on 3.6.0; the dense shrink clean on both)
-    if (flags["W_GROUPED"] and flags["HAS_LORA"] and not flags["W_KMAJOR"] and bm == 32 and block_n >= 128
-            and bk >= 128):
-        return False  # experts' main GEMM over a stack not K-major (dx, or gpt-oss's (E, in, out) storage): 32x128x128
-        # / 4 warps, dx of the Qwen3-MoE gate_up in training: 8 B of stack at 168 registers, outside the K loop (sm_90;
-        # its forward twin clean at 184 registers)
+    if flags["W_GROUPED"] and flags["HAS_LORA"] and bm < 64 and bm * bk + bk * block_n > 16 * 128 + 128 * 64:
+        return False  # experts' main GEMMs (segment tiles, the low-rank term, mma.sync-style operands under 64 rows):
+        # beyond 16x64x128 they kept 8-16 B of stack outside the K loop at ptxas's 128 / 168-register targets: with
+        # triton 3.7.1 16x64x256, 32x64x128 and 32x128x128 (forward), also 16x128x128 on sm_80; with 3.6.0 the dx
+        # 32x128x128 / 4 warps (sm_90). 16x64x128 clean on both tritons and targets
     if flags.get("RAGGED") and not shrink and ((bm >= 128 and num_warps == 4) or (flags["RAGGED"] == 1 and bk >= 128)):
         return False  # ragged_dot's loops beside the K loop: 128x64x64 / 4 warps 16 B (88 B unaligned); unaligned
         # (scalar B loads) 32x64x128 / 4 warps 16-24 B at 128 registers, 16x64x128 8 B
