@@ -314,27 +314,8 @@ def _grouped_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, 
         _check_shape("lora_A", lora_A, (n, r, K), "(num_adapters, r, in_features)")
         _check_shape("lora_B", lora_B, (n, N, r), "(num_adapters, out_features, r)")
         _check_adapters(x, lora_A, lora_B, r)
-    if not isinstance(adapter_ids, torch.Tensor):
-        raise TypeError(f"adapter_ids must be a tensor; got {type(adapter_ids).__name__}")
-    if adapter_ids.shape != x.shape[:-1]:
-        raise ValueError(f"adapter_ids must have shape x.shape[:-1] = {tuple(x.shape[:-1])}; "
-                         f"got {tuple(adapter_ids.shape)}")
-    if adapter_ids.device != x.device:
-        raise ValueError(f"adapter_ids is on {adapter_ids.device}, x on {x.device}")
-    if isinstance(scaling, torch.Tensor) and scaling.dim() > 0:
-        if scaling.shape != (n,):
-            raise ValueError(f"scaling must be a number or have shape (num_adapters,) = ({n},); "
-                             f"got {tuple(scaling.shape)}")
-        scale_vec = scaling.to(device=x.device, dtype=torch.float32)
-    else:
-        scale_vec = torch.full((n,), _check_scaling(scaling), dtype=torch.float32, device=x.device)
-    p = _check_dropout(dropout_p) if training else 0.0
-    if batch is None:
-        batch = AdapterBatch.build(adapter_ids, n, check_ids=check_ids)
-    elif adapter_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"adapter_ids must be int32 or int64; got {adapter_ids.dtype}")
-    else:
-        _check_batch(batch, x, n)
+    scale_vec, p, batch = _check_routing(x, adapter_ids, scaling, dropout_p, training, n, "num_adapters", check_ids,
+                                         batch)
     if magnitude is not None:
         _check_magnitude(magnitude, x, N, n)
         if checking:
@@ -401,26 +382,7 @@ def _expert_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *
     _check_shape("lora_A", lora_A, (E, r, K), "(experts, r, in_features)")
     _check_shape("lora_B", lora_B, (E, N, r), "(experts, out_features, r)")
     _check_adapters(x, lora_A, lora_B, r)
-    if not isinstance(adapter_ids, torch.Tensor):
-        raise TypeError(f"adapter_ids must be a tensor; got {type(adapter_ids).__name__}")
-    if adapter_ids.shape != x.shape[:-1]:
-        raise ValueError(f"adapter_ids must have shape x.shape[:-1] = {tuple(x.shape[:-1])}; "
-                         f"got {tuple(adapter_ids.shape)}")
-    if adapter_ids.device != x.device:
-        raise ValueError(f"adapter_ids is on {adapter_ids.device}, x on {x.device}")
-    if isinstance(scaling, torch.Tensor) and scaling.dim() > 0:
-        if scaling.shape != (E,):
-            raise ValueError(f"scaling must be a number or have shape (experts,) = ({E},); got {tuple(scaling.shape)}")
-        scale_vec = scaling.to(device=x.device, dtype=torch.float32)
-    else:
-        scale_vec = torch.full((E,), _check_scaling(scaling), dtype=torch.float32, device=x.device)
-    p = _check_dropout(dropout_p) if training else 0.0
-    if batch is None:
-        batch = AdapterBatch.build(adapter_ids, E, check_ids=check_ids)
-    elif adapter_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"adapter_ids must be int32 or int64; got {adapter_ids.dtype}")
-    else:
-        _check_batch(batch, x, E)
+    scale_vec, p, batch = _check_routing(x, adapter_ids, scaling, dropout_p, training, E, "experts", check_ids, batch)
     if x.device.type == "meta":
         return _expert_meta(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids)
     if not _use_kernels(x, lora_A, lora_B):
@@ -433,6 +395,34 @@ def _expert_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, *
         y = LoRAFunction.apply(x.reshape(-1, K), weight, bias, lora_A, lora_B, 1.0, scale_vec, batch.perm,
                                batch.sorted_ids, batch.seg_offsets, p, seed)
     return y.reshape(*x.shape[:-1], N)
+
+
+def _check_routing(x, adapter_ids, scaling, dropout_p, training, n, what, check_ids, batch):
+    """The per-token part of a grouped call over ``n`` adapters or experts (``what``, as the messages name the
+    count): ids of x's token shape on its device, scaling a number or an (n,) tensor, the dropout; returns (fp32
+    scale_vec [n], the effective dropout p, the ``AdapterBatch`` given, checked, or built from the ids)."""
+    if not isinstance(adapter_ids, torch.Tensor):
+        raise TypeError(f"adapter_ids must be a tensor; got {type(adapter_ids).__name__}")
+    if adapter_ids.shape != x.shape[:-1]:
+        raise ValueError(f"adapter_ids must have shape x.shape[:-1] = {tuple(x.shape[:-1])}; "
+                         f"got {tuple(adapter_ids.shape)}")
+    if adapter_ids.device != x.device:
+        raise ValueError(f"adapter_ids is on {adapter_ids.device}, x on {x.device}")
+    if isinstance(scaling, torch.Tensor) and scaling.dim() > 0:
+        if scaling.shape != (n,):
+            raise ValueError(f"scaling must be a number or have shape ({what},) = ({n},); "
+                             f"got {tuple(scaling.shape)}")
+        scale_vec = scaling.to(device=x.device, dtype=torch.float32)
+    else:
+        scale_vec = torch.full((n,), _check_scaling(scaling), dtype=torch.float32, device=x.device)
+    p = _check_dropout(dropout_p) if training else 0.0
+    if batch is None:
+        batch = AdapterBatch.build(adapter_ids, n, check_ids=check_ids)
+    elif adapter_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"adapter_ids must be int32 or int64; got {adapter_ids.dtype}")
+    else:
+        _check_batch(batch, x, n)
+    return scale_vec, p, batch
 
 
 def _expert_meta(x, weight, bias, lora_A, lora_B, scale_vec, adapter_ids):

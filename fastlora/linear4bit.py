@@ -9,7 +9,15 @@ import torch.nn as nn
 
 from fastlora import dora, quant, sharding
 from fastlora.functional import _check_dtype, _lora_linear_4bit
-from fastlora.modules import Linear, _adapter_args, _adapter_dtype, _check_use_dora, _init_adapter
+from fastlora.modules import (
+    Linear,
+    _adapter_args,
+    _adapter_dtype,
+    _check_use_dora,
+    _dense_twin,
+    _init_adapter,
+    _refuse_merge,
+)
 from fastlora.sharding import RowBlockWeight
 
 _STATE = ("absmax", "code", "absmax2", "code2", "offset")
@@ -407,29 +415,14 @@ class Linear4bit(nn.Module):
             return quant.dequantize_4bit(parts[0], _state_4bit(rb, parts), dtype=dtype or self.compute_dtype)
         return quant.dequantize_4bit(self.weight, self.quant_state, dtype=dtype or self.compute_dtype)
 
-    @torch.no_grad()
     def dequantize(self) -> Linear:
         """A ``fastlora.Linear`` over the dequantised weight (compute_dtype) that shares this layer's bias and
         adapter parameters (and ``lora_magnitude``); it computes the same function, up to the rounding of W to
         compute_dtype (with DoRA also in the norm), and can ``merge`` exactly."""
-        base = nn.Linear(self.in_features, self.out_features, bias=False, device=self.weight.device,
-                         dtype=self.compute_dtype)
-        base.weight.copy_(self.dequantized_weight())
-        base.bias = self.bias
-        layer = Linear.from_linear(base, r=self.r, alpha=self.alpha, dropout=self.dropout, use_rslora=self.use_rslora,
-                                   use_dora=self.use_dora)
-        layer.scaling = self.scaling
-        layer.lora_A, layer.lora_B = self.lora_A, self.lora_B
-        if self.use_dora:
-            layer.lora_magnitude = self.lora_magnitude
-        return layer.train(self.training)
+        return _dense_twin(self, self.dequantized_weight())
 
     def merge(self) -> None:
-        what = "its DoRA adapter (g (W + s B A))" if self.use_dora else "its adapter"
-        raise NotImplementedError(
-            f"fastlora.Linear4bit cannot merge {what} into the 4-bit weight: that re-quantises the whole base "
-            "(lossy, and unmerge could not restore it). Call .dequantize() for a fastlora.Linear over the "
-            "dequantised weight and merge that.")
+        _refuse_merge(self, "4-bit")
 
     def unmerge(self) -> None:
         raise NotImplementedError("fastlora.Linear4bit is never merged (see merge)")

@@ -9,7 +9,15 @@ import torch.nn as nn
 
 from fastlora import dora, quant
 from fastlora.functional import _check_dtype, _check_fp8_activations, _lora_linear_fp8
-from fastlora.modules import Linear, _adapter_args, _adapter_dtype, _check_use_dora, _init_adapter
+from fastlora.modules import (
+    Linear,
+    _adapter_args,
+    _adapter_dtype,
+    _check_use_dora,
+    _dense_twin,
+    _init_adapter,
+    _refuse_merge,
+)
 
 _BASE = ("weight", "weight_scale_inv")  # the FP8 payload and its scales: frozen, never cast by a dtype move
 
@@ -196,27 +204,13 @@ class LinearFP8(nn.Module):
         """W [out, in] = float(weight) * its block scale, rounded once to ``dtype``."""
         return quant.dequantize_fp8_blockwise(self.weight, self.weight_scale_inv, self.block_size, dtype=dtype)
 
-    @torch.no_grad()
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> Linear:
         """A ``fastlora.Linear`` over the dequantised weight (in ``dtype``) sharing this layer's bias and adapter
         parameters (and ``lora_magnitude``): the same function up to the rounding of W to ``dtype``; it merges."""
-        base = nn.Linear(self.in_features, self.out_features, bias=False, device=self.weight.device, dtype=dtype)
-        base.weight.copy_(self.dequantized_weight(dtype))
-        base.bias = self.bias
-        layer = Linear.from_linear(base, r=self.r, alpha=self.alpha, dropout=self.dropout, use_rslora=self.use_rslora,
-                                   use_dora=self.use_dora)
-        layer.scaling = self.scaling
-        layer.lora_A, layer.lora_B = self.lora_A, self.lora_B
-        if self.use_dora:
-            layer.lora_magnitude = self.lora_magnitude
-        return layer.train(self.training)
+        return _dense_twin(self, self.dequantized_weight(dtype))
 
     def merge(self) -> None:
-        what = "its DoRA adapter (g (W + s B A))" if self.use_dora else "its adapter"
-        raise NotImplementedError(
-            f"fastlora.LinearFP8 cannot merge {what} into the FP8 weight: that re-quantises the whole base (lossy, "
-            "and unmerge could not restore it). Call .dequantize() for a fastlora.Linear over the dequantised "
-            "weight and merge that.")
+        _refuse_merge(self, "FP8")
 
     def unmerge(self) -> None:
         raise NotImplementedError("fastlora.LinearFP8 is never merged (see merge)")

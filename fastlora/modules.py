@@ -84,6 +84,31 @@ def _init_adapter(layer, bias, args, use_dora, kw, weight_sq) -> None:
         layer.lora_magnitude = nn.Parameter(weight_sq().sqrt().to(kw["dtype"]))
 
 
+@torch.no_grad()
+def _dense_twin(layer, weight: torch.Tensor) -> Linear:
+    """A ``fastlora.Linear`` over ``weight`` (a quantised layer's dequantised W, [out, in]) sharing ``layer``'s bias,
+    adapter parameters, scaling and ``lora_magnitude``, in its train/eval mode: what ``dequantize()`` returns."""
+    base = nn.Linear(layer.in_features, layer.out_features, bias=False, device=weight.device, dtype=weight.dtype)
+    base.weight.copy_(weight)
+    base.bias = layer.bias
+    twin = Linear.from_linear(base, r=layer.r, alpha=layer.alpha, dropout=layer.dropout, use_rslora=layer.use_rslora,
+                              use_dora=layer.use_dora)
+    twin.scaling = layer.scaling
+    twin.lora_A, twin.lora_B = layer.lora_A, layer.lora_B
+    if layer.use_dora:
+        twin.lora_magnitude = layer.lora_magnitude
+    return twin.train(layer.training)
+
+
+def _refuse_merge(layer, kind: str) -> None:
+    """A quantised layer's ``merge``, refused: folding B A (DoRA: and g) into the ``kind`` weight re-quantises it."""
+    what = "its DoRA adapter (g (W + s B A))" if layer.use_dora else "its adapter"
+    raise NotImplementedError(
+        f"fastlora.{type(layer).__name__} cannot merge {what} into the {kind} weight: that re-quantises the whole base "
+        "(lossy, and unmerge could not restore it). Call .dequantize() for a fastlora.Linear over the "
+        "dequantised weight and merge that.")
+
+
 class Linear(nn.Module):
     """``nn.Linear`` plus a LoRA adapter: y = x W^T + b + (alpha/r) (dropout(x) A^T) B^T.
 
