@@ -1,7 +1,10 @@
 """Random problem builders and the float64 oracle runs shared by the kernel tests."""
 
+import contextlib
+
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlora
 from fastlora import quant, reference
@@ -125,6 +128,39 @@ def saved_elements(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sizes
+
+
+@contextlib.contextmanager
+def created_tensors():
+    """Yield a list that gets (numel, dtype, op name) of every tensor an op returns while the block runs (a
+    ``TorchDispatchMode``: what was allocated, views included), to assert that no large temporary is made."""
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    seen.append((t.numel(), t.dtype, str(func)))
+            return out
+
+    with Record():
+        yield seen
+
+
+def gemm_weights(monkeypatch) -> list:
+    """A list that gets the W operand (a tensor, ``Packed4bit`` or ``BlockFP8``) of every ``_launch.gemm`` call from
+    now on: proof that the fused kernels ran, and with which weight."""
+    from fastlora import _launch
+
+    seen, gemm = [], _launch.gemm
+    monkeypatch.setattr(_launch, "gemm", lambda x, w, **kw: seen.append(w) or gemm(x, w, **kw))
+    return seen
+
+
+def wide_float_sizes(seen) -> list[int]:
+    """The numel of the 16- or 32-bit floating-point tensors among ``created_tensors``' records."""
+    return [n for n, dtype, _ in seen if dtype.is_floating_point and dtype.itemsize >= 2]
 
 
 class CheckpointFP8Linear(nn.Module):

@@ -4,12 +4,11 @@ the float64 reference; on CPU the kernels run under the Triton interpreter (fp32
 
 import pytest
 import torch
-from helpers import case_id
+from helpers import case_id, created_tensors, gemm_weights
 from tolerance import assert_close
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlora
-from fastlora import _launch, reference
+from fastlora import reference
 
 NAMES = ("y", "dx", "db", "dA", "dB")
 
@@ -68,13 +67,12 @@ CASES = [(37, 72, 40, 4, 5), (1, 33, 65, 3, 7), (130, 96, 48, 8, 3), (19, 40, 24
 def test_matches_reference_fp32(M, K, N, R, E, transposed, monkeypatch):
     """y, dx, d bias, dA, dB against float64, the weight read through the strides it is stored with; the grouped
     GEMM runs with the 3-D weight (no per-expert loop, no copy of W)."""
-    seen = []
-    gemm = _launch.gemm
-    monkeypatch.setattr(_launch, "gemm", lambda x, w, **kw: seen.append(getattr(w, "shape", None)) or gemm(x, w, **kw))
+    weights = gemm_weights(monkeypatch)
     x, w, b, a, bb, s, ids = make_experts(M, K, N, R, E, transposed=transposed)
     outs, refs = run_experts(x, w, b, a, bb, s, ids)
     check(outs, refs, torch.float32)
-    assert (E, N, K) in seen and (E, K, N) in seen  # forward and dx on the expert stack itself
+    shapes = [tuple(w.shape) for w in weights]
+    assert (E, N, K) in shapes and (E, K, N) in shapes  # forward and dx on the expert stack itself
 
 
 def test_dropout_and_fp16():
@@ -126,23 +124,13 @@ def test_no_expert_sized_tensor_is_made():
     weight, not even of a transposed (E, in, out) storage)."""
     E, K, N = 8, 96, 80
     x, w, b, a, bb, s, ids = make_experts(50, K, N, 4, E, transposed=True)
-    sizes = []
-
-    class Sizes(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    sizes.append((t.numel(), str(func)))
-            return out
-
     x.requires_grad_()
     a.requires_grad_()
     bb.requires_grad_()
-    with Sizes():
+    with created_tensors() as seen:
         y = fastlora.grouped_lora_linear(x, w, b, a, bb, s, ids)
         y.sum().backward()
-    big = [(n, f) for n, f in sizes if n >= E * N * K // 2]
+    big = [(n, f) for n, _, f in seen if n >= E * N * K // 2]
     assert not big, big
 
 

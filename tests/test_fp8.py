@@ -6,7 +6,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import case_id, f64
+from helpers import case_id, f64, gemm_weights
 from tolerance import assert_close
 
 import fastlora
@@ -116,9 +116,7 @@ def test_dora_matches_reference(block, p, device):
 def test_runs_the_fused_kernels_and_freezes_the_weight(device, monkeypatch):
     if device == "cpu" and not _launch.INTERPRET:
         pytest.skip("CPU without the interpreter takes the reference")
-    seen = []
-    gemm = _launch.gemm
-    monkeypatch.setattr(_launch, "gemm", lambda x, w, **kw: seen.append(w) or gemm(x, w, **kw))
+    seen = gemm_weights(monkeypatch)
     monkeypatch.setattr(reference, "lora_linear_fp8", None)  # a fall-back to the reference would fail
     x, weight, scale, b, a, bb = make_fp8(9, 64, 40, 4, (32, 32), device=device)
     weight.requires_grad_()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import case_id, f64
+from helpers import case_id, f64, gemm_weights
 from test_fp8 import make_fp8
 from tolerance import assert_close
 
@@ -135,9 +135,7 @@ def test_adapter_dtype_fp32_and_leading_dims(device):
 def test_runs_the_w8a8_kernel_forward_only(device, monkeypatch):
     if device == "cpu" and not _launch.INTERPRET:
         pytest.skip("CPU without the interpreter takes the reference")
-    seen = []
-    gemm = _launch.gemm
-    monkeypatch.setattr(_launch, "gemm", lambda x, w, **kw: seen.append(w) or gemm(x, w, **kw))
+    seen = gemm_weights(monkeypatch)
     monkeypatch.setattr(reference, "lora_linear_fp8", None)  # a fall-back to the reference would fail
     x, weight, scale, b, a, bb = make_fp8(9, 130, 40, 4, (128, 128), dtype=torch.float16, device=device)
     x, a, bb = (t.requires_grad_() for t in (x, a, bb))

@@ -6,12 +6,11 @@ the checkpoint's keys, dtype casts, merge refusal, and the errors."""
 import pytest
 import torch
 import torch.nn as nn
-from helpers import CheckpointFP8Linear, f64
+from helpers import CheckpointFP8Linear, created_tensors, f64, gemm_weights, wide_float_sizes
 from tolerance import assert_close
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlora
-from fastlora import _launch, quant, reference
+from fastlora import quant, reference
 
 FP8 = torch.float8_e4m3fn
 
@@ -48,9 +47,7 @@ def test_layer_matches_reference(K, N, block, bias, dora, dtype, monkeypatch):
     _random_adapter(layer)
     if bias:
         layer.bias.data = layer.bias.data.to(dtype)
-    calls = []
-    gemm = _launch.gemm
-    monkeypatch.setattr(_launch, "gemm", lambda *a, **kw: calls.append(1) or gemm(*a, **kw))
+    calls = gemm_weights(monkeypatch)
     x = torch.randn(3, 11, K).to(dtype).requires_grad_()
     y = layer(x)
     assert y.dtype == dtype and calls
@@ -82,20 +79,10 @@ def test_fresh_layer_is_the_dequantized_base():
 
 def test_built_layer_never_holds_its_weight_wide():
     """The constructor quantises a row block at a time: no 16/32-bit tensor of the whole weight's size is made."""
-    seen = []
-
-    class Sizes(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.element_size() >= 2:
-                    seen.append(t.numel())
-            return out
-
     N, K = 1024, 4096
-    with Sizes():
+    with created_tensors() as seen:
         layer = fastlora.LinearFP8(K, N, r=4, block_size=(128, 128))
-    assert layer.weight.shape == (N, K) and max(seen) <= 2 * 128 * K < N * K  # 2^20 elements at a time
+    assert layer.weight.shape == (N, K) and max(wide_float_sizes(seen)) <= 2 * 128 * K < N * K  # 2^20 at a time
     assert layer.weight_scale_inv.shape == (8, 32)
     w = layer.dequantized_weight(torch.float32)
     assert 0 < w.abs().max() <= 1 / K**0.5 and w.std() > 0.3 / K**0.5  # nn.Linear's uniform init, quantised
@@ -184,21 +171,11 @@ def test_checkpoint_loads_byte_for_byte_without_wide_weights(tmp_path):
         if lin.bias is not None:
             ckpt[f"{i}.bias"] = lin.bias.detach().to(torch.bfloat16)
     save_file(ckpt, tmp_path / "model.safetensors")
-    sizes = []
-
-    class Sizes(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.element_size() >= 2:
-                    sizes.append(t.numel())
-            return out
-
-    with Sizes():
+    with created_tensors() as seen:
         model = nn.Sequential(fastlora.LinearFP8(K, N, r=8, dtype=torch.bfloat16, scale_dtype=torch.bfloat16),
                               fastlora.LinearFP8(N, K, bias=False, r=8, scale_dtype=torch.bfloat16))
         result = model.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=False)
-    assert max(sizes) < N * K
+    assert max(wide_float_sizes(seen)) < N * K
     assert sorted(result.missing_keys) == ["0.lora_A", "0.lora_B", "1.lora_A", "1.lora_B"]
     assert not result.unexpected_keys
     for i in range(2):
